@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Everything a fresh clone needs before it can run: host packages and daemons, npm packages,
+# the TypeScript build, and the cached test guest. Shared by scripts/test.sh and scripts/demo.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-host.sh --test-host
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+npm run --silent build
+if [ -x vm-fixtures/build.sh ]; then
+  bash vm-fixtures/build.sh >&2
+fi

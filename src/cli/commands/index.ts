@@ -1,0 +1,8 @@
+import type { Command } from 'commander';
+
+/**
+ * Each command group registers its subcommands on the root program. One line per group keeps
+ * the tree in one place: image (the qcow2 engine), fs (guest filesystems), vm and host
+ * (libvirt), base/app/desktop/demo (the layers).
+ */
+export const commandGroups: Array<(program: Command) => void> = [];

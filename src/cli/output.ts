@@ -1,0 +1,46 @@
+import { isQlayerError } from '../errors.js';
+
+/** Options every command accepts. */
+export interface CommonOptions {
+  json?: boolean;
+}
+
+/**
+ * Print a command's result: the JSON value with --json (always one document on stdout, so that
+ * scripts can parse it), otherwise the human text.
+ */
+export function printResult(options: CommonOptions, value: unknown, human: () => string): void {
+  if (options.json) {
+    process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  } else {
+    const text = human();
+    if (text.length > 0) process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+  }
+}
+
+/** Print an error the way every command does, and return the exit code to use. */
+export function reportError(error: unknown, json: boolean): number {
+  if (isQlayerError(error)) {
+    if (json) {
+      process.stdout.write(`${JSON.stringify({ error: { code: error.code, message: error.message } }, null, 2)}\n`);
+    }
+    process.stderr.write(`qlayer: ${error.message}\n`);
+    return error.exitCode;
+  }
+  const message = error instanceof Error ? (error.stack ?? error.message) : String(error);
+  if (json) process.stdout.write(`${JSON.stringify({ error: { code: 'internal', message: String(error) } }, null, 2)}\n`);
+  process.stderr.write(`qlayer: internal error: ${message}\n`);
+  return 1;
+}
+
+/** Progress on a terminal only (never in --json or when piped), overwriting one line. */
+export function progressReporter(options: CommonOptions, label: string): (done: number, total: number) => void {
+  if (options.json || !process.stderr.isTTY) return () => {};
+  let lastShown = -1;
+  return (done, total) => {
+    const percent = total > 0 ? Math.floor((done * 100) / total) : 100;
+    if (percent === lastShown) return;
+    lastShown = percent;
+    process.stderr.write(`\r${label} ${percent}%${percent >= 100 ? '\n' : ''}`);
+  };
+}

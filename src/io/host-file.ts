@@ -1,0 +1,115 @@
+import { constants as fsConstants } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import type { ByteSource } from './byte-source.js';
+
+/**
+ * A host file opened for positional I/O. Every byte the engine writes goes through this
+ * interface, which is what lets tests replace it with a fault-injecting one and stop a
+ * recompose after its Nth write or fsync.
+ */
+export interface HostFile {
+  readonly path: string;
+  readonly writable: boolean;
+  /** Current length of the host file in bytes. */
+  length(): Promise<number>;
+  /** Read up to into.length bytes at `position`; bytes past end of file are zero-filled. Returns the bytes that existed. */
+  read(into: Uint8Array, position: number): Promise<number>;
+  /** Write all of `data` at `position`. */
+  write(data: Uint8Array, position: number): Promise<void>;
+  truncate(length: number): Promise<void>;
+  /** fsync: the ordering points of crash safety. */
+  sync(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export type OpenMode = 'read' | 'write' | 'create' | 'create-exclusive';
+
+/** Opens host files and syncs directories; the seam where fault injection plugs in. */
+export interface FileSystemAccess {
+  open(path: string, mode: OpenMode): Promise<HostFile>;
+  /** fsync a directory, so that a create or rename inside it is durable. */
+  syncDirectory(path: string): Promise<void>;
+}
+
+class NodeHostFile implements HostFile {
+  constructor(
+    readonly path: string,
+    readonly writable: boolean,
+    private readonly handle: FileHandle,
+  ) {}
+
+  async length(): Promise<number> {
+    return (await this.handle.stat()).size;
+  }
+
+  async read(into: Uint8Array, position: number): Promise<number> {
+    let done = 0;
+    while (done < into.length) {
+      const { bytesRead } = await this.handle.read(into, done, into.length - done, position + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    if (done < into.length) into.fill(0, done);
+    return done;
+  }
+
+  async write(data: Uint8Array, position: number): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.handle.write(data, done, data.length - done, position + done);
+      done += bytesWritten;
+    }
+  }
+
+  async truncate(length: number): Promise<void> {
+    await this.handle.truncate(length);
+  }
+
+  async sync(): Promise<void> {
+    await this.handle.sync();
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close();
+  }
+}
+
+const openFlags: Record<OpenMode, number> = {
+  read: fsConstants.O_RDONLY,
+  write: fsConstants.O_RDWR,
+  create: fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC,
+  'create-exclusive': fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL,
+};
+
+/** The real file system. */
+export const nodeFileSystem: FileSystemAccess = {
+  async open(path, mode) {
+    const handle = await open(path, openFlags[mode], 0o644);
+    return new NodeHostFile(path, mode !== 'read', handle);
+  },
+  async syncDirectory(path) {
+    const handle = await open(path, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  },
+};
+
+/** fsync the folder that holds `filePath`. */
+export function syncParentDirectory(fs: FileSystemAccess, filePath: string): Promise<void> {
+  return fs.syncDirectory(dirname(filePath));
+}
+
+/** A host file read as a ByteSource (a raw disk image). */
+export async function rawFileSource(file: HostFile): Promise<ByteSource> {
+  const size = await file.length();
+  return {
+    size,
+    async readAt(into, offset) {
+      await file.read(into, offset);
+    },
+  };
+}
