@@ -1,0 +1,73 @@
+/**
+ * The store's one state file, as JSON. App versions are not in it: each is an immutable folder
+ * (apps/NAME/VERSION/manifest.json), so listing them needs no state and no lock.
+ * Paths inside it are relative to the store root so the
+ * whole store can be moved or rsynced to another host.
+ */
+export interface StoreState {
+  format: 'qlayer-store/1';
+  bases: Record<string, BaseRecord>;
+  desktops: Record<string, DesktopRecord>;
+}
+
+export interface BaseRecord {
+  /** Relative to the store root, e.g. bases/debian.qcow2. */
+  file: string;
+  virtualSize: number;
+  importedFrom: string;
+  importedAt: string;
+}
+
+/** One placeholder located on the virtual disk: where the guest put an app file. */
+export interface LocatedFile {
+  app: string; // name@version
+  path: string;
+  size: number;
+  /** Offset of this file's bytes inside the app's payload.bin. */
+  payloadOffset: number;
+  /** Virtual-disk byte ranges, in file order; each length a whole number of fs blocks. */
+  extents: Array<{ fileOffset: number; diskOffset: number; length: number }>;
+}
+
+export type RecomposePhase =
+  | 'planned' // plan recorded; nothing written yet
+  | 'apps-written' // new apps layer complete and durable
+  | 'relinked' // user delta's backing file points at the new apps layer
+  | 'user-patched' // app bytes written into partly covered user clusters
+  | 'detached' // fully covered user clusters cleared (read from apps layer)
+  | 'done';
+
+/** An interrupted or pending recompose, recorded before the first write so a rerun finishes it. */
+export interface RecomposePlan {
+  phase: RecomposePhase;
+  /** Apps after this recompose (name@version), in assignment order. */
+  apps: string[];
+  /** Files of apps that stay assigned or are newly assigned, with their extents. */
+  files: LocatedFile[];
+  /** Extents of the files of apps being removed (their blocks were freed by the guest). */
+  removedExtents: Array<{ diskOffset: number; length: number }>;
+  /** Names of the files just assigned: their user-delta clusters get dropped or patched. */
+  newlyAssigned: string[];
+  fromGeneration: number;
+  toGeneration: number;
+  startedAt: string;
+}
+
+export interface DesktopRecord {
+  base: string;
+  /** Relative to the store root. */
+  dir: string;
+  /** The apps layer in use is apps.<generation>.qcow2 in the desktop's folder. */
+  appsGeneration: number;
+  /** Composed apps with their located files, in assignment order. */
+  apps: string[];
+  files: LocatedFile[];
+  /** The libvirt domain while the desktop runs under qlayer's control. */
+  domain: string | null;
+  recompose: RecomposePlan | null;
+  createdAt: string;
+}
+
+export function emptyState(): StoreState {
+  return { format: 'qlayer-store/1', bases: {}, desktops: {} };
+}
