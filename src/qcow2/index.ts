@@ -1,0 +1,3 @@
+export * from './errors.js';
+export * from './header.js';
+export * from './layout.js';
