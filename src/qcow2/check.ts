@@ -20,7 +20,7 @@ import {
   readU64,
   type Qcow2Header,
 } from './header.js';
-import { getRefcountEntry, refcountEntriesPerBlock } from './repair.js';
+import { COMPRESSED_HI, COPIED_HI, decodeCompressed, entryOffset, getRefcount } from './layout.js';
 
 /** One internal snapshot's table entry (the fields check and info need). */
 export interface SnapshotEntry {
@@ -122,24 +122,6 @@ export function toQemuJson(result: CheckResult): Record<string, unknown> {
   out['filename'] = result.filename;
   out['format'] = result.format;
   return out;
-}
-
-/** An L1 or L2 entry's raw halves, kept as plain numbers. */
-const COPIED_HI = 0x80000000;
-const COMPRESSED_HI = 0x40000000;
-
-/** bits 9..55 of an entry as a number (exact: at most 2^56). */
-export function entryOffset(hi: number, lo: number): number {
-  return (hi & 0x00ffffff) * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
-}
-
-/** Where a compressed cluster's bytes are: [offset, offset + length) in the image file. */
-export function compressedExtent(hi: number, lo: number, clusterBits: number): { offset: number; length: number } {
-  // The descriptor splits at bit x = 62 - (cluster_bits - 8): offset below, sector count above.
-  const shift = 62 - (clusterBits - 8) - 32; // x - 32, always within the high word
-  const offset = (hi & ((1 << shift) - 1)) * 0x100000000 + (lo >>> 0);
-  const sectors = ((hi >>> shift) & ((1 << (clusterBits - 8)) - 1)) + 1;
-  return { offset, length: sectors * 512 - (offset & 511) };
 }
 
 /**
@@ -285,14 +267,14 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
           result.corruptions += 1;
           result.messages.push(`ERROR ${label} entry ${j}: compressed cluster with a subcluster bitmap`);
         }
-        const extent = compressedExtent(hi, lo, header.clusterBits);
+        const extent = decodeCompressed(hi, lo, header.clusterBits);
         if (walk.active) {
           result.allocatedClusters += 1;
           result.compressedClusters += 1;
           // A compressed cluster shares sectors with its neighbours: qemu-img counts each as fragmented.
           result.fragmentedClusters += 1;
         }
-        counter.add(extent.offset - (extent.offset & 511), extent.length + (extent.offset & 511), `${label} compressed cluster`);
+        counter.add(extent.hostOffset, extent.size, `${label} compressed cluster`);
         continue;
       }
       const offset = entryOffset(hi, lo);
@@ -370,15 +352,16 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
 
   // Stored refcounts for every cluster of the file.
   const stored = new Uint32Array(fileClusters);
-  const perBlock = refcountEntriesPerBlock(clusterSize, header.refcountOrder);
+  const perBlock = (clusterSize * 8) >> header.refcountOrder;
   const block = new Uint8Array(clusterSize);
+  const blockView = new DataView(block.buffer);
   for (let i = 0; i < refcountTable.length && i * perBlock < fileClusters; i += 1) {
     const offset = refcountTable[i] ?? 0;
     if (offset === 0) continue;
     await file.read(block, offset);
     const count = Math.min(perBlock, fileClusters - i * perBlock);
     for (let k = 0; k < count; k += 1) {
-      stored[i * perBlock + k] = Math.min(getRefcountEntry(block, k, header.refcountOrder), 0xffffffff);
+      stored[i * perBlock + k] = Math.min(getRefcount(block, blockView, k, header.refcountOrder), 0xffffffff);
     }
   }
 
