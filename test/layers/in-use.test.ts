@@ -1,0 +1,31 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { describe, expect, it } from 'vitest';
+import { locksOn } from '../../src/io/in-use.js';
+
+describe('locksOn', () => {
+  it('sees the locks a running QEMU holds on an image, and none once it exits', async () => {
+    const image = join(mkdtempSync(join(tmpdir(), 'qlayer-lock-')), 'disk.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', image, '16M']);
+    expect(await locksOn(image)).toEqual([]);
+    const qemu = execa('qemu-system-x86_64', [
+      '-machine', 'none', '-S', '-display', 'none', '-monitor', 'none',
+      '-blockdev', `driver=qcow2,node-name=d,file.driver=file,file.filename=${image}`,
+    ]);
+    try {
+      let locks: string[] = [];
+      for (let i = 0; i < 100 && locks.length === 0; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        locks = await locksOn(image);
+      }
+      expect(locks.length).toBeGreaterThan(0);
+      expect(locks[0]).toMatch(/OFDLCK/);
+    } finally {
+      qemu.kill('SIGKILL');
+      await qemu.catch(() => {});
+    }
+    expect(await locksOn(image)).toEqual([]);
+  });
+});
