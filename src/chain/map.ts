@@ -1,0 +1,381 @@
+/**
+ * Block status through a backing chain: for every byte range of the virtual disk, which layer
+ * answers a read (depth 0 = the top image), and whether it holds data, zeros, or nothing.
+ * `map` prints it like `qemu-img map --output=json`; convert, rebase and commit use the same
+ * per-layer extents to skip what they need not read.
+ *
+ * The layer reader here walks L1/L2 tables a whole table at a time; it is read-only.
+ */
+import type { FileSystemAccess, HostFile } from '../io/host-file.js';
+import { nodeFileSystem } from '../io/host-file.js';
+import { decompressCluster } from '../qcow2/compression.js';
+import { ChainError, Qcow2Error } from '../qcow2/errors.js';
+import {
+  backingFormatOf,
+  externalDataFileOf,
+  HEADER_PROBE_BYTES,
+  Incompatible,
+  parseHeader,
+  type Qcow2Header,
+} from '../qcow2/header.js';
+import { decodeCompressed, entryOffset, geometry, type Geometry, COMPRESSED_HI, COPIED_HI, ZERO_LO } from '../qcow2/layout.js';
+import { confinePath, resolveReferencedPath } from './confine.js';
+
+/** What one layer says about a guest range, before looking at the layers below. */
+export type ExtentKind = 'data' | 'zero' | 'unallocated' | 'compressed';
+
+export interface LayerExtent {
+  start: number;
+  length: number;
+  kind: ExtentKind;
+  /** Host offset of `start` in the layer's data file, when there is one (data, preallocated zero). */
+  hostOffset: number | null;
+}
+
+/** One image of a chain, opened read-only (or for writing by commit/rebase). */
+export class ChainLayer {
+  private l2Cache = new Map<number, Uint8Array>();
+  private l1: DataView | null = null;
+
+  private constructor(
+    readonly path: string,
+    readonly format: 'qcow2' | 'raw',
+    readonly file: HostFile,
+    readonly size: number,
+    readonly header: Qcow2Header | null,
+    readonly geometry: Geometry | null,
+    /** Where guest data lives: the image itself or its external data file. */
+    readonly dataFile: HostFile,
+  ) {}
+
+  static async open(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess, writable = false): Promise<ChainLayer> {
+    const file = await fs.open(path, writable ? 'write' : 'read');
+    try {
+      const length = await file.length();
+      if (format === 'raw') return new ChainLayer(path, format, file, length, null, null, file);
+      const probe = new Uint8Array(Math.min(length, HEADER_PROBE_BYTES));
+      await file.read(probe, 0);
+      const bits = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 16;
+      const first = new Uint8Array(Math.min(length, 2 ** Math.min(Math.max(bits, 9), 21)));
+      await file.read(first, 0);
+      const header = parseHeader(first, length);
+      const extendedL2 = (header.incompatibleFeatures & Incompatible.extendedL2) !== 0n;
+      const g = geometry(header.clusterBits, extendedL2, header.refcountOrder);
+      let dataFile = file;
+      if (header.incompatibleFeatures & Incompatible.externalDataFile) {
+        const name = externalDataFileOf(header);
+        if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
+        dataFile = await fs.open(resolveReferencedPath(name, path, 'external data file'), writable ? 'write' : 'read');
+      }
+      return new ChainLayer(path, format, file, header.size, header, g, dataFile);
+    } catch (error) {
+      await file.close();
+      throw error;
+    }
+  }
+
+  get clusterSize(): number {
+    return this.geometry?.clusterSize ?? 65536;
+  }
+
+  get externalData(): boolean {
+    return this.header !== null && (this.header.incompatibleFeatures & Incompatible.externalDataFile) !== 0n;
+  }
+
+  async close(): Promise<void> {
+    if (this.dataFile !== this.file) await this.dataFile.close();
+    await this.file.close();
+  }
+
+  /** Forget cached tables (after someone rewrote them). */
+  invalidate(): void {
+    this.l1 = null;
+    this.l2Cache.clear();
+  }
+
+  private async l1Table(): Promise<DataView> {
+    if (!this.l1) {
+      const h = this.header!;
+      const bytes = new Uint8Array(h.l1Size * 8);
+      if (h.l1Size > 0) await this.file.read(bytes, h.l1TableOffset);
+      this.l1 = new DataView(bytes.buffer);
+    }
+    return this.l1;
+  }
+
+  /** The L2 table for L1 index `index`, or null when unallocated. */
+  async l2Table(index: number): Promise<DataView | null> {
+    const l1 = await this.l1Table();
+    if (index * 8 >= l1.byteLength) return null;
+    const offset = entryOffset(l1.getUint32(index * 8), l1.getUint32(index * 8 + 4));
+    if (offset === 0) return null;
+    let table = this.l2Cache.get(offset);
+    if (!table) {
+      const g = this.geometry!;
+      if (offset % g.clusterSize !== 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 table offset 0x${offset.toString(16)} is not cluster aligned`);
+      table = new Uint8Array(g.clusterSize);
+      await this.file.read(table, offset);
+      if (this.l2Cache.size > 4096) this.l2Cache.clear();
+      this.l2Cache.set(offset, table);
+    }
+    return new DataView(table.buffer);
+  }
+
+  /**
+   * This layer's own view of [start, end): runs of data / zero / unallocated / compressed,
+   * merged when adjacent with contiguous host offsets. Past the layer's size: unallocated.
+   */
+  async extents(start: number, end: number): Promise<LayerExtent[]> {
+    const out: LayerExtent[] = [];
+    const push = (s: number, length: number, kind: ExtentKind, hostOffset: number | null) => {
+      if (length <= 0) return;
+      const last = out[out.length - 1];
+      if (
+        last &&
+        last.kind === kind &&
+        last.start + last.length === s &&
+        kind !== 'compressed' &&
+        (last.hostOffset === null) === (hostOffset === null) &&
+        (hostOffset === null || last.hostOffset! + last.length === hostOffset)
+      ) {
+        last.length += length;
+      } else {
+        out.push({ start: s, length, kind, hostOffset });
+      }
+    };
+    const limit = Math.min(end, this.size);
+    if (this.format === 'raw' || !this.header || !this.geometry) {
+      push(start, limit - start, 'data', start);
+      if (end > limit) push(Math.max(start, limit), end - Math.max(start, limit), 'unallocated', null);
+      return out;
+    }
+    const g = this.geometry;
+    const version = this.header.version;
+    const external = this.externalData;
+    let pos = start;
+    while (pos < limit) {
+      const l1Index = Math.floor(pos / g.l2Coverage);
+      const tableEnd = Math.min(limit, (l1Index + 1) * g.l2Coverage);
+      const l2 = await this.l2Table(l1Index);
+      if (!l2) {
+        push(pos, tableEnd - pos, 'unallocated', null);
+        pos = tableEnd;
+        continue;
+      }
+      while (pos < tableEnd) {
+        const index = Math.floor((pos % g.l2Coverage) / g.clusterSize);
+        const clusterStart = l1Index * g.l2Coverage + index * g.clusterSize;
+        const clusterEnd = Math.min(tableEnd, clusterStart + g.clusterSize);
+        const at = index * g.l2EntrySize;
+        const hi = l2.getUint32(at);
+        const lo = l2.getUint32(at + 4);
+        if (hi & COMPRESSED_HI) {
+          push(pos, clusterEnd - pos, 'compressed', null);
+          pos = clusterEnd;
+          continue;
+        }
+        const offset = entryOffset(hi, lo);
+        const hasOffset = offset !== 0 || (external && (hi & COPIED_HI) !== 0);
+        if (hasOffset && offset % g.clusterSize !== 0) {
+          throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 entry host offset 0x${offset.toString(16)} is not cluster aligned`);
+        }
+        if (!g.extendedL2) {
+          let kind: ExtentKind;
+          if (lo & ZERO_LO && version >= 3) kind = 'zero';
+          else kind = hasOffset ? 'data' : 'unallocated';
+          push(pos, clusterEnd - pos, kind, hasOffset ? offset + (pos - clusterStart) : null);
+          pos = clusterEnd;
+          continue;
+        }
+        const zeroBits = l2.getUint32(at + 8);
+        const allocBits = l2.getUint32(at + 12);
+        if ((zeroBits & allocBits) !== 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: extended L2 entry marks a subcluster both allocated and zero`);
+        while (pos < clusterEnd) {
+          const sub = Math.floor((pos - clusterStart) / g.subclusterSize);
+          const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * g.subclusterSize);
+          const bit = 2 ** sub;
+          const kind: ExtentKind = zeroBits & bit ? 'zero' : allocBits & bit ? 'data' : 'unallocated';
+          if (kind === 'data' && !hasOffset) throw new Qcow2Error('qcow2.corrupt', `${this.path}: allocated subcluster without a host offset`);
+          push(pos, subEnd - pos, kind, hasOffset ? offset + (pos - clusterStart) : null);
+          pos = subEnd;
+        }
+      }
+    }
+    if (end > limit) push(Math.max(start, limit), end - Math.max(start, limit), 'unallocated', null);
+    return out;
+  }
+
+  /** Read guest bytes this layer holds itself (data, zero or compressed extents only). */
+  async readExtent(extent: LayerExtent, into: Uint8Array): Promise<void> {
+    if (extent.kind === 'zero' || extent.kind === 'unallocated') {
+      into.fill(0);
+      return;
+    }
+    if (extent.kind === 'data') {
+      await this.dataFile.read(into, extent.hostOffset!);
+      return;
+    }
+    // Compressed: one cluster at a time.
+    const g = this.geometry!;
+    let done = 0;
+    while (done < into.length) {
+      const pos = extent.start + done;
+      const clusterStart = pos - (pos % g.clusterSize);
+      const l2 = (await this.l2Table(Math.floor(pos / g.l2Coverage)))!;
+      const at = Math.floor((pos % g.l2Coverage) / g.clusterSize) * g.l2EntrySize;
+      const d = decodeCompressed(l2.getUint32(at), l2.getUint32(at + 4), g.clusterBits);
+      const raw = new Uint8Array(d.size);
+      await this.file.read(raw, d.hostOffset);
+      const cluster = decompressCluster(raw, g.clusterSize, this.header!.compressionType);
+      const from = pos - clusterStart;
+      const n = Math.min(into.length - done, g.clusterSize - from);
+      into.set(cluster.subarray(from, from + n), done);
+      done += n;
+    }
+  }
+}
+
+export interface OpenChainOptions {
+  fs?: FileSystemAccess;
+  /** Format of the top image (default qcow2). */
+  format?: 'qcow2' | 'raw';
+  /** Backing files must resolve inside one of these folders (when given). */
+  allowedDirectories?: string[];
+  maxDepth?: number;
+  /** Open the top layer for writing. */
+  writableTop?: boolean;
+}
+
+/** Open `path` and its whole backing chain, top first. Backing formats must be explicit. */
+export async function openLayers(path: string, options: OpenChainOptions = {}): Promise<ChainLayer[]> {
+  const fs = options.fs ?? nodeFileSystem;
+  const maxDepth = options.maxDepth ?? 16;
+  const layers: ChainLayer[] = [];
+  const seen = new Set<string>();
+  try {
+    let current = await confinePath(path, undefined, 'image');
+    let format: 'qcow2' | 'raw' = options.format ?? 'qcow2';
+    for (;;) {
+      if (seen.has(current)) throw new ChainError('chain.loop', `backing chain loops back to ${current}`);
+      seen.add(current);
+      if (layers.length >= maxDepth) throw new ChainError('chain.too-deep', `backing chain of ${path} is deeper than ${maxDepth}`);
+      const layer = await ChainLayer.open(current, format, fs, layers.length === 0 && options.writableTop === true);
+      layers.push(layer);
+      const backing = layer.header?.backingFile ?? null;
+      if (backing === null) break;
+      const backingFormat = backingFormatOf(layer.header!);
+      if (backingFormat === null) throw new ChainError('chain.missing-backing-format', `${current} names backing file "${backing}" without a backing format; formats are never probed`);
+      if (backingFormat !== 'qcow2' && backingFormat !== 'raw') throw new ChainError('chain.unsupported-format', `${current}: backing format "${backingFormat}" is not supported (qcow2 or raw)`);
+      current = await confinePath(resolveReferencedPath(backing, current, 'backing file'), options.allowedDirectories, 'backing file');
+      format = backingFormat;
+    }
+    return layers;
+  } catch (error) {
+    await closeLayers(layers);
+    throw error;
+  }
+}
+
+export async function closeLayers(layers: ChainLayer[]): Promise<void> {
+  for (const layer of layers) await layer.close();
+}
+
+/** One row of `qemu-img map --output=json`. */
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+/**
+ * Resolve [start, end) through layers[depth..]: which layer answers each byte. Follows QEMU's
+ * rules: an unallocated range falls through to the backing layer, unless this layer has no
+ * backing or the range lies past the backing's size; then it reads as zeros at this depth.
+ */
+export async function chainStatus(layers: ChainLayer[], start: number, end: number, depth = 0): Promise<MapEntry[]> {
+  const layer = layers[depth]!;
+  const below = layers[depth + 1];
+  const out: MapEntry[] = [];
+  for (const e of await layer.extents(start, end)) {
+    const base = { start: e.start, length: e.length, depth };
+    switch (e.kind) {
+      case 'data':
+        out.push({ ...base, present: true, zero: false, data: true, offset: e.hostOffset! });
+        break;
+      case 'compressed':
+        out.push({ ...base, present: true, zero: false, data: true });
+        break;
+      case 'zero':
+        out.push(e.hostOffset === null ? { ...base, present: true, zero: true, data: false } : { ...base, present: true, zero: true, data: false, offset: e.hostOffset });
+        break;
+      case 'unallocated': {
+        const eEnd = e.start + e.length;
+        const fallsThrough = below ? Math.min(eEnd, below.size) : e.start;
+        if (below && fallsThrough > e.start) out.push(...(await chainStatus(layers, e.start, fallsThrough, depth + 1)));
+        const rest = Math.max(e.start, fallsThrough);
+        if (rest < eEnd) {
+          const zero = { start: rest, length: eEnd - rest, depth, present: false, zero: true, data: false };
+          out.push(e.hostOffset === null ? zero : { ...zero, offset: e.hostOffset + (rest - e.start) });
+        }
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+/** Merge adjacent rows the way qemu-img map does (same flags, contiguous offsets). */
+export function mergeMapEntries(entries: MapEntry[]): MapEntry[] {
+  const out: MapEntry[] = [];
+  for (const e of entries) {
+    const last = out[out.length - 1];
+    if (
+      last &&
+      last.start + last.length === e.start &&
+      last.depth === e.depth &&
+      last.present === e.present &&
+      last.zero === e.zero &&
+      last.data === e.data &&
+      (last.offset === undefined) === (e.offset === undefined) &&
+      (last.offset === undefined || last.offset + last.length === e.offset)
+    ) {
+      last.length += e.length;
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}
+
+export interface MapOptions extends OpenChainOptions {
+  start?: number;
+  length?: number;
+}
+
+/** `qemu-img map` of an image and its chain: merged extents over the whole virtual disk. */
+export async function mapImage(path: string, options: MapOptions = {}): Promise<MapEntry[]> {
+  const layers = await openLayers(path, options);
+  try {
+    const size = layers[0]!.size;
+    const start = options.start ?? 0;
+    const end = Math.min(size, options.length === undefined ? size : start + options.length);
+    const entries: MapEntry[] = [];
+    // A window of L2 tables at a time keeps memory flat on huge disks.
+    const step = Math.max(layers[0]!.geometry?.l2Coverage ?? 1 << 30, 1 << 30);
+    for (let pos = start; pos < end; pos += step) {
+      entries.push(...mergeMapEntries(await chainStatus(layers, pos, Math.min(end, pos + step))));
+    }
+    return mergeMapEntries(entries);
+  } finally {
+    await closeLayers(layers);
+  }
+}
+
+/** Text like qemu-img's JSON map: one object per line inside brackets. */
+export function formatMapJson(entries: MapEntry[]): string {
+  return `[${entries.map((e) => JSON.stringify(e)).join(',\n')}]`;
+}
