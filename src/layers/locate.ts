@@ -1,0 +1,88 @@
+import type { ByteSource } from '../io/byte-source.js';
+import { appKey, type AppManifest } from './app.js';
+import { LayerError } from './errors.js';
+import { findOverlap } from './ranges.js';
+import type { LocatedFile } from './state.js';
+
+/** What locate needs of a guest filesystem reader (src/fs provides it). */
+export interface PlaceholderReader {
+  lookup(path: string): Promise<{ type: string; size: number }>;
+  extents(path: string): Promise<Array<{ fileOffset: number; diskOffset: number; length: number; unwritten: boolean }>>;
+}
+
+const ZERO_CHECK_CHUNK = 4 << 20;
+
+/** Does [offset, offset+length) of the disk read as zeros? Reads in large chunks. */
+async function readsAsZeros(disk: ByteSource, offset: number, length: number): Promise<boolean> {
+  const buffer = Buffer.alloc(Math.min(ZERO_CHECK_CHUNK, length));
+  for (let done = 0; done < length; ) {
+    const piece = buffer.subarray(0, Math.min(buffer.length, length - done));
+    await disk.readAt(piece, offset + done);
+    // Compare 8 bytes at a time where possible: a 1 GiB app is a 1 GiB scan.
+    const words = new BigUint64Array(piece.buffer, piece.byteOffset, piece.length >> 3);
+    for (let i = 0; i < words.length; i++) if (words[i] !== 0n) return false;
+    for (let i = words.length << 3; i < piece.length; i++) if (piece[i] !== 0) return false;
+    done += piece.length;
+  }
+  return true;
+}
+
+/**
+ * Find every placeholder of these apps in the guest filesystem, read offline from the chain,
+ * and check it is still exactly what allocate made: a regular file of the manifest's size,
+ * fully written (no holes, no unwritten extents) and all zeros. Guest-reported offsets are
+ * never used: the extents come from the filesystem's own metadata.
+ */
+export async function locatePlaceholders(
+  filesystem: PlaceholderReader,
+  disk: ByteSource,
+  manifests: AppManifest[],
+  options: { checkZeros?: boolean } = {},
+): Promise<LocatedFile[]> {
+  const located: LocatedFile[] = [];
+  for (const manifest of manifests) {
+    for (const file of manifest.files) {
+      const changed = (why: string): LayerError =>
+        new LayerError('locate.placeholder-changed', `placeholder ${file.path} of ${appKey(manifest)} ${why}; refusing to recompose (unassign and assign the app again)`);
+      let info: { type: string; size: number };
+      try {
+        info = await filesystem.lookup(file.path);
+      } catch (error) {
+        if ((error as { code?: string }).code === 'fs.not-found') throw changed('is missing from the guest filesystem');
+        throw error;
+      }
+      if (info.type !== 'file' && info.type !== 'regular') throw changed(`is no longer a regular file (${info.type})`);
+      if (info.size !== file.size) throw changed(`has size ${info.size}, expected ${file.size}`);
+      if (file.size === 0) {
+        located.push({ app: appKey(manifest), path: file.path, size: 0, payloadOffset: file.payloadOffset, extents: [] });
+        continue;
+      }
+      const extents = (await filesystem.extents(file.path)).sort((a, b) => a.fileOffset - b.fileOffset);
+      let expectedOffset = 0;
+      for (const extent of extents) {
+        if (extent.unwritten) throw changed('has unwritten (preallocated) extents: it was not filled with real writes');
+        if (extent.fileOffset !== expectedOffset && expectedOffset < file.size) throw changed(`has a hole at byte ${expectedOffset}`);
+        expectedOffset = extent.fileOffset + extent.length;
+      }
+      if (expectedOffset < file.size) throw changed(`has blocks for only ${expectedOffset} of its ${file.size} bytes`);
+      if (options.checkZeros !== false) {
+        for (const extent of extents) {
+          const inside = Math.min(extent.length, file.size - extent.fileOffset);
+          if (inside > 0 && !(await readsAsZeros(disk, extent.diskOffset, inside))) throw changed('no longer reads as zeros: something wrote to it');
+        }
+      }
+      located.push({
+        app: appKey(manifest),
+        path: file.path,
+        size: file.size,
+        payloadOffset: file.payloadOffset,
+        extents: extents.map(({ fileOffset, diskOffset, length }) => ({ fileOffset, diskOffset, length })),
+      });
+    }
+  }
+  const overlap = findOverlap(located.flatMap((f) => f.extents.map((e) => ({ offset: e.diskOffset, length: e.length, path: f.path }))));
+  if (overlap) {
+    throw new LayerError('locate.overlap', `the filesystem says ${overlap[0].path} and ${overlap[1].path} share disk blocks; the guest filesystem is damaged (run e2fsck)`);
+  }
+  return located;
+}
