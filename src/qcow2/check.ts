@@ -116,7 +116,7 @@ export function toQemuJson(result: CheckResult): Record<string, unknown> {
   out['check-errors'] = result.checkErrors;
   if (result.leaks) out['leaks'] = result.leaks;
   if (result.leaksFixed) out['leaks-fixed'] = result.leaksFixed;
-  if (result.totalClusters) out['allocated-clusters'] = result.allocatedClusters;
+  if (result.allocatedClusters) out['allocated-clusters'] = result.allocatedClusters;
   if (result.fragmentedClusters) out['fragmented-clusters'] = result.fragmentedClusters;
   if (result.compressedClusters) out['compressed-clusters'] = result.compressedClusters;
   out['filename'] = result.filename;
