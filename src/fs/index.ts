@@ -1,0 +1,196 @@
+/**
+ * Reading a guest's filesystem from its virtual disk (any ByteSource: a raw file, a qcow2
+ * chain, a window). Read-only: nothing here ever writes.
+ *
+ *   const fs = await openGuestFilesystem(disk);            // the only Linux partition
+ *   const where = await fs.extents('/opt/app/lib.so');      // byte ranges on the virtual disk
+ */
+import { windowOf, type ByteSource } from '../io/byte-source.js';
+import { Ext4Error } from './errors.js';
+import type { BlockRun } from './ext4/block-map.js';
+import type { DirEntry } from './ext4/directory.js';
+import { Ext4Filesystem } from './ext4/filesystem.js';
+import { INODE_FLAGS, type FileType, type Inode } from './ext4/inode.js';
+import type { ReadStats } from './ext4/block-reader.js';
+import type { Superblock } from './ext4/superblock.js';
+import { choosePartition, readPartitions, type Partition } from './partitions.js';
+import { identifyNonExt } from './probe.js';
+
+export { Ext4Error } from './errors.js';
+export type { Ext4ErrorCode } from './errors.js';
+export { readPartitions, choosePartition, type Partition } from './partitions.js';
+export type { DirEntry } from './ext4/directory.js';
+export type { FileType } from './ext4/inode.js';
+
+export interface OpenGuestFilesystemOptions {
+  /** Partition index (1-based, as Linux numbers them; 0 = whole disk). Default: see choosePartition. */
+  partition?: number;
+  /**
+   * Open even when the journal needs recovery. What is read may then be older than what the
+   * guest last wrote (the newest metadata may sit only in the journal). Default false: refuse.
+   */
+  allowNeedsRecovery?: boolean;
+}
+
+export interface FileInfo {
+  inode: number;
+  type: FileType;
+  size: number;
+  /** Full i_mode (type and permission bits). */
+  mode: number;
+  uid: number;
+  gid: number;
+  links: number;
+  /** Seconds since the epoch. */
+  mtime: number;
+  /** The data lives inside the inode (inline_data or a fast symlink): no blocks. */
+  inline: boolean;
+}
+
+/** One contiguous piece of a file on the virtual disk. All values are bytes. */
+export interface FileExtent {
+  /** Offset in the file (a multiple of the block size). */
+  fileOffset: number;
+  /** Offset on the virtual disk (the partition's offset is included). */
+  diskOffset: number;
+  /** Whole blocks: the last extent may reach past i_size up to its block's end. */
+  length: number;
+  /** Allocated but unwritten (e.g. fallocate): reads as zeros whatever the disk holds. */
+  unwritten: boolean;
+}
+
+export interface FileStat extends FileInfo {
+  extents: FileExtent[];
+}
+
+export interface GuestFilesystem {
+  readonly partition: Partition;
+  readonly blockSize: number;
+  readonly needsRecovery: boolean;
+  readonly superblock: Superblock;
+  /**
+   * Metadata of `path`. Symlinks in the middle of the path are followed; a symlink in the last
+   * component is NOT followed unless `{ follow: true }` (lstat semantics, like debugfs `stat`):
+   * a placeholder the guest replaced with a symlink must show up as a symlink, not as its target.
+   */
+  lookup(path: string, options?: { follow?: boolean }): Promise<FileInfo>;
+  /** Data extents of `path` (last component not followed, like lookup). */
+  extents(path: string, options?: { follow?: boolean }): Promise<FileExtent[]>;
+  stat(path: string, options?: { follow?: boolean }): Promise<FileStat>;
+  /** Contents of a regular file; symlinks are followed (like cat). */
+  readFile(path: string): Promise<Buffer>;
+  readFileChunks(path: string, chunkSize?: number): AsyncGenerator<Buffer>;
+  readlink(path: string): Promise<string>;
+  /** Entries of a directory in on-disk order, "." and ".." included; symlinks are followed. */
+  readdir(path: string): Promise<DirEntry[]>;
+  /** What has been read from the disk so far (to prove lookups stay cheap). */
+  readonly readStats: ReadStats;
+}
+
+function infoOf(inode: Inode): FileInfo {
+  const fastSymlink = inode.type === 'symlink' && inode.size < 60 && (inode.flags & INODE_FLAGS.EXTENTS) === 0;
+  return {
+    inode: inode.number,
+    type: inode.type,
+    size: inode.size,
+    mode: inode.mode,
+    uid: inode.uid,
+    gid: inode.gid,
+    links: inode.links,
+    mtime: inode.mtime,
+    inline: (inode.flags & INODE_FLAGS.INLINE_DATA) !== 0 || fastSymlink,
+  };
+}
+
+/** Block runs as byte extents on the virtual disk. */
+export function runsToExtents(runs: BlockRun[], blockSize: number, partitionOffset: number): FileExtent[] {
+  return runs.map((run) => ({
+    fileOffset: run.logical * blockSize,
+    diskOffset: partitionOffset + run.physical * blockSize,
+    length: run.count * blockSize,
+    unwritten: run.unwritten,
+  }));
+}
+
+class GuestExt4 implements GuestFilesystem {
+  constructor(
+    readonly partition: Partition,
+    private readonly fs: Ext4Filesystem,
+  ) {}
+
+  get blockSize(): number {
+    return this.fs.blockSize;
+  }
+  get needsRecovery(): boolean {
+    return this.fs.superblock.needsRecovery;
+  }
+  get superblock(): Superblock {
+    return this.fs.superblock;
+  }
+  get readStats(): ReadStats {
+    return this.fs.reader.stats;
+  }
+
+  async lookup(path: string, options: { follow?: boolean } = {}): Promise<FileInfo> {
+    return infoOf(await this.fs.resolve(path, { follow: options.follow ?? false }));
+  }
+
+  private async extentsOf(inode: Inode): Promise<FileExtent[]> {
+    return runsToExtents(await this.fs.blockRuns(inode), this.fs.blockSize, this.partition.offset);
+  }
+
+  async extents(path: string, options: { follow?: boolean } = {}): Promise<FileExtent[]> {
+    const inode = await this.fs.resolve(path, { follow: options.follow ?? false });
+    if ((inode.flags & INODE_FLAGS.ENCRYPT) !== 0) {
+      throw new Ext4Error('fs.encrypted', `${path} is encrypted (fscrypt); its blocks hold ciphertext`);
+    }
+    return this.extentsOf(inode);
+  }
+
+  async stat(path: string, options: { follow?: boolean } = {}): Promise<FileStat> {
+    const inode = await this.fs.resolve(path, { follow: options.follow ?? false });
+    return { ...infoOf(inode), extents: await this.extentsOf(inode) };
+  }
+
+  readFile(path: string): Promise<Buffer> {
+    return this.fs.readFile(path);
+  }
+
+  readFileChunks(path: string, chunkSize?: number): AsyncGenerator<Buffer> {
+    return this.fs.readFileChunks(path, chunkSize);
+  }
+
+  async readlink(path: string): Promise<string> {
+    const inode = await this.fs.resolve(path, { follow: false });
+    if (inode.type !== 'symlink') throw new Ext4Error('fs.invalid-path', `${path} is not a symbolic link`);
+    return this.fs.readLink(inode, path);
+  }
+
+  readdir(path: string): Promise<DirEntry[]> {
+    return this.fs.readdir(path);
+  }
+}
+
+export async function openGuestFilesystem(disk: ByteSource, options: OpenGuestFilesystemOptions = {}): Promise<GuestFilesystem> {
+  const partitions = await readPartitions(disk);
+  const partition = await choosePartition(disk, partitions, options.partition);
+  const source = partition.offset === 0 && partition.length === disk.size ? disk : windowOf(disk, partition.offset, partition.length);
+  let fs: Ext4Filesystem;
+  try {
+    fs = await Ext4Filesystem.open(source);
+  } catch (error) {
+    if (error instanceof Ext4Error && error.code === 'fs.not-ext') {
+      const what = await identifyNonExt(source);
+      const where = partition.scheme === 'none' ? 'the disk' : `partition ${partition.index}`;
+      throw new Ext4Error('fs.not-ext', `${where} holds ${what}, not an ext2/3/4 filesystem (only ext2/3/4 can be read)`);
+    }
+    throw error;
+  }
+  if (fs.superblock.needsRecovery && !options.allowNeedsRecovery) {
+    throw new Ext4Error(
+      'fs.needs-recovery',
+      'the filesystem journal needs recovery: the guest did not shut down cleanly; boot it and shut it down, or run e2fsck',
+    );
+  }
+  return new GuestExt4(partition, fs);
+}
