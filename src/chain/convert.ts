@@ -336,8 +336,9 @@ export async function convertImage(source: string, output: string, options: Conv
   try {
     const size = layers[0]!.size;
     out = await fs.open(output, 'create');
-    const sink: Sink & { dataBytes?: number } =
-      outputFormat === 'raw' ? new RawSink(out, size) : new Qcow2Sink(out, size, clusterSize, options.compress === true);
+    // QEMU sees a qcow2 disk in whole 512-byte sectors: round up, as qemu-img convert does.
+    const sink: Sink =
+      outputFormat === 'raw' ? new RawSink(out, size) : new Qcow2Sink(out, Math.ceil(size / 512) * 512, clusterSize, options.compress === true);
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
     const windowSize = Math.max(unit, Math.floor((options.windowSize ?? 8 * 1024 * 1024) / unit) * unit);
     let dataBytes = 0;
