@@ -11,7 +11,8 @@
  *   up to the end is used exactly once (refcount 1), except compressed clusters, which share
  *   host clusters and are counted per overlap;
  * - reading the next window overlaps writing the previous one.
- * The output is fsynced before convert returns, like qemu-img's.
+ * Like qemu-img convert (whose output cache mode defaults to "unsafe"), the output is not
+ * fsynced unless `sync` is set; callers that need it durable (the layers code) set it.
  */
 import { constants as zlibConstants, deflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
@@ -44,6 +45,8 @@ export interface ConvertOptions {
   allowedDirectories?: string[];
   /** Called with (bytes done, total bytes) as the copy progresses. */
   progress?: (done: number, total: number) => void;
+  /** fsync the output (and its folder) before returning. */
+  sync?: boolean;
   /** Bytes processed per window (default 8 MiB). */
   windowSize?: number;
 }
@@ -73,7 +76,10 @@ async function readWindow(layers: ChainLayer[], entries: MapEntry[], offset: num
     }
     const layer = layers[e.depth]!;
     if (e.offset !== undefined) {
-      reads.push(layer.dataFile.read(target, e.offset).then(() => undefined));
+      // Pieces in parallel: the thread pool reads several at once (one big pread is serial).
+      for (let at = 0; at < e.length; at += IO_PIECE) {
+        reads.push(layer.dataFile.read(target.subarray(at, Math.min(e.length, at + IO_PIECE)), e.offset + at).then(() => undefined));
+      }
     } else {
       reads.push(layer.readExtent({ start: e.start, length: e.length, kind: 'compressed', hostOffset: null }, target));
     }
@@ -82,6 +88,17 @@ async function readWindow(layers: ChainLayer[], entries: MapEntry[], offset: num
 }
 
 const ZERO_CHUNK = Buffer.alloc(2 * 1024 * 1024);
+/** Size of the parallel pieces big reads and writes are split into. */
+const IO_PIECE = 1024 * 1024;
+
+/** Write `data` at `position` as parallel pieces. */
+function writePieces(out: HostFile, data: Uint8Array, position: number): Promise<void>[] {
+  const writes: Promise<void>[] = [];
+  for (let at = 0; at < data.length; at += IO_PIECE) {
+    writes.push(out.write(data.subarray(at, Math.min(data.length, at + IO_PIECE)), position + at));
+  }
+  return writes;
+}
 
 /** True when every byte is zero (memcmp against a zero page, in native code). */
 export function isAllZero(bytes: Uint8Array): boolean {
@@ -108,7 +125,7 @@ class RawSink implements Sink {
       const nonZero = i < mayHaveData.length && mayHaveData[i] && !isAllZero(data.subarray(i * chunk, (i + 1) * chunk));
       if (nonZero && runStart < 0) runStart = i;
       if (!nonZero && runStart >= 0) {
-        writes.push(this.out.write(data.subarray(runStart * chunk, i * chunk), offset + runStart * chunk));
+        writes.push(...writePieces(this.out, data.subarray(runStart * chunk, i * chunk), offset + runStart * chunk));
         runStart = -1;
       }
     }
@@ -194,7 +211,7 @@ class Qcow2Sink implements Sink {
       if (endsRun) {
         // keep[runFrom..k] are adjacent in the source window and land adjacent in the file.
         const src = data.subarray(keep[runFrom]! * cs, (keep[k]! + 1) * cs);
-        writes.push(this.out.write(src, start + runFrom * cs));
+        writes.push(...writePieces(this.out, src, start + runFrom * cs));
         runFrom = k + 1;
       }
     }
@@ -367,8 +384,10 @@ export async function convertImage(source: string, output: string, options: Conv
     }
     await pendingWrite;
     const outputLength = await sink.finish();
-    await out.sync();
-    await syncParentDirectory(fs, output);
+    if (options.sync) {
+      await out.sync();
+      await syncParentDirectory(fs, output);
+    }
     options.progress?.(size, size);
     return { virtualSize: size, dataBytes, outputLength };
   } finally {
