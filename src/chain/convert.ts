@@ -27,7 +27,7 @@ import {
   type Qcow2Header,
 } from '../qcow2/header.js';
 import { COPIED_HI, encodeCompressed, encodeEntry, geometry, setRefcount } from '../qcow2/layout.js';
-import { chainStatus, closeLayers, openLayers, type ChainLayer, type MapEntry } from './map.js';
+import { chainStatus, closeLayers, openLayers, type MapLayer, type MapEntry } from './map.js';
 
 const deflateRawAsync = promisify(deflateRaw);
 
@@ -66,7 +66,7 @@ interface Sink {
 }
 
 /** Fill `into` with the virtual disk at [offset, offset + into.length) from the chain entries. */
-async function readWindow(layers: ChainLayer[], entries: MapEntry[], offset: number, into: Uint8Array): Promise<void> {
+async function readWindow(layers: MapLayer[], entries: MapEntry[], offset: number, into: Uint8Array): Promise<void> {
   const reads: Promise<void>[] = [];
   for (const e of entries) {
     const target = into.subarray(e.start - offset, e.start - offset + e.length);

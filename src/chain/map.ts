@@ -33,7 +33,7 @@ export interface LayerExtent {
 }
 
 /** One image of a chain, opened read-only (or for writing by commit/rebase). */
-export class ChainLayer {
+export class MapLayer {
   private l2Cache = new Map<number, Uint8Array>();
   private l1: DataView | null = null;
 
@@ -48,11 +48,11 @@ export class ChainLayer {
     readonly dataFile: HostFile,
   ) {}
 
-  static async open(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess, writable = false): Promise<ChainLayer> {
+  static async open(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess, writable = false): Promise<MapLayer> {
     const file = await fs.open(path, writable ? 'write' : 'read');
     try {
       const length = await file.length();
-      if (format === 'raw') return new ChainLayer(path, format, file, length, null, null, file);
+      if (format === 'raw') return new MapLayer(path, format, file, length, null, null, file);
       const probe = new Uint8Array(Math.min(length, HEADER_PROBE_BYTES));
       await file.read(probe, 0);
       const bits = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 16;
@@ -67,7 +67,7 @@ export class ChainLayer {
         if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
         dataFile = await fs.open(resolveReferencedPath(name, path, 'external data file'), writable ? 'write' : 'read');
       }
-      return new ChainLayer(path, format, file, header.size, header, g, dataFile);
+      return new MapLayer(path, format, file, header.size, header, g, dataFile);
     } catch (error) {
       await file.close();
       throw error;
@@ -235,7 +235,7 @@ export class ChainLayer {
   }
 }
 
-export interface OpenChainOptions {
+export interface OpenLayersOptions {
   fs?: FileSystemAccess;
   /** Format of the top image (default qcow2). */
   format?: 'qcow2' | 'raw';
@@ -247,10 +247,10 @@ export interface OpenChainOptions {
 }
 
 /** Open `path` and its whole backing chain, top first. Backing formats must be explicit. */
-export async function openLayers(path: string, options: OpenChainOptions = {}): Promise<ChainLayer[]> {
+export async function openLayers(path: string, options: OpenLayersOptions = {}): Promise<MapLayer[]> {
   const fs = options.fs ?? nodeFileSystem;
   const maxDepth = options.maxDepth ?? 16;
-  const layers: ChainLayer[] = [];
+  const layers: MapLayer[] = [];
   const seen = new Set<string>();
   try {
     let current = await confinePath(path, undefined, 'image');
@@ -259,7 +259,7 @@ export async function openLayers(path: string, options: OpenChainOptions = {}): 
       if (seen.has(current)) throw new ChainError('chain.loop', `backing chain loops back to ${current}`);
       seen.add(current);
       if (layers.length >= maxDepth) throw new ChainError('chain.too-deep', `backing chain of ${path} is deeper than ${maxDepth}`);
-      const layer = await ChainLayer.open(current, format, fs, layers.length === 0 && options.writableTop === true);
+      const layer = await MapLayer.open(current, format, fs, layers.length === 0 && options.writableTop === true);
       layers.push(layer);
       const backing = layer.header?.backingFile ?? null;
       if (backing === null) break;
@@ -276,7 +276,7 @@ export async function openLayers(path: string, options: OpenChainOptions = {}): 
   }
 }
 
-export async function closeLayers(layers: ChainLayer[]): Promise<void> {
+export async function closeLayers(layers: MapLayer[]): Promise<void> {
   for (const layer of layers) await layer.close();
 }
 
@@ -296,7 +296,7 @@ export interface MapEntry {
  * rules: an unallocated range falls through to the backing layer, unless this layer has no
  * backing or the range lies past the backing's size; then it reads as zeros at this depth.
  */
-export async function chainStatus(layers: ChainLayer[], start: number, end: number, depth = 0): Promise<MapEntry[]> {
+export async function chainStatus(layers: MapLayer[], start: number, end: number, depth = 0): Promise<MapEntry[]> {
   const layer = layers[depth]!;
   const below = layers[depth + 1];
   const out: MapEntry[] = [];
@@ -351,7 +351,7 @@ export function mergeMapEntries(entries: MapEntry[]): MapEntry[] {
   return out;
 }
 
-export interface MapOptions extends OpenChainOptions {
+export interface MapOptions extends OpenLayersOptions {
   start?: number;
   length?: number;
 }
