@@ -6,7 +6,7 @@ import type { LocatedFile } from './state.js';
 
 /** What locate needs of a guest filesystem reader (src/fs provides it). */
 export interface PlaceholderReader {
-  lookup(path: string): Promise<{ type: string; size: number }>;
+  lookup(path: string, options?: { follow?: boolean }): Promise<{ type: string; size: number; inline?: boolean }>;
   extents(path: string): Promise<Array<{ fileOffset: number; diskOffset: number; length: number; unwritten: boolean }>>;
 }
 
@@ -44,15 +44,17 @@ export async function locatePlaceholders(
     for (const file of manifest.files) {
       const changed = (why: string): LayerError =>
         new LayerError('locate.placeholder-changed', `placeholder ${file.path} of ${appKey(manifest)} ${why}; refusing to recompose (unassign and assign the app again)`);
-      let info: { type: string; size: number };
+      let info: { type: string; size: number; inline?: boolean };
       try {
-        info = await filesystem.lookup(file.path);
+        // Not following symlinks: a link swapped in for a placeholder must not redirect the write.
+        info = await filesystem.lookup(file.path, { follow: false });
       } catch (error) {
         if ((error as { code?: string }).code === 'fs.not-found') throw changed('is missing from the guest filesystem');
         throw error;
       }
       if (info.type !== 'file' && info.type !== 'regular') throw changed(`is no longer a regular file (${info.type})`);
       if (info.size !== file.size) throw changed(`has size ${info.size}, expected ${file.size}`);
+      if (info.inline && file.size > 0) throw changed('keeps its data inside the inode (inline data): it has no blocks to compose');
       if (file.size === 0) {
         located.push({ app: appKey(manifest), path: file.path, size: 0, payloadOffset: file.payloadOffset, extents: [] });
         continue;

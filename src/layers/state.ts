@@ -51,6 +51,8 @@ export interface RecomposePlan {
   fromGeneration: number;
   toGeneration: number;
   startedAt: string;
+  /** Runs started on this plan; more than one means an earlier run stopped part-way. */
+  attempts?: number;
 }
 
 export interface DesktopRecord {

@@ -1,0 +1,206 @@
+import { rm } from 'node:fs/promises';
+import { basename, dirname, join, relative } from 'node:path';
+import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
+import { openChain, type Chain } from '../chain/chain.js';
+import { createImage } from '../qcow2/create.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { checkImage } from '../qcow2/repair.js';
+import { AppBytes } from './app-bytes.js';
+import { LayerError } from './errors.js';
+import { classifyClusters, mergeRanges } from './ranges.js';
+import type { DesktopRecord, RecomposePlan } from './state.js';
+
+/** Largest single write into an image while composing; big enough to coalesce, small enough to stream. */
+const COPY_CHUNK = 8 << 20;
+
+export interface RecomposeContext {
+  /** The desktop folder, holding apps.N.qcow2 and user.qcow2. */
+  desktopDir: string;
+  /** The base image the apps layer sits on (absolute path). */
+  basePath: string;
+  /** Backing files must lie inside these folders (the store). */
+  allowedDirectories: string[];
+  /** The desktop's record in the store state; updated in place as phases complete. */
+  record: DesktopRecord;
+  /** Absolute path of an app version's payload.bin, by name@version. */
+  payloadPath: (app: string) => string;
+  /** Persist the store state (the record is part of it). Called after every phase. */
+  persist: () => Promise<void>;
+  fs?: FileSystemAccess;
+  log?: (message: string) => void;
+}
+
+export interface RecomposeReport {
+  appsLayer: string;
+  generation: number;
+  appBytesWritten: number;
+  clustersDropped: number;
+  bytesPatchedInUserDelta: number;
+  leakedClustersReclaimed: number;
+  resumed: boolean;
+}
+
+export const appsLayerName = (generation: number): string => `apps.${generation}.qcow2`;
+export const USER_LAYER = 'user.qcow2';
+
+/** Open every payload the plan needs once; close them all afterwards. */
+async function openPayloads(plan: RecomposePlan, ctx: RecomposeContext, fs: FileSystemAccess): Promise<Map<string, HostFile>> {
+  const payloads = new Map<string, HostFile>();
+  for (const app of new Set(plan.files.map((f) => f.app))) payloads.set(app, await fs.open(ctx.payloadPath(app), 'read'));
+  return payloads;
+}
+
+/** Write `ranges` of app bytes into an image with large coalesced writes. */
+async function writeAppRanges(image: Qcow2Image, bytes: AppBytes, ranges: Array<{ offset: number; length: number }>): Promise<number> {
+  let written = 0;
+  const buffer = Buffer.allocUnsafe(COPY_CHUNK);
+  for (const range of ranges) {
+    for (let done = 0; done < range.length; ) {
+      const piece = buffer.subarray(0, Math.min(COPY_CHUNK, range.length - done));
+      await bytes.read(piece, range.offset + done);
+      await image.write(piece, range.offset + done);
+      done += piece.length;
+      written += piece.length;
+    }
+  }
+  return written;
+}
+
+/**
+ * Carry out (or finish) the desktop's recorded recompose plan, in the order that keeps every
+ * image readable with the same user data if it stops at any write:
+ *   1. write the new apps layer completely, fsync it and its folder;
+ *   2. point the user delta's backing file at it (invisible: it reads like the old chain
+ *      everywhere except inside the new placeholders, which the user delta still covers);
+ *   3. write the app bytes into user clusters the placeholders cover only partly (only
+ *      placeholder bytes change, from zeros to the app's bytes);
+ *   4. clear the L2 entries of fully covered user clusters (to 0: fall through, never the zero
+ *      flag), fsync; then lower their refcounts, fsync. A stop in between only leaks clusters,
+ *      which the rerun reclaims.
+ * The apps layer differs from the base only inside app extents (partly covered clusters are
+ * patched in the user delta, never copied into the apps layer), so a new one is a pure function
+ * of the base and the assigned files: nothing from the old one needs carrying over.
+ */
+export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeReport> {
+  const plan = ctx.record.recompose;
+  if (!plan) throw new LayerError('recompose.nothing-pending', 'this desktop has no recompose to run');
+  const fs = ctx.fs ?? nodeFileSystem;
+  const log = ctx.log ?? (() => {});
+  const resumed = plan.phase !== 'planned' || (plan.attempts ?? 0) > 0;
+  plan.attempts = (plan.attempts ?? 0) + 1;
+  await ctx.persist();
+
+  const newName = appsLayerName(plan.toGeneration);
+  const newPath = join(ctx.desktopDir, newName);
+  const userPath = join(ctx.desktopDir, USER_LAYER);
+  const report: RecomposeReport = {
+    appsLayer: newPath,
+    generation: plan.toGeneration,
+    appBytesWritten: 0,
+    clustersDropped: 0,
+    bytesPatchedInUserDelta: 0,
+    leakedClustersReclaimed: 0,
+    resumed,
+  };
+  const advance = async (phase: RecomposePlan['phase']): Promise<void> => {
+    plan.phase = phase;
+    await ctx.persist();
+  };
+
+  const payloads = await openPayloads(plan, ctx, fs);
+  const payloadOf = (app: string): HostFile => {
+    const file = payloads.get(app);
+    if (!file) throw new LayerError('recompose.no-payload', `no payload open for ${app}`);
+    return file;
+  };
+  let user: Qcow2Image | null = null;
+  let chain: Chain | null = null;
+  try {
+    user = await Qcow2Image.open(userPath, { writable: true, fs });
+
+    // Phase 1. If the user delta already points at the new layer, a previous run finished it.
+    if (plan.phase === 'planned' && user.backingFile !== newName) {
+      log(`writing ${newName} (${plan.files.length} app files)`);
+      const allBytes = new AppBytes(plan.files, payloadOf);
+      await createImage({
+        path: newPath,
+        size: user.size,
+        backing: { path: relative(ctx.desktopDir, ctx.basePath), format: 'qcow2' },
+        exclusive: false, // a stopped earlier run may have left a partial file: it is rewritten whole
+        fs,
+      });
+      const apps = await Qcow2Image.open(newPath, { writable: true, fs });
+      try {
+        report.appBytesWritten = await writeAppRanges(apps, allBytes, mergeRanges(allBytes.ranges()));
+        await apps.flush();
+      } finally {
+        await apps.close();
+      }
+      await fs.syncDirectory(ctx.desktopDir);
+    }
+    if (plan.phase === 'planned') await advance('apps-written');
+
+    // Phase 2: relink.
+    if (plan.phase === 'apps-written') {
+      if (user.backingFile !== newName) {
+        log(`relinking ${USER_LAYER} onto ${newName}`);
+        await user.setBackingFile(newName, 'qcow2');
+      }
+      await advance('relinked');
+    }
+
+    // From here on, writes to the user delta may need its (new) backing chain for copy-on-write.
+    await user.close();
+    user = null;
+    chain = await openChain(userPath, { writableTop: true, allowedDirectories: ctx.allowedDirectories, fs });
+    const userImage = chain.topImage;
+
+    const newFiles = plan.files.filter((f) => plan.newlyAssigned.includes(f.path));
+    const newBytes = new AppBytes(newFiles, payloadOf);
+    const coverage = classifyClusters(newBytes.ranges(), userImage.clusterSize);
+
+    // Phase 3: partly covered user clusters keep their other bytes; patch the app bytes in.
+    if (plan.phase === 'relinked') {
+      const patch: Array<{ offset: number; length: number }> = [];
+      for (const piece of coverage.partial) {
+        if ((await userImage.mappingOf(piece.offset)).kind !== 'unallocated') patch.push(piece);
+      }
+      report.bytesPatchedInUserDelta = await writeAppRanges(userImage, newBytes, patch);
+      await userImage.flush();
+      await advance('user-patched');
+    }
+
+    // Phase 4: drop fully covered clusters, then their refcounts.
+    if (plan.phase === 'user-patched') {
+      log(`dropping ${coverage.full.length} user clusters covered by placeholders`);
+      const freed = await userImage.detachClusters(coverage.full);
+      report.clustersDropped = freed.length;
+      await advance('detached');
+      await userImage.releaseHostClusters(freed);
+    }
+    await chain.close();
+    chain = null;
+
+    // A run that stopped between clearing L2 entries and lowering refcounts leaked clusters.
+    if (resumed) {
+      const check = await checkImage(userPath, { repair: 'leaks', fs });
+      report.leakedClustersReclaimed = check.leaksFixed ?? 0;
+    }
+
+    // Done: the old apps layer is referenced by nothing now.
+    if (plan.fromGeneration !== plan.toGeneration) {
+      await rm(join(ctx.desktopDir, appsLayerName(plan.fromGeneration)), { force: true });
+    }
+    ctx.record.apps = plan.apps;
+    ctx.record.files = plan.files;
+    ctx.record.appsGeneration = plan.toGeneration;
+    ctx.record.recompose = null;
+    await ctx.persist();
+    log(`recomposed: ${basename(dirname(userPath))} now has ${plan.apps.length ? plan.apps.join(', ') : 'no apps'}`);
+    return report;
+  } finally {
+    if (user) await user.close().catch(() => {});
+    if (chain) await chain.close().catch(() => {});
+    for (const file of payloads.values()) await file.close().catch(() => {});
+  }
+}

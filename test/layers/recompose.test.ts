@@ -1,0 +1,290 @@
+import { copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openChain } from '../../src/chain/chain.js';
+import { openGuestFilesystem } from '../../src/fs/index.js';
+import { FaultInjectingFileSystem, InjectedCrash } from '../../src/io/fault-injection.js';
+import { nodeFileSystem } from '../../src/io/host-file.js';
+import { createImage } from '../../src/qcow2/create.js';
+import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { locatePlaceholders } from '../../src/layers/locate.js';
+import { planAssign, planUnassign } from '../../src/layers/plan.js';
+import { runRecompose, type RecomposeContext } from '../../src/layers/recompose.js';
+import type { DesktopRecord, LocatedFile } from '../../src/layers/state.js';
+import { Store } from '../../src/layers/store.js';
+import { debugfsExtents, debugfsRead, guestChange } from '../helpers/offline-guest.js';
+import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, seededRandom, sha256, tempDir } from '../helpers/qemu.js';
+
+const BLOCK = 4096;
+
+interface Desktop {
+  store: Store;
+  desktopDir: string;
+  basePath: string;
+  userPath: string;
+  record: DesktopRecord;
+  appSource: string;
+  manifest: AppManifest;
+}
+
+function randomContent(seed: number, length: number): Buffer {
+  const random = seededRandom(seed);
+  const data = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) data[i] = Math.floor(random() * 256);
+  return data;
+}
+
+/** A store with an ext4 base, one desktop (apps.0 <- user), a user file, and an app built. */
+async function makeDesktop(root: string): Promise<Desktop> {
+  const store = await Store.open(join(root, 'store'));
+  const rootfs = join(root, 'rootfs');
+  await mkdir(join(rootfs, 'home', 'user'), { recursive: true });
+  await mkdir(join(rootfs, 'etc'), { recursive: true });
+  await writeFile(join(rootfs, 'home', 'user', 'notes.txt'), randomContent(1, 50_000));
+  await writeFile(join(rootfs, 'etc', 'hostname'), 'desktop\n');
+  const baseRaw = join(root, 'base.raw');
+  await execa('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-d', rootfs, baseRaw, '64M']);
+  const basePath = store.path('bases', 'base.qcow2');
+  await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', baseRaw, basePath]);
+
+  const desktopDir = store.path('desktops', 'alice');
+  await mkdir(desktopDir, { recursive: true });
+  await createImage({ path: join(desktopDir, 'apps.0.qcow2'), backing: { path: '../../bases/base.qcow2', format: 'qcow2' } });
+  const userPath = join(desktopDir, 'user.qcow2');
+  await createImage({ path: userPath, backing: { path: 'apps.0.qcow2', format: 'qcow2' } });
+
+  // The user writes a file in the guest before any app arrives.
+  await writeFile(join(root, 'later.txt'), randomContent(2, 20_000));
+  await guestChange(userPath, root, [`write ${join(root, 'later.txt')} /home/user/later.txt`]);
+
+  const appSource = join(root, 'app-src');
+  await mkdir(join(appSource, 'bin'), { recursive: true });
+  await writeFile(join(appSource, 'bin', 'tool'), randomContent(3, 300_000));
+  await writeFile(join(appSource, 'data.bin'), randomContent(4, 100_000));
+  await writeFile(join(appSource, 'README'), randomContent(5, 5_000));
+  const manifest = await buildApp(store, { name: 'app', sourceDir: appSource, version: '1' });
+  const record: DesktopRecord = {
+    base: 'base',
+    dir: 'desktops/alice',
+    appsGeneration: 0,
+    apps: [],
+    files: [],
+    domain: null,
+    recompose: null,
+    createdAt: new Date().toISOString(),
+  };
+  return { store, desktopDir, basePath, userPath, record, appSource, manifest };
+}
+
+/** Allocate the app's placeholders "in the guest": written files whose blocks are then zeroed. */
+async function allocateOffline(desktop: Desktop, scratch: string): Promise<void> {
+  const commands: string[] = [];
+  for (const dir of desktop.manifest.directories.map((d) => d.path)) {
+    const parts = dir.split('/').filter(Boolean);
+    for (let i = 1; i <= parts.length; i++) commands.push(`mkdir /${parts.slice(0, i).join('/')}`);
+  }
+  for (const file of desktop.manifest.files) {
+    const filler = join(scratch, `fill-${file.size}`);
+    await writeFile(filler, Buffer.alloc(file.size, 0xa5)); // non-zero, so debugfs allocates every block
+    commands.push(`write ${filler} ${file.path}`, `sif ${file.path} mode 0${(0o100000 | file.mode).toString(8)}`);
+  }
+  const unique = [...new Set(commands)].filter((c) => !/^mkdir \/(opt)?$/.test(c) || c === 'mkdir /opt');
+  await guestChange(desktop.userPath, scratch, unique, async (rawPath, raw) => {
+    // The guest writes zeros over every block, so they land in the user delta.
+    const forced: Array<{ offset: number; length: number }> = [];
+    for (const file of desktop.manifest.files) {
+      for (const range of await debugfsExtents(rawPath, file.path, BLOCK)) {
+        raw.fill(0, range.offset, range.offset + range.length);
+        forced.push(range);
+      }
+    }
+    return { raw, forced };
+  });
+}
+
+async function locate(desktop: Desktop, manifests: AppManifest[]): Promise<LocatedFile[]> {
+  const chain = await openChain(desktop.userPath, { allowedDirectories: [desktop.store.root] });
+  try {
+    return await locatePlaceholders(await openGuestFilesystem(chain), chain, manifests);
+  } finally {
+    await chain.close();
+  }
+}
+
+function context(desktop: Desktop, persisted: { json: string }, fs = nodeFileSystem): RecomposeContext {
+  return {
+    desktopDir: desktop.desktopDir,
+    basePath: desktop.basePath,
+    allowedDirectories: [desktop.store.root],
+    record: desktop.record,
+    payloadPath: (app) => desktop.store.path('apps', ...app.split('@'), 'payload.bin'),
+    persist: async () => {
+      persisted.json = JSON.stringify(desktop.record);
+    },
+    fs,
+  };
+}
+
+/** What the disk must read after assigning: `before`, with each file's bytes (zero-padded) at its extents. */
+async function expectedAfterAssign(before: Buffer, located: LocatedFile[], source: string, prefix: string): Promise<Buffer> {
+  const expected = Buffer.from(before);
+  for (const file of located) {
+    const content = await readFile(join(source, file.path.slice(prefix.length + 1)));
+    for (const extent of file.extents) {
+      expected.fill(0, extent.diskOffset, extent.diskOffset + extent.length);
+      content.copy(expected, extent.diskOffset, extent.fileOffset, Math.min(content.length, extent.fileOffset + extent.length));
+    }
+  }
+  return expected;
+}
+
+async function assertCleanImages(paths: string[]): Promise<void> {
+  for (const path of paths) {
+    const report = await qemuCheck(path);
+    expect({ path, corruptions: report.corruptions, leaks: report.leaks, exit: report.exitCode }).toEqual({ path, corruptions: 0, leaks: 0, exit: 0 });
+  }
+}
+
+describe('recompose (offline guest)', () => {
+  let temp: { dir: string; cleanup: () => Promise<void> };
+  let desktop: Desktop;
+  let before: Buffer;
+  let located: LocatedFile[];
+  let baseHash: string;
+
+  beforeAll(async () => {
+    temp = await tempDir('qlayer-recompose-');
+    desktop = await makeDesktop(temp.dir);
+    await allocateOffline(desktop, temp.dir);
+    baseHash = sha256(await readFile(desktop.basePath));
+    before = await qemuReadRaw(desktop.userPath);
+    located = await locate(desktop, [desktop.manifest]);
+  }, 120_000);
+  afterAll(async () => temp?.cleanup());
+
+  it('locate finds exactly the blocks debugfs reports for each placeholder', async () => {
+    const raw = join(temp.dir, 'before.raw');
+    await writeFile(raw, before);
+    for (const file of located) {
+      const fromDebugfs = await debugfsExtents(raw, file.path, BLOCK);
+      expect(file.extents.map((e) => ({ offset: e.diskOffset, length: e.length }))).toEqual(fromDebugfs);
+    }
+    expect(located.map((f) => f.path).sort()).toEqual(desktop.manifest.files.map((f) => f.path).sort());
+  });
+
+  it('assign: app bytes inside the extents, every other byte as before, all images clean', async () => {
+    const persisted = { json: '' };
+    desktop.record.recompose = planAssign(desktop.record, [desktop.manifest], located);
+    // Keep a copy of the planned desktop for the crash test below.
+    await mkdir(join(temp.dir, 'planned'), { recursive: true });
+    for (const f of ['apps.0.qcow2', 'user.qcow2']) await copyFile(join(desktop.desktopDir, f), join(temp.dir, 'planned', f));
+    await writeFile(join(temp.dir, 'planned', 'record.json'), JSON.stringify(desktop.record));
+
+    const report = await runRecompose(context(desktop, persisted));
+    expect(report.clustersDropped).toBeGreaterThan(0);
+    expect(report.bytesPatchedInUserDelta).toBeGreaterThan(0); // placeholders share clusters with metadata
+    expect(desktop.record.apps).toEqual(['app@1']);
+    expect(desktop.record.recompose).toBeNull();
+    expect(existsSync(join(desktop.desktopDir, 'apps.0.qcow2'))).toBe(false);
+    expect((await qemuInfo(desktop.userPath))['backing-filename']).toBe('apps.1.qcow2');
+
+    const after = await qemuReadRaw(desktop.userPath);
+    const expected = await expectedAfterAssign(before, located, desktop.appSource, desktop.manifest.prefix);
+    expect(after.equals(expected)).toBe(true);
+    await assertCleanImages([desktop.basePath, join(desktop.desktopDir, 'apps.1.qcow2'), desktop.userPath]);
+    expect(sha256(await readFile(desktop.basePath))).toBe(baseHash);
+
+    // Independent proofs from e2fsprogs: the filesystem is clean and the files hold the app.
+    const raw = join(temp.dir, 'after.raw');
+    await writeFile(raw, after);
+    const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+    expect(fsck.exitCode, fsck.stdout).toBe(0);
+    for (const file of desktop.manifest.files) {
+      const dumped = join(temp.dir, 'dumped');
+      await debugfsRead(raw, `dump ${file.path} ${dumped}`);
+      expect(sha256(await readFile(dumped))).toBe(file.sha256);
+    }
+    expect(sha256(await readFile(join(temp.dir, 'later.txt')))).toBe(
+      sha256(await (async () => {
+        const out = join(temp.dir, 'later.out');
+        await debugfsRead(raw, `dump /home/user/later.txt ${out}`);
+        return readFile(out);
+      })()),
+    );
+  });
+
+  it('unassign: after the guest deletes the files, the apps layer is rebuilt without them', async () => {
+    await guestChange(desktop.userPath, temp.dir, desktop.manifest.files.map((f) => `rm ${f.path}`));
+    const beforeUnassign = await qemuReadRaw(desktop.userPath);
+    const persisted = { json: '' };
+    desktop.record.recompose = planUnassign(desktop.record, ['app']);
+    const removed = desktop.record.recompose.removedExtents;
+    await runRecompose(context(desktop, persisted));
+    expect(desktop.record.apps).toEqual([]);
+    const after = await qemuReadRaw(desktop.userPath);
+    // Only the blocks of the removed files (freed by the guest) may change.
+    const mask = Buffer.alloc(after.length, 1);
+    for (const r of removed) mask.fill(0, r.diskOffset, r.diskOffset + r.length);
+    for (let i = 0; i < after.length; i += BLOCK) {
+      if (mask[i] === 1 && !after.subarray(i, i + BLOCK).equals(beforeUnassign.subarray(i, i + BLOCK))) {
+        throw new Error(`byte block at ${i} changed outside the removed files`);
+      }
+    }
+    await assertCleanImages([desktop.basePath, join(desktop.desktopDir, 'apps.2.qcow2'), desktop.userPath]);
+    const raw = join(temp.dir, 'unassigned.raw');
+    await writeFile(raw, after);
+    expect((await execa('e2fsck', ['-fn', raw], { reject: false })).exitCode).toBe(0);
+    expect(sha256(await readFile(desktop.basePath))).toBe(baseHash);
+  });
+
+  it('a recompose stopped at any write or fsync keeps the user data, and a rerun completes it', async () => {
+    const planned = join(temp.dir, 'planned');
+    const restore = async (): Promise<void> => {
+      for (const f of ['apps.1.qcow2', 'apps.2.qcow2']) await rm(join(desktop.desktopDir, f), { force: true });
+      for (const f of ['apps.0.qcow2', 'user.qcow2']) await copyFile(join(planned, f), join(desktop.desktopDir, f));
+      desktop.record = JSON.parse(await readFile(join(planned, 'record.json'), 'utf8')) as DesktopRecord;
+    };
+    const expected = await expectedAfterAssign(before, located, desktop.appSource, desktop.manifest.prefix);
+    const newExtents = located.flatMap((f) => f.extents);
+
+    // Count the durable operations of a whole run.
+    await restore();
+    const counter = new FaultInjectingFileSystem(nodeFileSystem);
+    await runRecompose(context(desktop, { json: '' }, counter));
+    const total = counter.operations;
+    expect(total).toBeGreaterThan(5);
+
+    for (let n = 1; n <= total; n++) {
+      await restore();
+      const persisted = { json: JSON.stringify(desktop.record) };
+      const faulty = new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n });
+      await expect(runRecompose(context(desktop, persisted, faulty))).rejects.toBeInstanceOf(InjectedCrash);
+
+      // Stopped: every byte outside the new placeholders reads as before; inside, zeros or the app.
+      const stopped = await qemuReadRaw(desktop.userPath);
+      const inside = Buffer.alloc(stopped.length);
+      for (const e of newExtents) inside.fill(1, e.diskOffset, e.diskOffset + e.length);
+      for (let i = 0; i < stopped.length; i += BLOCK) {
+        const block = stopped.subarray(i, i + BLOCK);
+        if (inside[i] === 1) {
+          const ok = block.equals(before.subarray(i, i + BLOCK)) || block.equals(expected.subarray(i, i + BLOCK));
+          if (!ok) throw new Error(`crash at op ${n}/${total}: placeholder block at ${i} is neither zeros nor app bytes`);
+        } else if (!block.equals(before.subarray(i, i + BLOCK))) {
+          throw new Error(`crash at op ${n}/${total}: user block at ${i} changed`);
+        }
+      }
+      const userCheck = await qemuCheck(desktop.userPath);
+      expect(userCheck.corruptions, `crash at op ${n}: user delta corrupt`).toBe(0);
+
+      // Rerun from what was persisted: it completes, and nothing leaks.
+      desktop.record = JSON.parse(persisted.json) as DesktopRecord;
+      await runRecompose(context(desktop, { json: '' }));
+      const finished = await qemuReadRaw(desktop.userPath);
+      expect(finished.equals(expected), `crash at op ${n}/${total}: rerun did not reach the expected disk`).toBe(true);
+      await assertCleanImages([join(desktop.desktopDir, 'apps.1.qcow2'), desktop.userPath]);
+    }
+    expect(sha256(await readFile(desktop.basePath))).toBe(baseHash);
+  }, 600_000);
+});
