@@ -492,7 +492,11 @@ export class Qcow2Image implements ByteSource {
    * the end forward by one cluster).
    */
   private async createRefblock(tableIndex: number): Promise<void> {
-    if ((tableIndex + 1) * 8 > this.reftable.length) await this.growReftable(tableIndex + 1);
+    if ((tableIndex + 1) * 8 > this.reftable.length) {
+      await this.growReftable(tableIndex + 1);
+      // Growing may already have created this very block (for the new table's clusters).
+      if (this.reftableEntry(tableIndex) !== 0) return;
+    }
     const cluster = this.allocEnd++;
     const offset = cluster * this.g.clusterSize;
     const block = new Uint8Array(this.g.clusterSize);
