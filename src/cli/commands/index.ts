@@ -1,4 +1,5 @@
 import type { Command } from 'commander';
+import { registerImageCommands } from './image.js';
 import { registerFsCommands } from './fs.js';
 import { registerImageCommands } from './image.js';
 

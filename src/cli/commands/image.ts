@@ -1,0 +1,300 @@
+/**
+ * `qlayer image ...`: the qcow2 engine on the command line. Flags and meanings follow qemu-img
+ * where it has the same operation, and `--json` prints the same JSON shapes as qemu-img's
+ * `--output=json`, so scripts can switch between the two.
+ */
+import { Command, Option } from 'commander';
+import { commitImage } from '../../chain/commit.js';
+import { convertImage } from '../../chain/convert.js';
+import { formatInfoText, infoImage } from '../../chain/info.js';
+import { formatMapJson, mapImage } from '../../chain/map.js';
+import { rebaseImage } from '../../chain/rebase.js';
+import { QlayerError } from '../../errors.js';
+import { checkExitCode, toQemuJson } from '../../qcow2/check.js';
+import { createImage } from '../../qcow2/create.js';
+import { checkImage } from '../../qcow2/repair.js';
+import { resizeImage } from '../../qcow2/resize.js';
+import { nodeFileSystem } from '../../io/host-file.js';
+import { printResult, progressReporter, type CommonOptions } from '../output.js';
+
+/** A usage mistake on the image command line (exit 1, like qemu-img). */
+export class ImageCommandError extends QlayerError {
+  constructor(message: string) {
+    super('image.bad-argument', message);
+  }
+}
+
+const SUFFIXES: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4, p: 1024 ** 5, e: 1024 ** 6 };
+
+/** Parse "10G", "512M", "65536", "1.5G" (binary suffixes, like qemu-img). */
+export function parseSize(text: string, what = 'size'): number {
+  const match = /^(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?$/i.exec(text.trim());
+  if (!match) throw new ImageCommandError(`invalid ${what} "${text}" (use bytes or a K, M, G or T suffix)`);
+  const value = Math.round(Number(match[1]) * (SUFFIXES[(match[2] ?? '').toLowerCase()] ?? 1));
+  if (!Number.isSafeInteger(value)) throw new ImageCommandError(`${what} "${text}" is too large`);
+  return value;
+}
+
+/** Parse "-o key=value,key=value" into a map (commas inside values are not supported). */
+export function parseCreateOptions(text: string | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  if (!text) return out;
+  for (const part of text.split(',')) {
+    if (part.trim() === '') continue;
+    const eq = part.indexOf('=');
+    const key = (eq < 0 ? part : part.slice(0, eq)).trim();
+    const value = eq < 0 ? 'on' : part.slice(eq + 1).trim();
+    out.set(key, value);
+  }
+  return out;
+}
+
+function onOff(value: string, key: string): boolean {
+  if (value === 'on' || value === 'true' || value === 'yes') return true;
+  if (value === 'off' || value === 'false' || value === 'no') return false;
+  throw new ImageCommandError(`-o ${key}: expected on or off, got "${value}"`);
+}
+
+function format(value: string | undefined, flag: string, fallback?: 'qcow2' | 'raw'): 'qcow2' | 'raw' {
+  const f = value ?? fallback;
+  if (f === 'qcow2' || f === 'raw') return f;
+  throw new ImageCommandError(`${flag}: format "${String(value)}" is not supported (qcow2 or raw)`);
+}
+
+const KNOWN_CREATE_OPTIONS = new Set(['cluster_size', 'refcount_bits', 'extended_l2', 'compat', 'preallocation', 'lazy_refcounts', 'backing_file', 'backing_fmt', 'size']);
+
+interface CreateFlags extends CommonOptions {
+  f?: string;
+  o?: string;
+  b?: string;
+  F?: string;
+}
+
+async function runCreate(file: string, sizeText: string | undefined, flags: CreateFlags): Promise<void> {
+  const fmt = format(flags.f, '-f', 'qcow2');
+  const opts = parseCreateOptions(flags.o);
+  for (const key of opts.keys()) if (!KNOWN_CREATE_OPTIONS.has(key)) throw new ImageCommandError(`-o: unknown option "${key}" (known: ${[...KNOWN_CREATE_OPTIONS].join(', ')})`);
+  const sizeOption = sizeText ?? opts.get('size');
+  const size = sizeOption === undefined ? undefined : parseSize(sizeOption);
+  if (fmt === 'raw') {
+    if (size === undefined) throw new ImageCommandError('create: a size is required for a raw image');
+    const out = await nodeFileSystem.open(file, 'create');
+    try {
+      await out.truncate(Math.ceil(size / 512) * 512);
+    } finally {
+      await out.close();
+    }
+    printResult(flags, { filename: file, format: 'raw', 'virtual-size': Math.ceil(size / 512) * 512 }, () => `Formatting '${file}', fmt=raw size=${size}`);
+    return;
+  }
+  const backingName = flags.b ?? opts.get('backing_file');
+  const backingFormat = flags.F ?? opts.get('backing_fmt');
+  if (backingName !== undefined && backingFormat === undefined) throw new ImageCommandError('create: -F (backing format) is required with -b; formats are never probed');
+  const clusterSize = opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster_size') : 65536;
+  const clusterBits = Math.log2(clusterSize);
+  if (!Number.isInteger(clusterBits)) throw new ImageCommandError(`-o cluster_size=${clusterSize} is not a power of two`);
+  const compat = opts.get('compat') ?? '1.1';
+  if (compat !== '0.10' && compat !== '1.1' && compat !== 'v2' && compat !== 'v3') throw new ImageCommandError(`-o compat=${compat}: expected 0.10 or 1.1`);
+  const preallocation = opts.get('preallocation') ?? 'off';
+  if (preallocation !== 'off' && preallocation !== 'metadata') throw new ImageCommandError(`-o preallocation=${preallocation}: supported values are off and metadata`);
+  const header = await createImage({
+    path: file,
+    size,
+    version: compat === '0.10' || compat === 'v2' ? 2 : 3,
+    clusterBits,
+    refcountBits: opts.has('refcount_bits') ? Number(opts.get('refcount_bits')) : 16,
+    extendedL2: opts.has('extended_l2') ? onOff(opts.get('extended_l2')!, 'extended_l2') : false,
+    lazyRefcounts: opts.has('lazy_refcounts') ? onOff(opts.get('lazy_refcounts')!, 'lazy_refcounts') : false,
+    preallocation,
+    backing: backingName === undefined ? undefined : { path: backingName, format: format(backingFormat, '-F') },
+    exclusive: false,
+  });
+  printResult(
+    flags,
+    { filename: file, format: 'qcow2', 'virtual-size': header.size, 'cluster-size': 2 ** header.clusterBits, 'backing-filename': header.backingFile ?? undefined },
+    () => `Formatting '${file}', fmt=qcow2 cluster_size=${2 ** header.clusterBits} size=${header.size}${header.backingFile ? ` backing_file=${header.backingFile}` : ''}`,
+  );
+}
+
+export function registerImageCommands(program: Command): void {
+  const image = program
+    .command('image')
+    .description('Create, inspect, check and transform qcow2 images (qemu-img compatible flags and JSON)');
+
+  image
+    .command('create')
+    .summary('create a qcow2 (or raw) image, optionally over a backing file')
+    .description(
+      'Create a new image. SIZE takes K, M, G, T suffixes; with -b it defaults to the backing file\'s size.\n' +
+        'Options (-o key=value,...): cluster_size (512..2M), refcount_bits (1..64), extended_l2=on|off,\n' +
+        'compat=0.10|1.1, preallocation=off|metadata, lazy_refcounts=on|off.',
+    )
+    .argument('<file>', 'image to create (replaced if it exists)')
+    .argument('[size]', 'virtual size, e.g. 10G')
+    .option('-f <fmt>', 'image format: qcow2 (default) or raw')
+    .option('-o <options>', 'format options, comma separated key=value')
+    .option('-b <backing>', 'backing file, stored as given (relative names are relative to the new image)')
+    .option('-F <fmt>', 'backing file format (qcow2 or raw); required with -b')
+    .option('--json', 'print JSON')
+    .action((file: string, size: string | undefined, flags: CreateFlags) => runCreate(file, size, flags));
+
+  image
+    .command('info')
+    .summary('show an image's format, features, snapshots and backing chain')
+    .description('Show an image\'s header, format features and snapshots (JSON like qemu-img info --output=json)')
+    .argument('<file>')
+    .option('-f <fmt>', 'image format: qcow2 (default) or raw')
+    .option('--backing-chain', 'also show every backing file, top first (JSON: an array)')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: CommonOptions & { f?: string; backingChain?: boolean }) => {
+      const infos = await infoImage(file, { format: format(flags.f, '-f', 'qcow2'), backingChain: flags.backingChain === true });
+      printResult(flags, flags.backingChain ? infos : infos[0], () => formatInfoText(infos));
+    });
+
+  image
+    .command('map')
+    .summary('show which chain layer holds each range of the virtual disk')
+    .description(
+      'Show which layer of the backing chain holds each range of the virtual disk\n' +
+        '(JSON like qemu-img map --output=json: start, length, depth, present, zero, data, offset).',
+    )
+    .argument('<file>')
+    .option('-f <fmt>', 'image format: qcow2 (default) or raw')
+    .option('--start-offset <offset>', 'first byte to map')
+    .option('--max-length <length>', 'bytes to map')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: CommonOptions & { f?: string; startOffset?: string; maxLength?: string }) => {
+      const entries = await mapImage(file, {
+        format: format(flags.f, '-f', 'qcow2'),
+        start: flags.startOffset === undefined ? undefined : parseSize(flags.startOffset, '--start-offset'),
+        length: flags.maxLength === undefined ? undefined : parseSize(flags.maxLength, '--max-length'),
+      });
+      if (flags.json) {
+        process.stdout.write(`${formatMapJson(entries)}\n`);
+        return;
+      }
+      const lines = ['Offset          Length          Depth  Mapped to       Kind'];
+      for (const e of entries) {
+        if (!e.present) continue;
+        const hex = (n: number) => `0x${n.toString(16)}`.padEnd(16);
+        lines.push(`${hex(e.start)}${hex(e.length)}${String(e.depth).padEnd(7)}${e.offset === undefined ? '-'.padEnd(16) : hex(e.offset)}${e.data ? 'data' : 'zero'}`);
+      }
+      printResult(flags, entries, () => lines.join('\n'));
+    });
+
+  image
+    .command('check')
+    .summary('check refcounts and COPIED flags, optionally repair')
+    .description(
+      'Check refcounts and COPIED flags against the metadata (all tables, snapshots, bitmaps).\n' +
+        'Exit codes like qemu-img: 0 clean, 1 could not check, 2 corruptions, 3 leaks only.\n' +
+        '-r leaks lowers refcounts that are too high; -r all also fixes low refcounts and flags.',
+    )
+    .argument('<file>')
+    .option('-f <fmt>', 'image format (qcow2)')
+    .addOption(new Option('-r, --repair <what>', 'repair leaks or all').choices(['leaks', 'all']))
+    .option('--json', 'print JSON (like qemu-img check --output=json)')
+    .action(async (file: string, flags: CommonOptions & { f?: string; repair?: 'leaks' | 'all' }) => {
+      if (format(flags.f, '-f', 'qcow2') !== 'qcow2') throw new ImageCommandError('check: only qcow2 images can be checked');
+      const result = await checkImage(file, { repair: flags.repair ?? 'none' });
+      printResult(flags, toQemuJson(result), () => {
+        const lines = [...result.messages];
+        if (result.leaksFixed) lines.push(`The following inconsistencies were found and repaired:\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions`);
+        else if (result.corruptionsFixed) lines.push(`The following inconsistencies were found and repaired:\n    0 leaked clusters\n    ${result.corruptionsFixed} corruptions`);
+        if (result.corruptions) lines.push(`${result.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.`);
+        if (result.leaks) lines.push(`${result.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.`);
+        if (!result.corruptions && !result.leaks) lines.push('No errors were found on the image.');
+        const pct = (n: number) => (result.totalClusters ? ((n * 100) / result.totalClusters).toFixed(2) : '0.00');
+        lines.push(`${result.allocatedClusters}/${result.totalClusters} = ${pct(result.allocatedClusters)}% allocated, ${pct(result.fragmentedClusters)}% fragmented, ${pct(result.compressedClusters)}% compressed clusters`);
+        lines.push(`Image end offset: ${result.imageEndOffset}`);
+        return lines.join('\n');
+      });
+      process.exitCode = checkExitCode(result);
+    });
+
+  image
+    .command('convert')
+    .summary('flatten an image or chain into a new raw or qcow2 file')
+    .description(
+      'Copy the virtual disk of an image (its whole backing chain, flattened) into a new file:\n' +
+        'qcow2/chain -> raw, raw -> qcow2 (zero clusters left out), qcow2 -> flat qcow2, -c to compress.',
+    )
+    .argument('<source>')
+    .argument('<output>')
+    .option('-f <fmt>', 'source format: qcow2 (default) or raw')
+    .option('-O <fmt>', 'output format: qcow2 (default) or raw')
+    .option('-o <options>', 'output options: cluster_size=SIZE')
+    .option('-c', 'compress data clusters (deflate); qcow2 output only')
+    .option('-p', 'show progress (on a terminal)')
+    .option('--sync', 'fsync the output before exiting')
+    .option('--json', 'print JSON')
+    .action(async (source: string, output: string, flags: CommonOptions & { f?: string; O?: string; o?: string; c?: boolean; p?: boolean; sync?: boolean }) => {
+      const opts = parseCreateOptions(flags.o);
+      for (const key of opts.keys()) if (key !== 'cluster_size') throw new ImageCommandError(`convert -o: unsupported option "${key}" (only cluster_size)`);
+      const result = await convertImage(source, output, {
+        sourceFormat: format(flags.f, '-f', 'qcow2'),
+        outputFormat: format(flags.O, '-O', 'qcow2'),
+        clusterSize: opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster_size') : undefined,
+        compress: flags.c === true,
+        sync: flags.sync === true,
+        progress: flags.p ? progressReporter(flags, 'converting') : undefined,
+      });
+      printResult(flags, { source, output, 'virtual-size': result.virtualSize, 'data-bytes': result.dataBytes, 'output-length': result.outputLength }, () => '');
+    });
+
+  image
+    .command('rebase')
+    .summary('change an image's backing file (safe or -u unsafe)')
+    .description(
+      'Change the backing file of an image. By default the content is kept: clusters where the old\n' +
+        'and new backing files differ are copied into the image first. -u only rewrites the header.\n' +
+        'Use -b "" to remove the backing file (its content is copied in).',
+    )
+    .argument('<file>')
+    .requiredOption('-b <backing>', 'new backing file, stored as given ("" for none)')
+    .option('-F <fmt>', 'new backing format (qcow2 or raw); required unless -b ""')
+    .option('-u', 'unsafe: change only the header')
+    .option('-p', 'show progress (on a terminal)')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: CommonOptions & { b: string; F?: string; u?: boolean; p?: boolean }) => {
+      const backing = flags.b === '' ? null : flags.b;
+      const result = await rebaseImage(file, {
+        backing,
+        backingFormat: backing === null ? undefined : format(flags.F, '-F'),
+        unsafe: flags.u === true,
+        progress: flags.p ? progressReporter(flags, 'rebasing') : undefined,
+      });
+      printResult(flags, { filename: file, 'backing-filename': backing, 'copied-bytes': result.copiedBytes }, () => '');
+    });
+
+  image
+    .command('commit')
+    .summary('write an image's content into its backing file')
+    .description(
+      'Write the content of an image into its backing file, then empty the image (unless -d).\n' +
+        'The backing file must be writable.',
+    )
+    .argument('<file>')
+    .option('-d', 'do not empty the image after the commit')
+    .option('-p', 'show progress (on a terminal)')
+    .option('--json', 'print JSON')
+    .action(async (file: string, flags: CommonOptions & { d?: boolean; p?: boolean }) => {
+      const result = await commitImage(file, { keepTop: flags.d === true, progress: flags.p ? progressReporter(flags, 'committing') : undefined });
+      printResult(flags, { filename: file, backing: result.backing, 'committed-bytes': result.committedBytes }, () => 'Image committed.');
+    });
+
+  image
+    .command('resize')
+    .summary('grow an image's virtual disk')
+    .description('Grow the virtual disk of a qcow2 image to SIZE, or by +SIZE. Shrinking is refused.')
+    .argument('<file>')
+    .argument('<size>', 'new size (10G) or growth (+1G)')
+    .option('--json', 'print JSON')
+    .action(async (file: string, sizeText: string, flags: CommonOptions) => {
+      const relative = sizeText.startsWith('+');
+      if (sizeText.startsWith('-')) throw new ImageCommandError(`resize: shrinking (${sizeText}) is not supported; only growing is allowed`);
+      const size = parseSize(relative ? sizeText.slice(1) : sizeText);
+      const result = await resizeImage(file, size, { relative });
+      printResult(flags, { filename: file, 'old-size': result.oldSize, 'virtual-size': result.newSize }, () => 'Image resized.');
+    });
+}
