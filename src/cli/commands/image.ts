@@ -140,7 +140,7 @@ export function registerImageCommands(program: Command): void {
 
   image
     .command('info')
-    .summary('show an image's format, features, snapshots and backing chain')
+    .summary("show an image's format, features, snapshots and backing chain")
     .description('Show an image\'s header, format features and snapshots (JSON like qemu-img info --output=json)')
     .argument('<file>')
     .option('-f <fmt>', 'image format: qcow2 (default) or raw')
@@ -244,7 +244,7 @@ export function registerImageCommands(program: Command): void {
 
   image
     .command('rebase')
-    .summary('change an image's backing file (safe or -u unsafe)')
+    .summary("change an image's backing file (safe or -u unsafe)")
     .description(
       'Change the backing file of an image. By default the content is kept: clusters where the old\n' +
         'and new backing files differ are copied into the image first. -u only rewrites the header.\n' +
@@ -269,7 +269,7 @@ export function registerImageCommands(program: Command): void {
 
   image
     .command('commit')
-    .summary('write an image's content into its backing file')
+    .summary("write an image's content into its backing file")
     .description(
       'Write the content of an image into its backing file, then empty the image (unless -d).\n' +
         'The backing file must be writable.',
@@ -285,7 +285,7 @@ export function registerImageCommands(program: Command): void {
 
   image
     .command('resize')
-    .summary('grow an image's virtual disk')
+    .summary("grow an image's virtual disk")
     .description('Grow the virtual disk of a qcow2 image to SIZE, or by +SIZE. Shrinking is refused.')
     .argument('<file>')
     .argument('<size>', 'new size (10G) or growth (+1G)')

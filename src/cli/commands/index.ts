@@ -1,5 +1,4 @@
 import type { Command } from 'commander';
-import { registerImageCommands } from './image.js';
 import { registerFsCommands } from './fs.js';
 import { registerImageCommands } from './image.js';
 
