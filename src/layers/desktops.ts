@@ -1,0 +1,380 @@
+import { chmod, mkdir, open, rename, rm } from 'node:fs/promises';
+import { join, relative } from 'node:path';
+import { openChain } from '../chain/chain.js';
+import { convertImage } from '../chain/convert.js';
+import { openGuestFilesystem } from '../fs/index.js';
+import { locksOn } from '../io/in-use.js';
+import { createImage } from '../qcow2/create.js';
+import { allocatePlaceholders, removeAppFiles } from './allocate.js';
+import { appKey, payloadPath, resolveApp, type AppManifest } from './app.js';
+import { LayerError } from './errors.js';
+import { runGuestScript, shellQuote } from './guest-script.js';
+import { locatePlaceholders } from './locate.js';
+import { checkName } from './names.js';
+import { checkPathConflicts, planAssign, planUnassign } from './plan.js';
+import { appsLayerName, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
+import type { DesktopHandle, DesktopRuntime } from './runtime.js';
+import type { BaseRecord, DesktopRecord, StoreState } from './state.js';
+import type { Store } from './store.js';
+
+export type Log = (message: string) => void;
+const quiet: Log = () => {};
+
+// ---------------------------------------------------------------- bases
+
+/**
+ * Import a base image: flattened (its whole backing chain read through) into a new qcow2 in the
+ * store, then made read-only. Nothing in the store ever opens it for writing again.
+ */
+export async function importBase(
+  store: Store,
+  name: string,
+  image: string,
+  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void } = {},
+): Promise<BaseRecord> {
+  checkName('base', name);
+  return store.withLock(async () => {
+    const state = await store.readState();
+    if (state.bases[name]) throw new LayerError('base.exists', `the store already has a base named ${name}; bases are immutable`);
+    const file = join('bases', `${name}.qcow2`);
+    const target = store.path(file);
+    const partial = `${target}.importing`;
+    try {
+      const result = await convertImage(image, partial, {
+        sourceFormat: options.format ?? (await sniffFormat(image)),
+        outputFormat: 'qcow2',
+        sync: true,
+        ...(options.progress ? { progress: options.progress } : {}),
+      });
+      await chmod(partial, 0o444);
+      await rename(partial, target);
+      const record: BaseRecord = { file, virtualSize: result.virtualSize, importedFrom: image, importedAt: new Date().toISOString() };
+      state.bases[name] = record;
+      await store.writeState(state);
+      return record;
+    } catch (error) {
+      await rm(partial, { force: true });
+      throw error;
+    }
+  });
+}
+
+/** qcow2 by its magic, raw otherwise: the user names the file, so this is not backing-format probing. */
+async function sniffFormat(path: string): Promise<'qcow2' | 'raw'> {
+  const handle = await open(path, 'r');
+  try {
+    const magic = Buffer.alloc(4);
+    await handle.read(magic, 0, 4, 0);
+    return magic.toString('latin1') === 'QFI\xfb' ? 'qcow2' : 'raw';
+  } finally {
+    await handle.close();
+  }
+}
+
+// ---------------------------------------------------------------- desktops
+
+function desktopRecord(state: StoreState, name: string): DesktopRecord {
+  const record = state.desktops[name];
+  if (!record) throw new LayerError('desktop.not-found', `no desktop named ${name} (create it with: qlayer desktop create ${name} --base BASE)`);
+  return record;
+}
+
+function basePathOf(store: Store, state: StoreState, record: DesktopRecord): string {
+  const base = state.bases[record.base];
+  if (!base) throw new LayerError('store.corrupt-state', `desktop's base ${record.base} is missing from the store`);
+  return store.path(base.file);
+}
+
+export function desktopHandle(store: Store, state: StoreState, name: string): DesktopHandle {
+  const record = desktopRecord(state, name);
+  const dir = store.path(record.dir);
+  return {
+    name,
+    userPath: join(dir, USER_LAYER),
+    chain: [
+      { path: join(dir, USER_LAYER), format: 'qcow2' },
+      { path: join(dir, appsLayerName(record.appsGeneration)), format: 'qcow2' },
+      { path: basePathOf(store, state, record), format: 'qcow2' },
+    ],
+  };
+}
+
+/** Create a desktop: an empty apps layer on the base and a user delta on that. */
+export async function createDesktop(store: Store, name: string, base: string): Promise<DesktopRecord> {
+  checkName('desktop', name);
+  return store.withLock(async () => {
+    const state = await store.readState();
+    if (state.desktops[name]) throw new LayerError('desktop.exists', `a desktop named ${name} exists already`);
+    const baseRecord = state.bases[base];
+    if (!baseRecord) throw new LayerError('base.not-found', `no base named ${base} (import one with: qlayer base import ${base} IMAGE)`);
+    const dirRelative = join('desktops', name);
+    const dir = store.path(dirRelative);
+    await mkdir(dir, { recursive: true });
+    try {
+      // Relative backing names: the store can move to another folder or host.
+      await createImage({ path: join(dir, appsLayerName(0)), backing: { path: relative(dir, store.path(baseRecord.file)), format: 'qcow2' } });
+      await createImage({ path: join(dir, USER_LAYER), backing: { path: appsLayerName(0), format: 'qcow2' } });
+    } catch (error) {
+      await rm(dir, { recursive: true, force: true });
+      throw error;
+    }
+    const record: DesktopRecord = {
+      base,
+      dir: dirRelative,
+      appsGeneration: 0,
+      apps: [],
+      files: [],
+      domain: null,
+      recompose: null,
+      createdAt: new Date().toISOString(),
+    };
+    state.desktops[name] = record;
+    await store.writeState(state);
+    return record;
+  });
+}
+
+/** Refuse offline work on a desktop whose images a guest or any other process has open. */
+async function assertNotInUse(runtime: DesktopRuntime | null, handle: DesktopHandle, what: string): Promise<void> {
+  if (runtime && (await runtime.isRunning(handle))) {
+    throw new LayerError('desktop.running', `${what}: desktop ${handle.name} is running; stop it first (qlayer desktop stop ${handle.name})`);
+  }
+  for (const layer of handle.chain.slice(0, 2)) {
+    const locks = await locksOn(layer.path).catch(() => []);
+    if (locks.length) throw new LayerError('desktop.in-use', `${what}: ${layer.path} is open in another process (QEMU holds locks on it)`);
+  }
+}
+
+export interface DesktopView {
+  name: string;
+  state: 'running' | 'stopped' | 'recompose-pending';
+  base: string;
+  apps: string[];
+  files: number;
+  paths: { base: string; apps: string; user: string };
+  appsGeneration: number;
+  pendingRecompose: { phase: string; apps: string[] } | null;
+  createdAt: string;
+}
+
+export async function showDesktop(store: Store, runtime: DesktopRuntime | null, name: string): Promise<DesktopView> {
+  const state = await store.readState();
+  const record = desktopRecord(state, name);
+  const handle = desktopHandle(store, state, name);
+  const running = runtime ? await runtime.isRunning(handle) : false;
+  return {
+    name,
+    state: record.recompose ? 'recompose-pending' : running ? 'running' : 'stopped',
+    base: record.base,
+    apps: record.apps,
+    files: record.files.length,
+    paths: { base: handle.chain[2]!.path, apps: handle.chain[1]!.path, user: handle.userPath },
+    appsGeneration: record.appsGeneration,
+    pendingRecompose: record.recompose ? { phase: record.recompose.phase, apps: record.recompose.apps } : null,
+    createdAt: record.createdAt,
+  };
+}
+
+export async function listDesktops(store: Store, runtime: DesktopRuntime | null): Promise<DesktopView[]> {
+  const state = await store.readState();
+  return Promise.all(Object.keys(state.desktops).sort().map((name) => showDesktop(store, runtime, name)));
+}
+
+export async function startDesktop(store: Store, runtime: DesktopRuntime, name: string): Promise<void> {
+  const state = await store.readState();
+  const record = desktopRecord(state, name);
+  if (record.recompose) {
+    throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
+  }
+  const handle = desktopHandle(store, state, name);
+  if (await runtime.isRunning(handle)) return;
+  await runtime.start(handle);
+}
+
+export async function stopDesktop(store: Store, runtime: DesktopRuntime, name: string): Promise<void> {
+  const state = await store.readState();
+  const handle = desktopHandle(store, state, name);
+  if (await runtime.isRunning(handle)) await runtime.stop(handle);
+}
+
+export async function destroyDesktop(store: Store, runtime: DesktopRuntime | null, name: string): Promise<void> {
+  await store.withLock(async () => {
+    const state = await store.readState();
+    const record = desktopRecord(state, name);
+    await assertNotInUse(runtime, desktopHandle(store, state, name), 'destroy');
+    await rm(store.path(record.dir), { recursive: true, force: true });
+    delete state.desktops[name];
+    await store.writeState(state);
+  });
+}
+
+/** Persist-and-run the desktop's recompose plan (the record is inside `state`). */
+async function recomposeRecorded(store: Store, state: StoreState, name: string, log: Log): Promise<RecomposeReport> {
+  const record = desktopRecord(state, name);
+  return runRecompose({
+    desktopDir: store.path(record.dir),
+    basePath: basePathOf(store, state, record),
+    allowedDirectories: [store.root],
+    record,
+    payloadPath: (app) => {
+      const [appName, version] = app.split('@') as [string, string];
+      return payloadPath(store, { name: appName, version });
+    },
+    persist: () => store.writeState(state),
+    log,
+  });
+}
+
+/** Locate placeholders offline, reading the guest filesystem from the stopped desktop's chain. */
+async function locateOffline(store: Store, handle: DesktopHandle, manifests: AppManifest[]) {
+  const chain = await openChain(handle.userPath, { allowedDirectories: [store.root] });
+  try {
+    return await locatePlaceholders(await openGuestFilesystem(chain), chain, manifests);
+  } finally {
+    await chain.close();
+  }
+}
+
+/** Check offline that none of these paths exists any more. */
+async function assertGoneOffline(store: Store, handle: DesktopHandle, paths: string[]): Promise<void> {
+  const chain = await openChain(handle.userPath, { allowedDirectories: [store.root] });
+  try {
+    const filesystem = await openGuestFilesystem(chain);
+    for (const path of paths) {
+      const found = await filesystem.lookup(path, { follow: false }).then(
+        () => true,
+        (error: { code?: string }) => {
+          if (error.code === 'fs.not-found') return false;
+          throw error;
+        },
+      );
+      if (found) throw new LayerError('unassign.still-present', `${path} is still in the guest filesystem; refusing to drop its app`);
+    }
+  } finally {
+    await chain.close();
+  }
+}
+
+export interface AssignResult {
+  apps: string[];
+  located: number;
+  report: RecomposeReport;
+}
+
+/**
+ * Assign apps: allocate their placeholders in the running desktop (started if needed), shut it
+ * down, locate the placeholders offline, and recompose. The whole operation holds the store lock.
+ */
+export async function assignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AssignResult> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    const record = desktopRecord(state, name);
+    if (record.recompose) {
+      throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
+    }
+    const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
+    checkPathConflicts(record, manifests); // before anything happens in the guest
+    const handle = desktopHandle(store, state, name);
+    if (!(await runtime.isRunning(handle))) {
+      log(`starting ${name}`);
+      await runtime.start(handle);
+    }
+    log(`allocating ${manifests.reduce((n, m) => n + m.files.length, 0)} placeholder files in the guest`);
+    await allocatePlaceholders(runtime.shell(handle), manifests);
+    log(`shutting ${name} down`);
+    await runtime.stop(handle);
+    await assertNotInUse(runtime, handle, 'assign');
+    log('locating placeholders offline');
+    const located = await locateOffline(store, handle, manifests);
+    record.recompose = planAssign(record, manifests, located);
+    await store.writeState(state);
+    const report = await recomposeRecorded(store, state, name, log);
+    return { apps: manifests.map(appKey), located: located.length, report };
+  });
+}
+
+/** Unassign apps: delete their files in the guest, shut down, check they are gone, recompose. */
+export async function unassignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<RecomposeReport> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    const record = desktopRecord(state, name);
+    if (record.recompose) {
+      throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
+    }
+    const plan = planUnassign(record, refs); // validates the names before the guest is touched
+    const removing = record.apps.filter((a) => !plan.apps.includes(a));
+    const manifests = await Promise.all(removing.map((ref) => resolveApp(store, ref)));
+    const handle = desktopHandle(store, state, name);
+    if (!(await runtime.isRunning(handle))) {
+      log(`starting ${name}`);
+      await runtime.start(handle);
+    }
+    log(`deleting ${removing.join(', ')} in the guest`);
+    await removeAppFiles(runtime.shell(handle), manifests);
+    log(`shutting ${name} down`);
+    await runtime.stop(handle);
+    await assertNotInUse(runtime, handle, 'unassign');
+    await assertGoneOffline(store, handle, manifests.flatMap((m) => m.files.map((f) => f.path)));
+    record.recompose = plan;
+    await store.writeState(state);
+    return recomposeRecorded(store, state, name, log);
+  });
+}
+
+/** Run (or finish) the desktop's pending recompose; offline only. */
+export async function recomposeDesktop(store: Store, runtime: DesktopRuntime | null, name: string, log: Log = quiet): Promise<RecomposeReport | null> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    const record = desktopRecord(state, name);
+    if (!record.recompose) return null;
+    await assertNotInUse(runtime, desktopHandle(store, state, name), 'recompose');
+    return recomposeRecorded(store, state, name, log);
+  });
+}
+
+export interface VerifiedFile {
+  app: string;
+  path: string;
+  expected: string;
+  actual: string | null;
+  ok: boolean;
+}
+
+/**
+ * Boot the desktop (if needed), hash every assigned app file in the guest, compare with the
+ * manifests, and stop it again if it was not running before.
+ */
+export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name: string, log: Log = quiet): Promise<VerifiedFile[]> {
+  const state = await store.readState();
+  const record = desktopRecord(state, name);
+  const handle = desktopHandle(store, state, name);
+  const manifests = await Promise.all(record.apps.map((ref) => resolveApp(store, ref)));
+  const wasRunning = await runtime.isRunning(handle);
+  if (!wasRunning) {
+    log(`booting ${name}`);
+    await runtime.start(handle);
+  }
+  try {
+    const files = manifests.flatMap((m) => m.files.map((f) => ({ app: appKey(m), path: f.path, expected: f.sha256 })));
+    const hashes = new Map<string, string>();
+    if (files.length) {
+      // One sha256sum per file so that a missing file shows as missing, not as a failed batch.
+      const script = files.map((f) => `sha256sum ${shellQuote(f.path)} 2>/dev/null || echo "missing  ${f.path.replace(/["$`\\]/g, '')}"`).join('\n');
+      const output = await runGuestScript(runtime.shell(handle), `${script}\n`, 'hashing app files');
+      for (const line of output.split('\n')) {
+        const match = /^([0-9a-f]{64}|missing)\s+(.*)$/.exec(line.trim());
+        if (match) hashes.set(match[2]!, match[1]!);
+      }
+    }
+    return files.map((f) => {
+      const actual = hashes.get(f.path);
+      const value = actual && actual !== 'missing' ? actual : null;
+      return { ...f, actual: value, ok: value === f.expected };
+    });
+  } finally {
+    if (!wasRunning) {
+      log(`stopping ${name}`);
+      await runtime.stop(handle);
+    }
+  }
+}
