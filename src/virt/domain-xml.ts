@@ -1,0 +1,217 @@
+import { isAbsolute } from 'node:path';
+import { VirtError } from './errors.js';
+
+/** libvirt's domain type: 'kvm' (hardware virtualization) or 'qemu' (TCG, pure emulation). */
+export type DomainType = 'kvm' | 'qemu';
+
+export type ImageFormat = 'qcow2' | 'raw';
+
+/** One image of a backing chain, with its format stated (never probed). */
+export interface DiskLayer {
+  path: string;
+  format: ImageFormat;
+}
+
+export interface DiskSpec extends DiskLayer {
+  /**
+   * The layers below `path`, top-down (its backing file first, the base last).
+   * Given: written as explicit nested <backingStore> elements, and QEMU opens exactly this chain
+   * (libvirt 9 passes each layer's `backing` to -blockdev, so the header's backing name is not
+   * followed). Omitted: libvirt reads the chain from the image headers itself, which requires
+   * every layer to record its backing format (libvirt refuses to probe one).
+   */
+  backingChain?: DiskLayer[];
+  /** Guest device name; vda, vdb, ... in order by default. */
+  target?: string;
+  readOnly?: boolean;
+  /** QEMU cache mode; libvirt's default (writeback) when omitted. */
+  cache?: 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+}
+
+/** Direct kernel boot (the test guest) or firmware boot from the disk (a real desktop image). */
+export type BootSpec =
+  | { kind: 'kernel'; kernel: string; initrd?: string; cmdline?: string }
+  | { kind: 'firmware'; firmware: 'bios' | 'efi' };
+
+export interface DomainSpec {
+  /** Domain name; qlayer's domains start with `qlayer-`. */
+  name: string;
+  uuid?: string;
+  type: DomainType;
+  memoryMiB: number;
+  vcpus: number;
+  boot: BootSpec;
+  disks: DiskSpec[];
+  /** Host file that receives the first serial port's output (the guest's console). */
+  serialLog?: string;
+  /** Add the virtio-serial channel org.qemu.guest_agent.0 (default true). */
+  guestAgent?: boolean;
+  /** Machine type; default 'pc' (i440fx: the fastest to start under TCG), 'q35' suits EFI desktops. */
+  machine?: string;
+  /** What a guest reboot does; default 'destroy' for kernel boot (a test guest never reboots on purpose), 'restart' for firmware boot. */
+  onReboot?: 'destroy' | 'restart';
+  /** A libvirt network to attach one virtio NIC to; none by default. */
+  network?: string;
+  /** Add a VNC display (firmware-booted desktops); none by default. */
+  vnc?: boolean;
+  /** Recorded in <metadata> so that a later run can tell a stale qlayer domain from a live one. */
+  owner?: { pid: number; host: string; started: string };
+  /** Keep libvirt from relabelling (chowning) the images: default true, see README. */
+  noSecurityLabel?: boolean;
+}
+
+/** The XML namespace of qlayer's <metadata> element. */
+export const QLAYER_METADATA_NS = 'https://qlayer.invalid/xmlns/domain/1';
+
+export const DOMAIN_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$/;
+
+/** Escape for XML text and attribute values (both quote styles). */
+export function xmlEscape(value: string): string {
+  return value.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&apos;' })[c] ?? c);
+}
+
+function invalid(field: string, message: string): never {
+  throw new VirtError('virt.invalid-spec', `domain spec ${field}: ${message}`);
+}
+
+function checkPath(field: string, path: string): void {
+  if (!isAbsolute(path)) invalid(field, `${JSON.stringify(path)} must be an absolute path (libvirt resolves nothing relative)`);
+  // libvirt stores paths in XML; a NUL or newline cannot be represented faithfully.
+  if (/[\0\n\r]/.test(path)) invalid(field, 'contains a NUL or line break');
+}
+
+function checkSpec(spec: DomainSpec): void {
+  if (!DOMAIN_NAME_PATTERN.test(spec.name)) invalid('name', `${JSON.stringify(spec.name)} must match ${DOMAIN_NAME_PATTERN}`);
+  if (spec.uuid !== undefined && !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(spec.uuid)) invalid('uuid', `${spec.uuid} is not a UUID`);
+  if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < 16 || spec.memoryMiB > 4 * 1024 * 1024) invalid('memoryMiB', `${spec.memoryMiB} is not an integer in 16..4194304`);
+  if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > 256) invalid('vcpus', `${spec.vcpus} is not an integer in 1..256`);
+  if (spec.type !== 'kvm' && spec.type !== 'qemu') invalid('type', `${String(spec.type)} is neither kvm nor qemu`);
+  if (spec.disks.length === 0 && spec.boot.kind === 'firmware') invalid('disks', 'a firmware boot needs a disk to boot from');
+  if (spec.boot.kind === 'kernel') {
+    checkPath('boot.kernel', spec.boot.kernel);
+    if (spec.boot.initrd !== undefined) checkPath('boot.initrd', spec.boot.initrd);
+  }
+  const targets = new Set<string>();
+  spec.disks.forEach((disk, i) => {
+    checkPath(`disks[${i}].path`, disk.path);
+    if (disk.format !== 'qcow2' && disk.format !== 'raw') invalid(`disks[${i}].format`, `${String(disk.format)} is neither qcow2 nor raw`);
+    disk.backingChain?.forEach((layer, j) => {
+      checkPath(`disks[${i}].backingChain[${j}].path`, layer.path);
+      if (layer.format !== 'qcow2' && layer.format !== 'raw') invalid(`disks[${i}].backingChain[${j}].format`, `${String(layer.format)} is neither qcow2 nor raw`);
+      if (layer.format === 'raw' && j < (disk.backingChain?.length ?? 0) - 1) invalid(`disks[${i}].backingChain[${j}]`, 'a raw image cannot have a backing file');
+    });
+    if (disk.format === 'raw' && (disk.backingChain?.length ?? 0) > 0) invalid(`disks[${i}]`, 'a raw image cannot have a backing file');
+    const target = disk.target ?? `vd${String.fromCharCode(97 + i)}`;
+    if (!/^vd[a-z]{1,2}$/.test(target)) invalid(`disks[${i}].target`, `${target} is not a virtio disk name (vda, vdb, ...)`);
+    if (targets.has(target)) invalid(`disks[${i}].target`, `${target} is used twice`);
+    targets.add(target);
+  });
+  if (spec.serialLog !== undefined) checkPath('serialLog', spec.serialLog);
+}
+
+function backingStoreXml(chain: DiskLayer[], indent: string): string {
+  const [layer, ...rest] = chain;
+  if (layer === undefined) return `${indent}<backingStore/>`; // the end of the chain: nothing below
+  return [
+    `${indent}<backingStore type='file'>`,
+    `${indent}  <format type='${layer.format}'/>`,
+    `${indent}  <source file='${xmlEscape(layer.path)}'/>`,
+    backingStoreXml(rest, `${indent}  `),
+    `${indent}</backingStore>`,
+  ].join('\n');
+}
+
+function diskXml(disk: DiskSpec, index: number): string {
+  const target = disk.target ?? `vd${String.fromCharCode(97 + index)}`;
+  const driver = [`name='qemu'`, `type='${disk.format}'`];
+  if (disk.cache !== undefined) driver.push(`cache='${disk.cache}'`);
+  const lines = [
+    `    <disk type='file' device='disk'>`,
+    `      <driver ${driver.join(' ')}/>`,
+    `      <source file='${xmlEscape(disk.path)}'/>`,
+  ];
+  if (disk.backingChain !== undefined) lines.push(backingStoreXml(disk.backingChain, '      '));
+  lines.push(`      <target dev='${target}' bus='virtio'/>`);
+  if (disk.readOnly) lines.push('      <readonly/>');
+  lines.push('    </disk>');
+  return lines.join('\n');
+}
+
+/**
+ * The libvirt domain XML for a spec. The output passes `virt-xml-validate` (tested). Choices:
+ * - <acpi/>: without it the guest cannot power itself off (poweroff -f only halts).
+ * - on_poweroff/on_crash destroy: a transient domain then disappears when the guest stops, which
+ *   is how callers see "shut off"; a panicking test guest (panic=-1) stops instead of looping.
+ * - no USB controller, balloon or video: nothing the guest needs, each costs start-up time under TCG.
+ * - <seclabel type='none'/>: libvirt neither chowns the images (a shared base must keep its owner
+ *   and mode) nor confines QEMU; the images must then be accessible to qemu.conf's user.
+ */
+export function buildDomainXml(spec: DomainSpec): string {
+  checkSpec(spec);
+  const lines: string[] = [`<domain type='${spec.type}'>`, `  <name>${xmlEscape(spec.name)}</name>`];
+  if (spec.uuid !== undefined) lines.push(`  <uuid>${spec.uuid}</uuid>`);
+  if (spec.owner !== undefined) {
+    lines.push(
+      '  <metadata>',
+      `    <qlayer:owner xmlns:qlayer='${QLAYER_METADATA_NS}' pid='${spec.owner.pid}' host='${xmlEscape(spec.owner.host)}' started='${xmlEscape(spec.owner.started)}'/>`,
+      '  </metadata>',
+    );
+  }
+  lines.push(`  <memory unit='MiB'>${spec.memoryMiB}</memory>`, `  <vcpu>${spec.vcpus}</vcpu>`);
+
+  const machine = spec.machine ?? 'pc';
+  if (spec.boot.kind === 'kernel') {
+    lines.push('  <os>', `    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`);
+    lines.push(`    <kernel>${xmlEscape(spec.boot.kernel)}</kernel>`);
+    if (spec.boot.initrd !== undefined) lines.push(`    <initrd>${xmlEscape(spec.boot.initrd)}</initrd>`);
+    if (spec.boot.cmdline !== undefined) lines.push(`    <cmdline>${xmlEscape(spec.boot.cmdline)}</cmdline>`);
+    lines.push('  </os>');
+  } else {
+    // libvirt 9 picks the firmware image from the installed descriptors (OVMF for efi).
+    lines.push(spec.boot.firmware === 'efi' ? `  <os firmware='efi'>` : '  <os>');
+    lines.push(`    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`, `    <boot dev='hd'/>`, '  </os>');
+  }
+  lines.push('  <features>', '    <acpi/>', '    <apic/>', '  </features>');
+  // Under KVM give the guest the host's CPU; under TCG QEMU's default model is the fast one.
+  if (spec.type === 'kvm') lines.push(`  <cpu mode='host-passthrough'/>`);
+  lines.push(`  <clock offset='utc'/>`);
+  const onReboot = spec.onReboot ?? (spec.boot.kind === 'kernel' ? 'destroy' : 'restart');
+  lines.push('  <on_poweroff>destroy</on_poweroff>', `  <on_reboot>${onReboot}</on_reboot>`, '  <on_crash>destroy</on_crash>');
+
+  lines.push('  <devices>');
+  spec.disks.forEach((disk, i) => lines.push(diskXml(disk, i)));
+  lines.push(`    <controller type='usb' model='none'/>`);
+  if (spec.serialLog !== undefined) {
+    lines.push(
+      `    <serial type='file'>`,
+      `      <source path='${xmlEscape(spec.serialLog)}' append='off'/>`,
+      `      <target port='0'/>`,
+      '    </serial>',
+    );
+  }
+  if (spec.guestAgent ?? true) {
+    // libvirt adds the virtio-serial controller and owns the socket; we reach the agent through it.
+    lines.push(`    <channel type='unix'>`, `      <target type='virtio' name='org.qemu.guest_agent.0'/>`, '    </channel>');
+  }
+  if (spec.network !== undefined) {
+    lines.push(`    <interface type='network'>`, `      <source network='${xmlEscape(spec.network)}'/>`, `      <model type='virtio'/>`, '    </interface>');
+  }
+  if (spec.vnc) lines.push(`    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>`, '    <video>', `      <model type='virtio'/>`, '    </video>');
+  lines.push(`    <memballoon model='none'/>`, '  </devices>');
+  if (spec.noSecurityLabel ?? true) lines.push(`  <seclabel type='none'/>`);
+  lines.push('</domain>');
+  return `${lines.join('\n')}\n`;
+}
+
+/** Read the owner recorded by buildDomainXml back out of a domain's XML (undefined when absent). */
+export function parseOwner(xml: string): { pid: number; host: string; started: string } | undefined {
+  const element = /<(?:\w+:)?owner\b[^>]*xmlns(?::\w+)?=['"]https:\/\/qlayer\.invalid\/xmlns\/domain\/1['"][^>]*>/.exec(xml)?.[0];
+  if (element === undefined) return undefined;
+  const attr = (name: string): string | undefined => new RegExp(`\\b${name}=['"]([^'"]*)['"]`).exec(element)?.[1];
+  const pid = Number(attr('pid'));
+  const host = attr('host');
+  const started = attr('started');
+  if (!Number.isInteger(pid) || host === undefined || started === undefined) return undefined;
+  const unescape = (s: string): string => s.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
+  return { pid, host: unescape(host), started: unescape(started) };
+}

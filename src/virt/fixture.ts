@@ -1,0 +1,108 @@
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { execa } from 'execa';
+import { VirtError } from './errors.js';
+
+/** The test guest built by vm-fixtures/build.sh, with every path made absolute. */
+export interface Fixture {
+  dir: string;
+  key: string;
+  kernel: string;
+  /** The bzImage; `kernel` is the PVH vmlinux when the build could extract one. */
+  bzImage: string;
+  initrd: string;
+  /** Kernel command line without root= and requests. */
+  cmdline: string;
+  kernelRelease: string;
+  images: {
+    base: FixtureImage;
+    'base-gpt': FixtureImage;
+  };
+  bootMarker: string;
+  readyMarker: string;
+  manifest: unknown;
+}
+
+export interface FixtureImage {
+  path: string;
+  sha256: string;
+  virtualSize: number;
+  rootDevice: string;
+  /** Full command line for this image (console, root=). */
+  cmdline: string;
+  filesystemOffset: number;
+}
+
+/** The repository root (this file is src/virt/fixture.ts or dist/src/virt/fixture.js). */
+export function repoRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 5; i++) {
+    if (existsSync(join(dir, 'package.json')) && existsSync(join(dir, 'vm-fixtures'))) return dir;
+    dir = dirname(dir);
+  }
+  return process.cwd();
+}
+
+/** The fixture cache folder: $QLAYER_FIXTURES_CACHE or <repo>/.cache/vm-fixtures. */
+export function fixtureCacheDir(): string {
+  return process.env['QLAYER_FIXTURES_CACHE'] ?? join(repoRoot(), '.cache', 'vm-fixtures');
+}
+
+/** Load the current fixture's manifest; 'virt.fixture-missing' says how to build it. */
+export function loadFixture(cacheDir: string = fixtureCacheDir()): Fixture {
+  const current = join(cacheDir, 'current');
+  const manifestPath = join(current, 'manifest.json');
+  if (!existsSync(manifestPath)) {
+    throw new VirtError('virt.fixture-missing', `the test guest is not built (no ${manifestPath}); run vm-fixtures/build.sh`);
+  }
+  const dir = realpathSync(current);
+  const m = JSON.parse(readFileSync(manifestPath, 'utf8')) as {
+    key: string;
+    kernel: { path: string; release: string };
+    bzImage: { path: string };
+    initrd: { path: string };
+    cmdline: string;
+    images: Record<'base' | 'base-gpt', { path: string; sha256: string; virtualSize: number; rootDevice: string; cmdline: string; filesystem: { offset: number } }>;
+    serial: { bootMarker: string; readyMarker: string };
+  };
+  const image = (name: 'base' | 'base-gpt'): FixtureImage => {
+    const entry = m.images[name];
+    return {
+      path: resolve(dir, entry.path),
+      sha256: entry.sha256,
+      virtualSize: entry.virtualSize,
+      rootDevice: entry.rootDevice,
+      cmdline: entry.cmdline,
+      filesystemOffset: entry.filesystem.offset,
+    };
+  };
+  return {
+    dir,
+    key: m.key,
+    kernel: resolve(dir, m.kernel.path),
+    bzImage: resolve(dir, m.bzImage.path),
+    initrd: resolve(dir, m.initrd.path),
+    cmdline: m.cmdline,
+    kernelRelease: m.kernel.release,
+    images: { base: image('base'), 'base-gpt': image('base-gpt') },
+    bootMarker: m.serial.bootMarker,
+    readyMarker: m.serial.readyMarker,
+    manifest: m,
+  };
+}
+
+/** Build the fixture if its inputs changed (seconds when cached), then load it. */
+export async function ensureFixture(options: { cacheDir?: string; force?: boolean } = {}): Promise<Fixture> {
+  const cacheDir = options.cacheDir ?? fixtureCacheDir();
+  const script = join(repoRoot(), 'vm-fixtures', 'build.sh');
+  const result = await execa('bash', [script, ...(options.force ? ['--force'] : [])], {
+    reject: false,
+    env: { QLAYER_FIXTURES_CACHE: cacheDir },
+    timeout: 600_000,
+  });
+  if (result.exitCode !== 0) {
+    throw new VirtError('virt.fixture-missing', `vm-fixtures/build.sh failed (exit ${result.exitCode}): ${result.stderr.trim().split('\n').slice(-5).join('\n')}`);
+  }
+  return loadFixture(cacheDir);
+}

@@ -1,0 +1,85 @@
+/**
+ * Offline oracles for the e2e tests: what e2fsprogs and qemu-img say about an image after a
+ * guest ran on it. Everything reads a raw export (`qemu-img convert -O raw`), never the qcow2
+ * file directly, so the tools see exactly the virtual disk QEMU presented to the guest.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { qemuImg } from '../helpers/qemu.js';
+import { LibvirtConnection } from '../../src/virt/libvirt.js';
+
+export async function fileSha256(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+/** Export the chain whose top is `image` as a raw file at `out` (for e2fsprogs). */
+export async function rawExport(image: string, out: string): Promise<string> {
+  await qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', image, out]);
+  return out;
+}
+
+/** dumpe2fs -h of a raw filesystem image: features, state, and whether the journal needs recovery. */
+export async function superblock(raw: string): Promise<{ clean: boolean; needsRecovery: boolean; text: string }> {
+  const result = await execa('dumpe2fs', ['-h', raw], { reject: false });
+  const text = result.stdout;
+  const features = /^Filesystem features:\s*(.*)$/m.exec(text)?.[1] ?? '';
+  const state = /^Filesystem state:\s*(.*)$/m.exec(text)?.[1] ?? '';
+  return { clean: state.trim() === 'clean', needsRecovery: /\bneeds_recovery\b/.test(features), text };
+}
+
+/** e2fsck -fn: exit 0 means no problem found (read-only, changes nothing). */
+export async function fsckClean(raw: string): Promise<{ ok: boolean; output: string }> {
+  const result = await execa('e2fsck', ['-fn', raw], { reject: false });
+  return { ok: result.exitCode === 0, output: `${result.stdout}\n${result.stderr}` };
+}
+
+/** The content of a file in a raw ext4 image, read by debugfs (independent of the guest). */
+export async function debugfsCat(raw: string, path: string): Promise<Buffer> {
+  const result = await execa('debugfs', ['-R', `cat ${path}`, raw], { encoding: 'buffer', reject: false });
+  if (result.exitCode !== 0) throw new Error(`debugfs cat ${path}: ${Buffer.from(result.stderr).toString()}`);
+  return Buffer.from(result.stdout);
+}
+
+/** The 4 KiB block numbers of a file's data, from debugfs `blocks`. */
+export async function debugfsBlocks(raw: string, path: string): Promise<number[]> {
+  const result = await execa('debugfs', ['-R', `blocks ${path}`, raw], { reject: false });
+  if (result.exitCode !== 0 || /not found/i.test(result.stderr)) throw new Error(`debugfs blocks ${path}: ${result.stderr}`);
+  return result.stdout.trim().split(/\s+/).filter(Boolean).map(Number);
+}
+
+export interface MapRange {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+}
+
+/** qemu-img map --output=json: which layer of the chain (depth 0 = top) provides each range. */
+export async function qemuMap(image: string): Promise<MapRange[]> {
+  const result = await qemuImg(['map', '--output=json', '-f', 'qcow2', image]);
+  return JSON.parse(result.stdout) as MapRange[];
+}
+
+/** The depth that provides the byte at `offset`, per the map. */
+export function depthAt(map: MapRange[], offset: number): MapRange | undefined {
+  return map.find((r) => offset >= r.start && offset < r.start + r.length);
+}
+
+/** Names of qlayer domains libvirt knows right now. */
+export async function qlayerDomains(uri = 'qemu:///system'): Promise<string[]> {
+  const connection = await LibvirtConnection.open(uri);
+  try {
+    return (await connection.listQlayerDomains()).map((d) => d.name);
+  } finally {
+    await connection.close();
+  }
+}
+
+export function scratch(dir: string, name: string): string {
+  return join(dir, name);
+}
