@@ -250,6 +250,8 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
   };
 
   const walkL2 = (l2: Uint8Array, walk: TableWalk, label: string) => {
+    // qemu-img counts fragmentation within each L2 table (the next table starts afresh).
+    walk.state.nextContiguous = 0;
     const view = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
     for (let j = 0; j < l2Entries; j += 1) {
       const at = j * l2EntryBytes;
