@@ -29,29 +29,28 @@ function inflateCluster(compressed: Uint8Array, clusterSize: number): Uint8Array
   return out;
 }
 
+/** Thrown from the zstd output callback to stop decoding once the cluster is full. */
+class ClusterFull extends Error {}
+
 function unzstdCluster(compressed: Uint8Array, clusterSize: number): Uint8Array {
   const out = new Uint8Array(clusterSize);
   let filled = 0;
-  let overflow = false;
   const stream = new Decompress((chunk) => {
-    if (filled + chunk.length > clusterSize) {
-      overflow = true;
-      return;
-    }
-    out.set(chunk, filled);
-    filled += chunk.length;
+    const take = Math.min(chunk.length, clusterSize - filled);
+    out.set(chunk.subarray(0, take), filled);
+    filled += take;
+    // Like QEMU, stop as soon as one cluster of output exists: what follows is sector padding.
+    if (filled === clusterSize) throw new ClusterFull();
   });
   try {
     stream.push(compressed, true);
   } catch (cause) {
-    // The padding after the frame can look like a broken second frame; what counts is that
-    // the first frame gave exactly one cluster.
-    if (filled !== clusterSize) {
+    if (!(cause instanceof ClusterFull) && filled !== clusterSize) {
       throw new Qcow2Error('qcow2.decompress-failed', `zstd-compressed cluster does not decompress: ${(cause as Error).message}`, { cause });
     }
   }
-  if (overflow || filled !== clusterSize) {
-    throw new Qcow2Error('qcow2.decompress-failed', `zstd-compressed cluster decompressed to ${overflow ? 'more than' : filled} bytes, expected ${clusterSize}`);
+  if (filled !== clusterSize) {
+    throw new Qcow2Error('qcow2.decompress-failed', `zstd-compressed cluster decompressed to ${filled} bytes, expected ${clusterSize}`);
   }
   return out;
 }

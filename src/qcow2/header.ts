@@ -217,6 +217,9 @@ export function parseHeader(firstCluster: Uint8Array, fileLength: number): Qcow2
   const requiredL1 = Math.ceil(size / bytesPerL1Entry);
   const l1Size = view.getUint32(36);
   const l1TableOffset = readU64(view, 40, 'l1_table_offset');
+  if (requiredL1 * 8 > MAX_L1_BYTES) {
+    throw new Qcow2Error('qcow2.too-large', `virtual size ${size} needs an L1 table larger than ${MAX_L1_BYTES} bytes with ${clusterSize}-byte clusters`);
+  }
   if (l1Size < requiredL1) fail('l1_size', `${l1Size} entries cannot map the virtual size ${size} (needs ${requiredL1})`);
   if (l1Size * 8 > MAX_L1_BYTES) fail('l1_size', `${l1Size} entries is larger than the ${MAX_L1_BYTES}-byte limit`);
   if (l1Size > 0) {
