@@ -11,7 +11,7 @@ export interface QlayerConfig {
   store: string;
   libvirt: { uri: string };
   guest: { accel: Accel; memoryMiB: number; vcpus: number };
-  boot: { kernel: string | null; initrd: string | null; cmdline: string | null; firmware: 'bios' | 'uefi' };
+  boot: { mode: 'test-guest' | 'kernel' | 'firmware'; kernel: string | null; initrd: string | null; cmdline: string | null; firmware: 'bios' | 'uefi' };
   timeouts: { boot: number; agent: number; shutdown: number };
   /** The file the config came from, or null for built-in defaults. */
   source: string | null;
@@ -52,7 +52,7 @@ const shape: Shape = {
   store: text,
   libvirt: { uri: text },
   guest: { accel: oneOf('auto', 'kvm', 'tcg'), memoryMiB: positiveInteger(1 << 20), vcpus: positiveInteger(256) },
-  boot: { kernel: optionalText, initrd: optionalText, cmdline: optionalText, firmware: oneOf('bios', 'uefi') },
+  boot: { mode: oneOf('test-guest', 'kernel', 'firmware'), kernel: optionalText, initrd: optionalText, cmdline: optionalText, firmware: oneOf('bios', 'uefi') },
   timeouts: { boot: positiveInteger(86_400), agent: positiveInteger(86_400), shutdown: positiveInteger(86_400) },
 };
 
@@ -60,7 +60,7 @@ export const defaultConfigValues = {
   store: './qlayer-store',
   libvirt: { uri: 'qemu:///system' },
   guest: { accel: 'auto', memoryMiB: 512, vcpus: 1 },
-  boot: { kernel: null, initrd: null, cmdline: null, firmware: 'bios' },
+  boot: { mode: 'test-guest', kernel: null, initrd: null, cmdline: null, firmware: 'bios' },
   timeouts: { boot: 120, agent: 60, shutdown: 60 },
 } as const;
 
@@ -111,6 +111,9 @@ export function parseConfig(yamlText: string, source: string | null, baseDir: st
   }
   const merged = validate(document, defaultConfigValues as unknown as Record<string, unknown>, shape, '') as unknown as QlayerConfig;
   const absolute = (path: string | null): string | null => (path === null ? null : isAbsolute(path) ? path : resolve(baseDir, path));
+  if (merged.boot.mode === 'kernel' && merged.boot.kernel === null) {
+    throw new ConfigError(`${source ?? 'config'}: config key 'boot.kernel' is required when boot.mode is kernel`);
+  }
   return {
     ...merged,
     store: absolute(merged.store)!,

@@ -344,7 +344,13 @@ export interface VerifiedFile {
  * Boot the desktop (if needed), hash every assigned app file in the guest, compare with the
  * manifests, and stop it again if it was not running before.
  */
-export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name: string, log: Log = quiet): Promise<VerifiedFile[]> {
+export interface VerifyResult {
+  files: VerifiedFile[];
+  /** sha256 of each extra path asked for (null when missing): e.g. a user file to prove intact. */
+  extra: Record<string, string | null>;
+}
+
+export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[] = [], log: Log = quiet): Promise<VerifyResult> {
   const state = await store.readState();
   const record = desktopRecord(state, name);
   const handle = desktopHandle(store, state, name);
@@ -356,21 +362,25 @@ export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name:
   }
   try {
     const files = manifests.flatMap((m) => m.files.map((f) => ({ app: appKey(m), path: f.path, expected: f.sha256 })));
+    const paths = [...files.map((f) => f.path), ...extraPaths];
     const hashes = new Map<string, string>();
-    if (files.length) {
+    if (paths.length) {
       // One sha256sum per file so that a missing file shows as missing, not as a failed batch.
-      const script = files.map((f) => `sha256sum ${shellQuote(f.path)} 2>/dev/null || echo "missing  ${f.path.replace(/["$`\\]/g, '')}"`).join('\n');
+      const script = paths.map((p) => `sha256sum ${shellQuote(p)} 2>/dev/null || echo "missing  ${p.replace(/["$`\\]/g, '')}"`).join('\n');
       const output = await runGuestScript(runtime.shell(handle), `${script}\n`, 'hashing app files');
       for (const line of output.split('\n')) {
         const match = /^([0-9a-f]{64}|missing)\s+(.*)$/.exec(line.trim());
         if (match) hashes.set(match[2]!, match[1]!);
       }
     }
-    return files.map((f) => {
-      const actual = hashes.get(f.path);
-      const value = actual && actual !== 'missing' ? actual : null;
-      return { ...f, actual: value, ok: value === f.expected };
-    });
+    const hashOf = (path: string): string | null => {
+      const actual = hashes.get(path);
+      return actual && actual !== 'missing' ? actual : null;
+    };
+    return {
+      files: files.map((f) => ({ ...f, actual: hashOf(f.path), ok: hashOf(f.path) === f.expected })),
+      extra: Object.fromEntries(extraPaths.map((p) => [p, hashOf(p)])),
+    };
   } finally {
     if (!wasRunning) {
       log(`stopping ${name}`);

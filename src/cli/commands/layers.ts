@@ -1,0 +1,211 @@
+/**
+ * `qlayer base|app|desktop ...`: the store, its apps and its desktops.
+ */
+import { Command } from 'commander';
+import { QlayerError } from '../../errors.js';
+import { buildApp, listApps, resolveApp } from '../../layers/app.js';
+import {
+  assignApps,
+  createDesktop,
+  destroyDesktop,
+  importBase,
+  listDesktops,
+  recomposeDesktop,
+  showDesktop,
+  startDesktop,
+  stopDesktop,
+  unassignApps,
+  verifyDesktop,
+  type DesktopView,
+} from '../../layers/desktops.js';
+import type { RecomposeReport } from '../../layers/recompose.js';
+import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
+import { printResult, progressReporter } from '../output.js';
+
+const mib = (bytes: number): string => `${(bytes / 1048576).toFixed(1)} MiB`;
+
+function parseOwner(text: string | undefined): { uid: number; gid: number } {
+  if (text === undefined) return { uid: 0, gid: 0 };
+  const match = /^(\d+):(\d+)$/.exec(text);
+  if (!match) throw new QlayerError('app.bad-owner', `--owner must be UID:GID in numbers, not ${JSON.stringify(text)}`);
+  return { uid: Number(match[1]), gid: Number(match[2]) };
+}
+
+function describeDesktop(view: DesktopView): string {
+  return [
+    `desktop ${view.name}: ${view.state}`,
+    `  base: ${view.base}`,
+    `  apps: ${view.apps.length ? view.apps.join(', ') : '(none)'}`,
+    `  chain: ${view.paths.user}`,
+    `      <- ${view.paths.apps}`,
+    `      <- ${view.paths.base}`,
+    ...(view.pendingRecompose ? [`  unfinished recompose at phase ${view.pendingRecompose.phase}: run qlayer desktop recompose ${view.name}`] : []),
+  ].join('\n');
+}
+
+function describeRecompose(report: RecomposeReport | null): string {
+  if (!report) return 'nothing to recompose';
+  return [
+    `recomposed onto ${report.appsLayer}${report.resumed ? ' (finished an interrupted run)' : ''}`,
+    `  app bytes written to the apps layer: ${mib(report.appBytesWritten)}`,
+    `  user clusters now read from the apps layer: ${report.clustersDropped}`,
+    `  app bytes patched into partly covered user clusters: ${report.bytesPatchedInUserDelta}`,
+    ...(report.leakedClustersReclaimed ? [`  leaked clusters reclaimed: ${report.leakedClustersReclaimed}`] : []),
+  ].join('\n');
+}
+
+export function registerLayerCommands(program: Command): void {
+  // ---------------------------------------------------------------- base
+  const base = program.command('base').description('OS base images in the store (shared, read-only)');
+  storeOptions(
+    base
+      .command('import')
+      .description('import IMAGE (qcow2 with its backing chain, or raw) as base NAME: flattened into one qcow2 in the store, read-only from then on')
+      .argument('<name>', 'base name')
+      .argument('<image>', 'qcow2 or raw image')
+      .option('-f, --format <fmt>', 'format of IMAGE (qcow2 or raw; default: qcow2 if it has the qcow2 magic, else raw)'),
+  ).action(async (name: string, image: string, options: StoreCommandOptions & { format?: 'qcow2' | 'raw' }) => {
+    const { store } = await openContext(options);
+    const record = await importBase(store, name, image, {
+      ...(options.format ? { format: options.format } : {}),
+      progress: progressReporter(options, `importing ${name}`),
+    });
+    printResult(options, { name, ...record, path: store.path(record.file) }, () => `imported base ${name}: ${store.path(record.file)} (${mib(record.virtualSize)} virtual)`);
+  });
+  storeOptions(base.command('list').description('list the bases in the store')).action(async (options: StoreCommandOptions) => {
+    const { store } = await openContext(options);
+    const state = await store.readState();
+    const bases = Object.entries(state.bases).map(([name, record]) => ({ name, ...record, path: store.path(record.file) }));
+    printResult(options, bases, () => (bases.length ? bases.map((b) => `${b.name}\t${mib(b.virtualSize)}\t${b.path}`).join('\n') : 'no bases'));
+  });
+
+  // ---------------------------------------------------------------- app
+  const app = program.command('app').description('applications: immutable versions of a folder of files');
+  storeOptions(
+    app
+      .command('build')
+      .description('build app NAME from the files in DIR: a manifest (path, size, mode, owner, sha256) and a 4 KiB-aligned payload')
+      .argument('<name>', 'app name')
+      .argument('<dir>', 'folder whose contents the app installs')
+      .option('--version <v>', 'version label (default: a hash of the content)')
+      .option('--prefix <path>', 'guest folder the files go under (default /opt/NAME)')
+      .option('--owner <uid:gid>', 'numeric owner of the files in the guest (default 0:0)'),
+  ).action(async (name: string, dir: string, options: StoreCommandOptions & { version?: string; prefix?: string; owner?: string }) => {
+    const { store } = await openContext(options);
+    const owner = parseOwner(options.owner);
+    const manifest = await store.withLock(() =>
+      buildApp(store, {
+        name,
+        sourceDir: dir,
+        ...(options.version ? { version: options.version } : {}),
+        ...(options.prefix ? { prefix: options.prefix } : {}),
+        ...owner,
+      }),
+    );
+    printResult(options, manifest, () => `built ${manifest.name}@${manifest.version}: ${manifest.files.length} files, ${mib(manifest.payloadSize)} payload, under ${manifest.prefix}`);
+  });
+  storeOptions(app.command('list').description('list apps and their versions')).action(async (options: StoreCommandOptions) => {
+    const { store } = await openContext(options);
+    const apps = await listApps(store);
+    const rows = Object.entries(apps).flatMap(([name, versions]) =>
+      versions.map((m) => ({ name, version: m.version, files: m.files.length, bytes: m.files.reduce((n, f) => n + f.size, 0), prefix: m.prefix, createdAt: m.createdAt })),
+    );
+    printResult(options, rows, () => (rows.length ? rows.map((r) => `${r.name}@${r.version}\t${r.files} files\t${mib(r.bytes)}\t${r.prefix}`).join('\n') : 'no apps'));
+  });
+  storeOptions(app.command('show').description('show an app version (the newest unless @VERSION is given)').argument('<app>', 'NAME or NAME@VERSION')).action(
+    async (ref: string, options: StoreCommandOptions) => {
+      const { store } = await openContext(options);
+      const manifest = await resolveApp(store, ref);
+      printResult(options, manifest, () =>
+        [`${manifest.name}@${manifest.version} under ${manifest.prefix}`, ...manifest.files.map((f) => `  ${f.mode.toString(8).padStart(4, '0')} ${f.uid}:${f.gid} ${String(f.size).padStart(10)} ${f.sha256.slice(0, 16)} ${f.path}`)].join('\n'),
+      );
+    },
+  );
+
+  // ---------------------------------------------------------------- desktop
+  const desktop = program.command('desktop').description('desktops: base <- apps <- user chains that boot under libvirt');
+  storeOptions(desktop.command('create').description('create desktop NAME on a base').argument('<name>').requiredOption('--base <base>', 'base to build on')).action(
+    async (name: string, options: StoreCommandOptions & { base: string }) => {
+      const { store, runtime } = await openContext(options);
+      await createDesktop(store, name, options.base);
+      const view = await showDesktop(store, runtime, name);
+      printResult(options, view, () => describeDesktop(view));
+    },
+  );
+  storeOptions(desktop.command('start').description('boot the desktop and wait for its guest agent').argument('<name>')).action(async (name: string, options: StoreCommandOptions) => {
+    const { store, runtime } = await openContext(options);
+    await startDesktop(store, runtime, name);
+    const view = await showDesktop(store, runtime, name);
+    printResult(options, view, () => `${name} is running (domain qlayer-desktop-${name})`);
+  });
+  storeOptions(desktop.command('stop').description('shut the desktop down cleanly (agent shutdown; destroy after the timeout)').argument('<name>')).action(
+    async (name: string, options: StoreCommandOptions) => {
+      const { store, runtime } = await openContext(options);
+      await stopDesktop(store, runtime, name);
+      const view = await showDesktop(store, runtime, name);
+      printResult(options, view, () => `${name} is stopped`);
+    },
+  );
+  for (const [verb, help] of [
+    ['status', 'show whether the desktop runs, and its apps'],
+    ['show', 'show the desktop: state, apps, and the absolute paths of its base, apps and user files'],
+  ] as const) {
+    storeOptions(desktop.command(verb).description(help).argument('<name>')).action(async (name: string, options: StoreCommandOptions) => {
+      const { store, runtime } = await openContext(options);
+      const view = await showDesktop(store, runtime, name);
+      printResult(options, view, () => describeDesktop(view));
+    });
+  }
+  storeOptions(desktop.command('list').description('list desktops')).action(async (options: StoreCommandOptions) => {
+    const { store, runtime } = await openContext(options);
+    const views = await listDesktops(store, runtime);
+    printResult(options, views, () => (views.length ? views.map((v) => `${v.name}\t${v.state}\t${v.base}\t${v.apps.join(',') || '-'}`).join('\n') : 'no desktops'));
+  });
+  storeOptions(desktop.command('destroy').description('delete the desktop and its apps and user layers (refused while it runs)').argument('<name>')).action(
+    async (name: string, options: StoreCommandOptions) => {
+      const { store, runtime } = await openContext(options);
+      await destroyDesktop(store, runtime, name);
+      printResult(options, { name, destroyed: true }, () => `destroyed ${name}`);
+    },
+  );
+  storeOptions(
+    desktop
+      .command('assign')
+      .description('assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose')
+      .argument('<name>')
+      .argument('<apps...>', 'APP or APP@VERSION'),
+  ).action(async (name: string, apps: string[], options: StoreCommandOptions) => {
+    const { store, runtime } = await openContext(options);
+    const result = await assignApps(store, runtime, name, apps, stepLogger(options));
+    printResult(options, result, () => `assigned ${result.apps.join(', ')} (${result.located} files)\n${describeRecompose(result.report)}`);
+  });
+  storeOptions(
+    desktop
+      .command('unassign')
+      .description('unassign apps: delete their files in the guest, check offline they are gone, shut down, recompose')
+      .argument('<name>')
+      .argument('<apps...>', 'APP or APP@VERSION'),
+  ).action(async (name: string, apps: string[], options: StoreCommandOptions) => {
+    const { store, runtime } = await openContext(options);
+    const report = await unassignApps(store, runtime, name, apps, stepLogger(options));
+    printResult(options, report, () => describeRecompose(report));
+  });
+  storeOptions(desktop.command('recompose').description('run the offline recompose; finishes an interrupted one (refused while the desktop runs)').argument('<name>')).action(
+    async (name: string, options: StoreCommandOptions) => {
+      const { store, runtime } = await openContext(options);
+      const report = await recomposeDesktop(store, runtime, name, stepLogger(options));
+      printResult(options, report ?? { nothingToDo: true }, () => describeRecompose(report));
+    },
+  );
+  storeOptions(desktop.command('verify').description('boot the desktop, hash every assigned app file in the guest, compare with the manifests').argument('<name>')).action(
+    async (name: string, options: StoreCommandOptions) => {
+      const { store, runtime } = await openContext(options);
+      const result = await verifyDesktop(store, runtime, name, [], stepLogger(options));
+      const bad = result.files.filter((f) => !f.ok);
+      printResult(options, result, () =>
+        [...result.files.map((f) => `${f.ok ? 'ok     ' : 'WRONG  '} ${f.app}\t${f.path}`), bad.length ? `${bad.length} of ${result.files.length} files do not match` : `all ${result.files.length} app files match their manifests`].join('\n'),
+      );
+      if (bad.length) process.exitCode = 2;
+    },
+  );
+}
