@@ -1,0 +1,151 @@
+/**
+ * The `qlayer image` commands run as a user runs them: bin/qlayer.js (compiled with tsc) in a
+ * child process, checked against qemu-img on the same files.
+ */
+import { copyFile, open, truncate } from 'node:fs/promises';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parseHeader } from '../../src/qcow2/header.js';
+import { entryOffset, geometry, setRefcount } from '../../src/qcow2/layout.js';
+import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
+import { writeRandomRaw } from './fixtures.js';
+
+const root = join(import.meta.dirname, '..', '..');
+let dir: string;
+let cleanup: () => Promise<void>;
+const p = (name: string) => join(dir, name);
+
+async function qlayer(args: string[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
+  const result = await execa('node', [join(root, 'bin', 'qlayer.js'), 'image', ...args], { reject: false, timeout: 120_000 });
+  return { stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode ?? -1 };
+}
+
+async function json(args: string[]): Promise<unknown> {
+  const result = await qlayer([...args, '--json']);
+  expect(result.exitCode, result.stderr).toBe(0);
+  return JSON.parse(result.stdout);
+}
+
+beforeAll(async () => {
+  // tsc emits even when another folder has type errors; the launcher needs dist/.
+  await execa('npx', ['tsc', '-p', root], { cwd: root, reject: false, timeout: 300_000 });
+  ({ dir, cleanup } = await tempDir('qlayer-ops-cli-'));
+});
+afterAll(async () => cleanup());
+
+describe('qlayer image (CLI)', () => {
+  it('create: options and backing file as qemu-img understands them', async () => {
+    await json(['create', '-o', 'cluster_size=128k,extended_l2=on,refcount_bits=8', p('a.qcow2'), '1G']);
+    const info = JSON.parse((await qemuImg(['info', '--output=json', p('a.qcow2')])).stdout);
+    expect(info['virtual-size']).toBe(1024 ** 3);
+    expect(info['cluster-size']).toBe(128 * 1024);
+    expect(info['format-specific'].data['extended-l2']).toBe(true);
+    expect(info['format-specific'].data['refcount-bits']).toBe(8);
+    await json(['create', '-f', 'qcow2', '-b', 'a.qcow2', '-F', 'qcow2', p('b.qcow2')]);
+    const b = JSON.parse((await qemuImg(['info', '--output=json', p('b.qcow2')])).stdout);
+    expect(b['backing-filename']).toBe('a.qcow2');
+    expect(b['virtual-size']).toBe(1024 ** 3);
+    await json(['create', '-o', 'compat=0.10', p('v2.qcow2'), '512M']);
+    expect(JSON.parse((await qemuImg(['info', '--output=json', p('v2.qcow2')])).stdout)['format-specific'].data.compat).toBe('0.10');
+    expect((await qemuCheck(p('b.qcow2'))).exitCode).toBe(0);
+    const noFormat = await qlayer(['create', '-b', 'a.qcow2', p('c.qcow2')]);
+    expect(noFormat.exitCode).toBe(1);
+    expect(noFormat.stderr).toMatch(/-F/);
+  });
+
+  it('info and map print qemu-img\'s JSON', async () => {
+    await qemuCreate(p('base.qcow2'), '32M');
+    await qemuIo(p('base.qcow2'), ['write -P 1 0 2M']);
+    await qemuCreate(p('top.qcow2'), '', {}, { backing: 'base.qcow2', backingFormat: 'qcow2' });
+    await qemuIo(p('top.qcow2'), ['write -P 2 1M 2M', 'write -z 10M 1M']);
+    expect(await json(['info', p('top.qcow2')])).toEqual(JSON.parse((await qemuImg(['info', '--output=json', p('top.qcow2')])).stdout));
+    expect(await json(['info', '--backing-chain', p('top.qcow2')])).toEqual(JSON.parse((await qemuImg(['info', '--output=json', '--backing-chain', p('top.qcow2')])).stdout));
+    expect(await json(['map', p('top.qcow2')])).toEqual(JSON.parse((await qemuImg(['map', '--output=json', p('top.qcow2')])).stdout));
+    const text = await qlayer(['info', p('top.qcow2')]);
+    expect(text.stdout).toMatch(/backing file: base.qcow2/);
+  });
+
+  it('check: JSON and exit codes 0, 3 (leaks), 2 (corruption) like qemu-img; -r repairs', async () => {
+    await qemuCreate(p('chk.qcow2'), '16M');
+    await qemuIo(p('chk.qcow2'), ['write -P 3 0 1M']);
+    expect((await qlayer(['check', p('chk.qcow2')])).exitCode).toBe(0);
+    // Poke a leak: one extra cluster at the end, counted but unused.
+    const handle = await open(p('chk.qcow2'), 'r+');
+    const length = (await handle.stat()).size;
+    const first = Buffer.alloc(65536);
+    await handle.read(first, 0, first.length, 0);
+    const header = parseHeader(first, length);
+    const g = geometry(header.clusterBits, false, header.refcountOrder);
+    const rt = Buffer.alloc(8);
+    await handle.read(rt, 0, 8, header.refcountTableOffset);
+    const block0 = entryOffset(rt.readUInt32BE(0), rt.readUInt32BE(4));
+    const block = Buffer.alloc(g.clusterSize);
+    await handle.read(block, 0, block.length, block0);
+    const cluster = Math.ceil(length / g.clusterSize);
+    setRefcount(block, new DataView(block.buffer, block.byteOffset, block.length), cluster, g.refcountOrder, 1);
+    await handle.write(block, 0, block.length, block0);
+    await handle.close();
+    await truncate(p('chk.qcow2'), (cluster + 1) * g.clusterSize);
+    await copyFile(p('chk.qcow2'), p('chk2.qcow2'));
+
+    const leaky = await qlayer(['check', '--json', p('chk.qcow2')]);
+    expect(leaky.exitCode).toBe(3);
+    expect(JSON.parse(leaky.stdout)).toEqual((await qemuCheck(p('chk.qcow2'))).raw);
+    const human = await qlayer(['check', p('chk.qcow2')]);
+    expect(human.stdout).toMatch(/1 leaked clusters were found/);
+    const repaired = await qlayer(['check', '-r', 'leaks', '--json', p('chk.qcow2')]);
+    expect(repaired.exitCode).toBe(0);
+    expect(JSON.parse(repaired.stdout)['leaks-fixed']).toBe(1);
+    expect((await qemuCheck(p('chk.qcow2'))).exitCode).toBe(0);
+
+    // Refcount of the L1 table's cluster to 0: a corruption.
+    const h2 = await open(p('chk2.qcow2'), 'r+');
+    const b2 = Buffer.alloc(g.clusterSize);
+    await h2.read(b2, 0, b2.length, block0);
+    setRefcount(b2, new DataView(b2.buffer, b2.byteOffset, b2.length), header.l1TableOffset / g.clusterSize, g.refcountOrder, 0);
+    await h2.write(b2, 0, b2.length, block0);
+    await h2.close();
+    const corrupt = await qlayer(['check', '--json', p('chk2.qcow2')]);
+    expect(corrupt.exitCode).toBe(2);
+    expect(JSON.parse(corrupt.stdout)).toEqual((await qemuCheck(p('chk2.qcow2'))).raw);
+    expect((await qlayer(['check', '-r', 'all', p('chk2.qcow2')])).exitCode).toBe(0);
+    expect((await qemuCheck(p('chk2.qcow2'))).exitCode).toBe(0);
+
+    const notAnImage = await qlayer(['check', '--json', p('base.raw-missing')]);
+    expect(notAnImage.exitCode).toBe(1);
+  });
+
+  it('convert, rebase, commit, resize', async () => {
+    await writeRandomRaw(p('src.raw'), 3 * 1024 * 1024, 5);
+    await json(['convert', '-f', 'raw', '-O', 'qcow2', '-c', p('src.raw'), p('src-c.qcow2')]);
+    expect(await qemuCompare(p('src.raw'), p('src-c.qcow2'), 'raw', 'qcow2')).toBe(true);
+    await json(['convert', '-O', 'raw', p('top.qcow2'), p('top.raw')]);
+    expect(await qemuCompare(p('top.qcow2'), p('top.raw'), 'qcow2', 'raw')).toBe(true);
+    await json(['convert', '-o', 'cluster_size=4k', p('top.qcow2'), p('flat.qcow2')]);
+    expect(await qemuCompare(p('top.qcow2'), p('flat.qcow2'), 'qcow2', 'qcow2')).toBe(true);
+    expect(JSON.parse((await qemuImg(['info', '--output=json', p('flat.qcow2')])).stdout)['cluster-size']).toBe(4096);
+
+    await copyFile(p('top.qcow2'), p('top2.qcow2'));
+    const rebased = (await json(['rebase', '-b', '', p('top2.qcow2')])) as Record<string, unknown>;
+    expect(rebased['copied-bytes']).toBeGreaterThan(0);
+    expect(await qemuCompare(p('top2.qcow2'), p('top.raw'), 'qcow2', 'raw')).toBe(true);
+
+    await json(['commit', p('top.qcow2')]);
+    expect(await qemuCompare(p('base.qcow2'), p('top.raw'), 'qcow2', 'raw')).toBe(true);
+    expect((await qemuCheck(p('base.qcow2'))).exitCode).toBe(0);
+
+    expect(((await json(['resize', p('top.qcow2'), '+1G'])) as Record<string, unknown>)['virtual-size']).toBe(32 * 1024 * 1024 + 1024 ** 3);
+    const shrink = await qlayer(['resize', '--json', p('top.qcow2'), '1M']);
+    expect(shrink.exitCode).toBe(1);
+    expect(JSON.parse(shrink.stdout).error.message).toMatch(/shrinking is not supported/);
+  });
+
+  it('every image command has --help text', async () => {
+    for (const command of ['create', 'info', 'map', 'check', 'convert', 'rebase', 'commit', 'resize']) {
+      const help = await qlayer([command, '--help']);
+      expect(help.exitCode).toBe(0);
+      expect(help.stdout).toMatch(/--json/);
+    }
+  });
+});
