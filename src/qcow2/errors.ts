@@ -19,7 +19,6 @@ export type Qcow2ErrorCode =
   | 'qcow2.too-large'
   | 'qcow2.read-only'
   | 'qcow2.bitmaps-present'
-  | 'qcow2.snapshots-present'
   | 'qcow2.out-of-range'
   | 'qcow2.decompress-failed'
   | 'qcow2.bad-argument'

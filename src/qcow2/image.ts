@@ -152,7 +152,6 @@ export class Qcow2Image implements ByteSource {
         if ((header.autoclearFeatures & Autoclear.bitmaps) !== 0n && bitmapsExtensionOf(header)) {
           throw new Qcow2Error('qcow2.bitmaps-present', `${path}: image has persistent dirty bitmaps, which this engine does not update; remove them (qemu-img bitmap --remove) before writing`);
         }
-        if (header.nbSnapshots > 0) throw new Qcow2Error('qcow2.snapshots-present', `${path}: image has internal snapshots; writing such images is not supported`);
         if (inc & Incompatible.externalDataFile) throw new Qcow2Error('qcow2.unsupported-feature', `${path}: writing images with an external data file is not supported`);
       }
       if (inc & Incompatible.externalDataFile) {
@@ -542,7 +541,7 @@ export class Qcow2Image implements ByteSource {
     let start = -1;
     if (count === 1) {
       for (let c = Math.max(this.freeHint, 1); c < this.allocEnd; c++) {
-        if ((await this.refcountOf(c)) === 0 && !this.pendingFrees.includes(c)) {
+        if ((await this.refcountOf(c)) === 0) {
           start = c;
           break;
         }
@@ -575,7 +574,8 @@ export class Qcow2Image implements ByteSource {
       const table = await this.loadTable(this.l2Cache, this.dirtyL2, l2Offset, `L2 table (L1 entry ${l1Index})`);
       if (!copied) {
         const refs = await this.refcountOf(l2Offset / this.g.clusterSize);
-        if (refs !== 1) throw new Qcow2Error('qcow2.unsupported-feature', `${this.path}: L2 table at 0x${l2Offset.toString(16)} is shared (refcount ${refs})`);
+        if (refs === 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 table at 0x${l2Offset.toString(16)} has refcount 0`);
+        if (refs > 1) return this.copyOnWriteL2(l1Index, l2Offset, table);
         encodeEntry(this.l1.view, l1Index * 8, l2Offset, COPIED_HI, 0);
         this.l1Dirty = true;
       }
@@ -588,6 +588,24 @@ export class Qcow2Image implements ByteSource {
     this.dirtyL2.add(offset);
     encodeEntry(this.l1.view, l1Index * 8, offset, COPIED_HI, 0);
     this.l1Dirty = true;
+    return table;
+  }
+
+  /**
+   * An L2 table shared with an internal snapshot is copied before it changes. The data
+   * clusters keep their refcounts: QEMU counts one reference per (L1, L2 entry) path, and the
+   * old table still serves the snapshot while the copy serves the active L1. Entries in the
+   * copy keep COPIED clear, so writes to them copy the data cluster too.
+   */
+  private async copyOnWriteL2(l1Index: number, oldOffset: number, oldTable: Uint8Array): Promise<Uint8Array> {
+    const cluster = await this.allocateClusters(1);
+    const offset = cluster * this.g.clusterSize;
+    const table = oldTable.slice();
+    this.l2Cache.set(offset, table);
+    this.dirtyL2.add(offset);
+    encodeEntry(this.l1.view, l1Index * 8, offset, COPIED_HI, 0);
+    this.l1Dirty = true;
+    this.pendingFrees.push(oldOffset / this.g.clusterSize);
     return table;
   }
 
@@ -679,7 +697,7 @@ export class Qcow2Image implements ByteSource {
         mask >>>= 0;
         if (raw.hi & COMPRESSED_HI) {
           // Decompress the rest into a normal cluster first, then zero the covered part.
-          await this.writeRange(clusterStart, g.clusterSize, null, { keepOutside: [pos, stop] });
+          await this.writeRange(clusterStart, g.clusterSize, null, { zeroRange: [pos, stop] });
           continue;
         }
         const alloc = (raw.allocBits & ~mask) >>> 0;
@@ -703,10 +721,10 @@ export class Qcow2Image implements ByteSource {
    * (reuse an owned allocation or allocate a new cluster), fill partial edges from the old
    * content (copy-on-write from this image, its backing chain or zeros), then write the data.
    * Data writes to contiguous host ranges are coalesced into one write.
-   * `data` null writes zeros. `keepOutside` (internal) rewrites a whole cluster keeping the
+   * `data` null writes zeros. `zeroRange` (internal) rewrites a whole cluster keeping the
    * old content except the given range, which becomes zeros.
    */
-  private async writeRange(offset: number, length: number, data: Uint8Array | null, special?: { keepOutside: [number, number] }): Promise<void> {
+  private async writeRange(offset: number, length: number, data: Uint8Array | null, special?: { zeroRange: [number, number] }): Promise<void> {
     const g = this.g;
     const end = offset + length;
     let pending: { host: number; chunks: Uint8Array[]; length: number } | null = null;
@@ -745,7 +763,7 @@ export class Qcow2Image implements ByteSource {
       const span = new Uint8Array(spanEnd - spanStart);
       const needsOld = spanStart < pos || spanEnd > stop || special !== undefined;
       if (needsOld) await this.readView(this.l1, span, spanStart, this.backing);
-      if (special) span.fill(0, special.keepOutside[0] - spanStart, special.keepOutside[1] - spanStart);
+      if (special) span.fill(0, special.zeroRange[0] - spanStart, special.zeroRange[1] - spanStart);
       else if (data) span.set(data.subarray(pos - offset, stop - offset), pos - spanStart);
       else span.fill(0, pos - spanStart, stop - spanStart);
 

@@ -177,6 +177,35 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
     await verifyWithQemu(path, model);
   });
 
+  it('images with internal snapshots: shared L2 tables and clusters are copied, snapshots unchanged', async () => {
+    const path = join(dir, 'snapshots.qcow2');
+    await qemuCreate(path, 4 * MiB, { cluster_size: 4096 });
+    await qemuIo(path, ['write -P 0x31 0 1M', 'write -P 0x32 2M 1M', 'write -z 1M 64k']);
+    await qemuImg(['snapshot', '-c', 's1', path]);
+    await qemuIo(path, ['write -P 0x33 512k 1M']);
+    await qemuImg(['snapshot', '-c', 's2', path]);
+    const snapshotRaws: Buffer[] = [];
+    for (const name of ['s1', 's2']) {
+      const out = join(dir, `snap-${name}.raw`);
+      await qemuImg(['convert', '-O', 'raw', '-l', `snapshot.name=${name}`, path, out]);
+      snapshotRaws.push(await readFile(out));
+    }
+    const model = await qemuReadRaw(path);
+    const image = await Qcow2Image.open(path, { writable: true });
+    await runSequence(image, model, 4242, 60, 200_000, 4096);
+    const released = await image.detachClusters([10, 11, 600]);
+    model.fill(0, 10 * 4096, 12 * 4096);
+    model.fill(0, 600 * 4096, 601 * 4096);
+    await image.releaseHostClusters(released);
+    await image.close();
+    await verifyWithQemu(path, model);
+    for (const [i, name] of ['s1', 's2'].entries()) {
+      const out = join(dir, `snap-${name}-after.raw`);
+      await qemuImg(['convert', '-O', 'raw', '-l', `snapshot.name=${name}`, path, out]);
+      expect((await readFile(out)).equals(snapshotRaws[i]!), `snapshot ${name}`).toBe(true);
+    }
+  });
+
   it('qemu-img compare agrees with a raw file of the model', async () => {
     const path = join(dir, 'compare.qcow2');
     await createImage({ path, size: 3 * MiB, clusterBits: 12 });
