@@ -12,6 +12,7 @@ import { mapBlocks, type BlockRun } from './block-map.js';
 import { parseDirEntries, verifyDirBlock, type DirEntry, type RawDirEntry } from './directory.js';
 import { INCOMPAT } from './features.js';
 import { inlineDirectoryParts, readInlineData } from './inline-data.js';
+import type { GroupDescriptor } from './group-descriptors.js';
 import { INODE_FLAGS, ROOT_INODE, readInode, type Inode } from './inode.js';
 import { SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, hasIncompat, parseSuperblock, type Superblock } from './superblock.js';
 
@@ -21,6 +22,7 @@ const PATH_MAX = 4096;
 /** Directories bigger than this are refused rather than read into memory. */
 const MAX_DIRECTORY_BYTES = 256 * 1024 * 1024;
 const DIR_CACHE_ENTRIES = 64;
+const INODE_CACHE_ENTRIES = 4096;
 
 interface ParsedDirectory {
   entries: RawDirEntry[];
@@ -35,6 +37,10 @@ export interface ResolveOptions {
 export class Ext4Filesystem {
   readonly reader: BlockReader;
   private readonly dirCache = new Map<number, ParsedDirectory>();
+  /** Parsed, verified inodes (immutable: the filesystem is read-only and offline). */
+  private readonly inodeCache = new Map<number, Inode>();
+  /** Group descriptors by group: at most s_groups entries of a few numbers each. */
+  private readonly descriptors = new Map<number, GroupDescriptor>();
 
   private constructor(
     readonly superblock: Superblock,
@@ -59,8 +65,16 @@ export class Ext4Filesystem {
     return this.superblock.blockSize;
   }
 
-  inode(number: number): Promise<Inode> {
-    return readInode(this.superblock, this.reader, number);
+  async inode(number: number): Promise<Inode> {
+    const cached = this.inodeCache.get(number);
+    if (cached) return cached;
+    const inode = await readInode(this.superblock, this.reader, number, this.descriptors);
+    this.inodeCache.set(number, inode);
+    if (this.inodeCache.size > INODE_CACHE_ENTRIES) {
+      const oldest = this.inodeCache.keys().next().value;
+      if (oldest !== undefined) this.inodeCache.delete(oldest);
+    }
+    return inode;
   }
 
   private refuseEncrypted(inode: Inode, path: string): void {

@@ -7,7 +7,7 @@ import { crc32cRaw } from '../crc.js';
 import { Ext4Error, corrupt } from '../errors.js';
 import type { BlockReader } from './block-reader.js';
 import { RO_COMPAT } from './features.js';
-import { BG_INODE_UNINIT, readGroupDescriptor } from './group-descriptors.js';
+import { BG_INODE_UNINIT, readGroupDescriptor, type GroupDescriptor } from './group-descriptors.js';
 import { hasRoCompat, type Superblock } from './superblock.js';
 
 export const ROOT_INODE = 2;
@@ -81,13 +81,21 @@ export function inodeChecksumSeed(sb: Superblock, number: number, generation: nu
   return crc32cRaw(sb.checksumSeed, buf);
 }
 
-export async function readInode(sb: Superblock, reader: BlockReader, number: number): Promise<Inode> {
+/**
+ * Read and verify inode `number`. `descriptors` caches parsed (and checksum-verified) group
+ * descriptors across calls.
+ */
+export async function readInode(sb: Superblock, reader: BlockReader, number: number, descriptors?: Map<number, GroupDescriptor>): Promise<Inode> {
   if (!Number.isInteger(number) || number < 1 || number > sb.inodesCount) {
     throw corrupt(`inode number ${number} is out of range (1..${sb.inodesCount})`);
   }
   const group = Math.floor((number - 1) / sb.inodesPerGroup);
   const index = (number - 1) % sb.inodesPerGroup;
-  const desc = await readGroupDescriptor(sb, reader, group);
+  let desc = descriptors?.get(group);
+  if (!desc) {
+    desc = await readGroupDescriptor(sb, reader, group);
+    descriptors?.set(group, desc);
+  }
   const csumGroups = hasRoCompat(sb, RO_COMPAT.GDT_CSUM) || sb.metadataCsum;
   if (csumGroups && ((desc.flags & BG_INODE_UNINIT) !== 0 || index >= sb.inodesPerGroup - desc.itableUnused)) {
     // The table there was never written: whatever the disk holds is not an inode.
