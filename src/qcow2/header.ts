@@ -428,6 +428,22 @@ export function clusterSizeOf(header: Pick<Qcow2Header, 'clusterBits'>): number 
  * headerLength are recomputed; every other field is written as given.
  */
 export function serializeHeader(header: Qcow2Header): { bytes: Uint8Array; header: Qcow2Header } {
+  // The feature name table is only informational: like QEMU, leave it out when the first
+  // cluster (512-byte clusters) has no room for it next to the backing name and format.
+  if (!fitsInFirstCluster(header) && header.extensions.some((e) => e.type === ExtensionType.featureNameTable)) {
+    header = { ...header, extensions: header.extensions.filter((e) => e.type !== ExtensionType.featureNameTable) };
+  }
+  return serializeFitting(header);
+}
+
+function fitsInFirstCluster(header: Qcow2Header): boolean {
+  const headerLength = header.version === 2 ? HEADER_V2_LENGTH : Math.max(header.headerLength, HEADER_V3_LENGTH);
+  const extensions = header.extensions.reduce((n, e) => n + 8 + Math.ceil(e.data.length / 8) * 8, 0);
+  const name = header.backingFile === null ? 0 : new TextEncoder().encode(header.backingFile).length;
+  return headerLength + extensions + 8 + name <= clusterSizeOf(header);
+}
+
+function serializeFitting(header: Qcow2Header): { bytes: Uint8Array; header: Qcow2Header } {
   const clusterSize = clusterSizeOf(header);
   const out = new Uint8Array(clusterSize);
   const view = new DataView(out.buffer);

@@ -37,6 +37,7 @@ const modes: Mode[] = [
   { name: 'v3 2M clusters', size: 12 * MiB, create: { clusterBits: 21 }, ops: 30, maxLength: 3 * MiB },
   { name: 'v3 extended L2 64K + qcow2 backing', size: 6 * MiB, create: { extendedL2: true }, backing: 'qcow2', ops: 80, maxLength: 200_000 },
   { name: 'v3 extended L2 16K', size: 4 * MiB, create: { extendedL2: true, clusterBits: 14 }, ops: 80, maxLength: 60_000 },
+  { name: 'v3 512B + qcow2 backing (no room for the feature table)', size: 2 * MiB, create: { clusterBits: 9 }, backing: 'qcow2', ops: 50, maxLength: 40_000 },
   { name: 'v3 4K + qcow2 backing', size: 4 * MiB, create: { clusterBits: 12 }, backing: 'qcow2', ops: 60, maxLength: 100_000 },
   { name: 'v2 64K + raw backing', size: 4 * MiB, create: { version: 2 }, backing: 'raw', ops: 60, maxLength: 300_000 },
   { name: 'v3 4K preallocation=metadata', size: 4 * MiB, create: { clusterBits: 12, preallocation: 'metadata' }, ops: 60, maxLength: 100_000 },
