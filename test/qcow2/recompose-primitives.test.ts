@@ -140,6 +140,42 @@ describe('crash at every write/fsync', () => {
     }
   });
 
+  it('refcount table growth and L1 growth: a crash anywhere leaves no corruption', async () => {
+    const path = join(dir, 'crash-grow.qcow2');
+    await createImage({ path, size: 1 * MiB, clusterBits: 9, refcountBits: 64 });
+    const pristine = join(dir, 'crash-grow-pristine.qcow2');
+    await copyFile(path, pristine);
+    const run = async (fs: FaultInjectingFileSystem) => {
+      const image = await Qcow2Image.open(path, { writable: true, fs });
+      try {
+        await image.write(Buffer.alloc(900 * KiB, 0x41), 10_000);
+        await image.flush();
+        await image.growVirtualSize(4 * MiB);
+        // 64 refcounts per 512-byte block: past ~2 MiB of file the refcount table must grow.
+        await image.write(Buffer.alloc(2 * MiB, 0x42), 1.5 * MiB);
+        await image.flush();
+      } finally {
+        await image.close().catch(() => undefined);
+      }
+    };
+    const counter = new FaultInjectingFileSystem(nodeFileSystem);
+    await run(counter);
+    const grown = await Qcow2Image.open(path);
+    expect(grown.header.refcountTableClusters).toBeGreaterThan(1);
+    expect(grown.size).toBe(4 * MiB);
+    await grown.close();
+    const total = counter.operations;
+    const step = Math.max(1, Math.floor(total / 50));
+    for (let n = 1; n <= total; n += step) {
+      await copyFile(pristine, path);
+      await run(new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n })).catch((e: unknown) => {
+        if (!(e instanceof InjectedCrash)) throw e;
+      });
+      const check = await qemuCheck(path);
+      expect(check.corruptions, `crash at ${n} of ${total}`).toBe(0);
+    }
+  });
+
   it('ordinary writes: a crash anywhere leaves no corruption (only leaks)', async () => {
     const path = join(dir, 'crash-writes.qcow2');
     await createImage({ path, size: 4 * MiB, clusterBits: 9, refcountBits: 8 });
