@@ -357,6 +357,14 @@ export class Qcow2Image implements ByteSource {
     if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, this.backing);
   }
 
+  /** Read this layer alone: unallocated ranges read as zeros whatever the backing chain holds. */
+  async readLayerAt(into: Uint8Array, offset: number): Promise<void> {
+    this.assertOpen();
+    const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
+    if (inside < into.length) into.fill(0, inside);
+    if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, null);
+  }
+
   private async readView(l1: L1View, into: Uint8Array, offset: number, backing: ByteSource | null): Promise<void> {
     // Walk in bounded windows so a huge read does not build a huge extent list.
     const window = Math.max(this.g.l2Coverage, 64 * 1024 * 1024);

@@ -241,6 +241,17 @@ describe('reads agree with qemu-img convert -O raw', () => {
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', mid, '-F', 'qcow2', larger, String(8 * MiB)]);
     await qemuIo(larger, randomWrites(42, 8 * MiB, 10));
     for (const top of [mid, smaller, larger]) await expectSameAsQemu(top);
+    // One layer alone, against qemu with the backing link cut (backing: null).
+    for (const top of [mid, larger]) {
+      const image = await Qcow2Image.open(top);
+      const ours = Buffer.alloc(image.size);
+      await image.readLayerAt(ours, 0);
+      await image.close();
+      const out = `${top}.layer.raw`;
+      await qemuImg(['convert', '-O', 'raw', `json:{"driver":"qcow2","file":{"driver":"file","filename":${JSON.stringify(top)}},"backing":null}`, out]);
+      const { readFile } = await import('node:fs/promises');
+      expect(sha256(ours)).toBe(sha256(await readFile(out)));
+    }
     const chain = await openChain(larger);
     expect(chain.layers.map((l) => l.format)).toEqual(['qcow2', 'qcow2', 'raw']);
     expect(chain.layers[1]!.image!.writable).toBe(false);
