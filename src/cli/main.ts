@@ -10,6 +10,8 @@ export function buildProgram(): Command {
         'Every command accepts --json for machine-readable output.',
     )
     .version('0.1.0')
+    // Root options only before the subcommand: `app build --version V` is the app's version.
+    .enablePositionalOptions()
     .showHelpAfterError()
     .exitOverride();
   for (const register of commandGroups) register(program);

@@ -1,4 +1,5 @@
 import type { Command } from 'commander';
+import { registerDemoCommand } from './demo.js';
 import { registerFsCommands } from './fs.js';
 import { registerImageCommands } from './image.js';
 import { registerLayerCommands } from './layers.js';
@@ -8,4 +9,4 @@ import { registerLayerCommands } from './layers.js';
  * the tree in one place: image (the qcow2 engine), fs (guest filesystems), vm and host
  * (libvirt), base/app/desktop/demo (the layers).
  */
-export const commandGroups: Array<(program: Command) => void> = [registerImageCommands, registerFsCommands, registerLayerCommands];
+export const commandGroups: Array<(program: Command) => void> = [registerImageCommands, registerFsCommands, registerLayerCommands, registerDemoCommand];

@@ -1,0 +1,23 @@
+import type { Command } from 'commander';
+import { openContext, storeOptions, type StoreCommandOptions } from '../context.js';
+import { DemoFailed, runDemo } from '../demo.js';
+import { printResult } from '../output.js';
+
+export function registerDemoCommand(program: Command): void {
+  storeOptions(
+    program
+      .command('demo')
+      .description(
+        "the main job on the test guest: compose a desktop from base + apps + user, boot it, and prove the apps are there and the user's file is intact; then unassign one app and prove it again. The desktop stays in the store.",
+      ),
+  ).action(async (options: StoreCommandOptions) => {
+    const context = await openContext(options);
+    const started = Date.now();
+    const steps = await runDemo(context, (line) => (options.json ? process.stderr : process.stdout).write(`${line}\n`));
+    const failed = steps.filter((s) => !s.ok);
+    printResult(options, { ok: failed.length === 0, seconds: (Date.now() - started) / 1000, steps }, () =>
+      failed.length ? '' : `demo passed in ${((Date.now() - started) / 1000).toFixed(1)} s: every proof holds`,
+    );
+    if (failed.length) throw new DemoFailed(failed);
+  });
+}
