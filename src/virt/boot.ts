@@ -2,8 +2,9 @@ import { randomBytes } from 'node:crypto';
 import { accessSync, constants, mkdirSync, rmSync, statSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
-import { kvmNoProgressMessage, resolveAccel, type Accel, type KvmProbe } from './accel.js';
+import { kvmNoProgressMessage, kvmStatus, resolveAccel, type Accel, type KvmProbe } from './accel.js';
 import { GuestAgent } from './agent.js';
+import { fixtureKvmProbe } from './kvm-probe.js';
 import { buildDomainXml, DOMAIN_NAME_PATTERN, type DiskLayer, type DiskSpec, type DomainSpec, type DomainType } from './domain-xml.js';
 import { VirtError, messageOf } from './errors.js';
 import { DEFAULT_URI, DOMAIN_PREFIX, LibvirtConnection, processAlive, type DomainRunState } from './libvirt.js';
@@ -36,7 +37,12 @@ export interface BootOptions {
   persistent?: boolean;
   /** Under KVM, how long a kernel boot may print nothing before it counts as not working (default 15 s). */
   kvmProgressMs?: number;
-  /** Optional probe used by accel 'auto' (see resolveAccel). */
+  /**
+   * A long-lived guest (a desktop) that outlives this process: no owner pid is recorded, so
+   * stale-domain cleanup never mistakes it for the leftover of a dead run.
+   */
+  detached?: boolean;
+  /** The probe accel 'auto' runs once per process when KVM looks usable; default: a diskless boot of the test guest (see kvm-probe.ts). */
   kvmProbe?: KvmProbe;
   /** Extra XML-level options. */
   machine?: string;
@@ -254,10 +260,10 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
   checkReadable(disk.path, 'virt.image-unreadable', 'disk image', !disk.readOnly);
   for (const layer of disk.backingChain ?? []) checkReadable(layer.path, 'virt.image-unreadable', 'backing image');
 
-  const accel = await resolveAccel(options.accel ?? 'auto', options.kvmProbe === undefined ? {} : { probe: options.kvmProbe });
+  const uri = options.uri ?? DEFAULT_URI;
+  const accel = await resolveAccel(options.accel ?? 'auto', { probe: options.kvmProbe ?? fixtureKvmProbe(uri), probeKey: uri });
   const serialLog = resolve(options.serialLog ?? join(tmpdir(), 'qlayer-serial', `${name}.log`));
   mkdirSync(dirname(serialLog), { recursive: true });
-  rmSync(serialLog, { force: true }); // never read a previous run's output
 
   const spec: DomainSpec = {
     name,
@@ -271,14 +277,14 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
     disks: [disk],
     serialLog,
     guestAgent: true,
-    owner: { pid: process.pid, host: hostname(), started: new Date().toISOString() },
+    ...(options.detached ? {} : { owner: { pid: process.pid, host: hostname(), started: new Date().toISOString() } }),
     ...(options.machine === undefined ? {} : { machine: options.machine }),
     ...(options.network === undefined ? {} : { network: options.network }),
     ...(options.vnc === undefined ? {} : { vnc: options.vnc }),
   };
   const xml = buildDomainXml(spec);
 
-  const connection = await LibvirtConnection.open(options.uri ?? DEFAULT_URI);
+  const connection = await LibvirtConnection.open(uri);
   let guest: RunningGuest | undefined;
   let attempted = false; // from here on, a domain of this name is ours to remove
   try {
@@ -288,6 +294,7 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
       if (!stale) throw new VirtError('virt.domain-exists', `a domain named ${name} already exists${existing?.owner ? ` (started by pid ${existing.owner.pid})` : ''}; pick another name or remove it (qlayer vm cleanup)`);
       await connection.remove(name);
     }
+    rmSync(serialLog, { force: true }); // never read a previous run's output
     const startedAt = Date.now();
     attempted = true;
     try {
@@ -295,6 +302,10 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
       else await connection.createTransient(xml, name);
     } catch (error) {
       await connection.remove(name).catch(() => undefined);
+      if (error instanceof VirtError && accel.type === 'kvm' && /\bkvm\b|MSR|emulation failure/i.test(error.message)) {
+        // e.g. kvm_pvm here: "failed to set MSR 0x10a" and an assertion in QEMU's kvm.c.
+        throw new VirtError('virt.kvm-not-working', `${name} could not start under KVM (${kvmStatus().detail}); use accel: 'tcg'. libvirt said: ${messageOf(error)}`, { cause: error });
+      }
       if (error instanceof VirtError && blamesImage(error.message, disk)) {
         throw new VirtError('virt.image-unreadable', `libvirt could not open the disk of ${name} (${disk.path}): ${messageOf(error).replace(/^libvirt could not (start|define) [^:]+: /, '')}`, { cause: error });
       }

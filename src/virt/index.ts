@@ -7,3 +7,4 @@ export * from './agent.js';
 export * from './accel.js';
 export * from './boot.js';
 export * from './fixture.js';
+export * from './kvm-probe.js';
