@@ -169,6 +169,16 @@ export class MapLayer {
         const at = index * g.l2EntrySize;
         const hi = l2.getUint32(at);
         const lo = l2.getUint32(at + 4);
+        if (hi === 0 && lo === 0 && !g.extendedL2) {
+          // A run of empty entries is one unallocated extent: skip it in one step.
+          let j = index + 1;
+          const lastIndex = Math.floor((tableEnd - 1 - l1Index * g.l2Coverage) / g.clusterSize);
+          while (j <= lastIndex && l2.getUint32(j * 8) === 0 && l2.getUint32(j * 8 + 4) === 0) j += 1;
+          const runEnd = Math.min(tableEnd, l1Index * g.l2Coverage + j * g.clusterSize);
+          push(pos, runEnd - pos, 'unallocated', null);
+          pos = runEnd;
+          continue;
+        }
         if (hi & COMPRESSED_HI) {
           push(pos, clusterEnd - pos, 'compressed', null);
           pos = clusterEnd;
@@ -291,36 +301,56 @@ export interface MapEntry {
   offset?: number;
 }
 
+/** Append `e` to `out`, merging it into the last row the way qemu-img map does. */
+function pushMerged(out: MapEntry[], e: MapEntry): void {
+  const last = out[out.length - 1];
+  if (
+    last &&
+    last.start + last.length === e.start &&
+    last.depth === e.depth &&
+    last.present === e.present &&
+    last.zero === e.zero &&
+    last.data === e.data &&
+    (last.offset === undefined) === (e.offset === undefined) &&
+    (last.offset === undefined || last.offset + last.length === e.offset)
+  ) {
+    last.length += e.length;
+  } else {
+    out.push(e);
+  }
+}
+
+function row(start: number, length: number, depth: number, present: boolean, zero: boolean, data: boolean, offset: number | null): MapEntry {
+  // Key order as qemu-img prints it; offset only when there is one.
+  return offset === null ? { start, length, depth, present, zero, data } : { start, length, depth, present, zero, data, offset };
+}
+
 /**
  * Resolve [start, end) through layers[depth..]: which layer answers each byte. Follows QEMU's
  * rules: an unallocated range falls through to the backing layer, unless this layer has no
  * backing or the range lies past the backing's size; then it reads as zeros at this depth.
+ * Rows are appended to `out` already merged.
  */
-export async function chainStatus(layers: MapLayer[], start: number, end: number, depth = 0): Promise<MapEntry[]> {
+export async function chainStatus(layers: MapLayer[], start: number, end: number, depth = 0, out: MapEntry[] = []): Promise<MapEntry[]> {
   const layer = layers[depth]!;
   const below = layers[depth + 1];
-  const out: MapEntry[] = [];
   for (const e of await layer.extents(start, end)) {
-    const base = { start: e.start, length: e.length, depth };
     switch (e.kind) {
       case 'data':
-        out.push({ ...base, present: true, zero: false, data: true, offset: e.hostOffset! });
+        pushMerged(out, row(e.start, e.length, depth, true, false, true, e.hostOffset));
         break;
       case 'compressed':
-        out.push({ ...base, present: true, zero: false, data: true });
+        pushMerged(out, row(e.start, e.length, depth, true, false, true, null));
         break;
       case 'zero':
-        out.push(e.hostOffset === null ? { ...base, present: true, zero: true, data: false } : { ...base, present: true, zero: true, data: false, offset: e.hostOffset });
+        pushMerged(out, row(e.start, e.length, depth, true, true, false, e.hostOffset));
         break;
       case 'unallocated': {
         const eEnd = e.start + e.length;
         const fallsThrough = below ? Math.min(eEnd, below.size) : e.start;
-        if (below && fallsThrough > e.start) out.push(...(await chainStatus(layers, e.start, fallsThrough, depth + 1)));
+        if (below && fallsThrough > e.start) await chainStatus(layers, e.start, fallsThrough, depth + 1, out);
         const rest = Math.max(e.start, fallsThrough);
-        if (rest < eEnd) {
-          const zero = { start: rest, length: eEnd - rest, depth, present: false, zero: true, data: false };
-          out.push(e.hostOffset === null ? zero : { ...zero, offset: e.hostOffset + (rest - e.start) });
-        }
+        if (rest < eEnd) pushMerged(out, row(rest, eEnd - rest, depth, false, true, false, e.hostOffset === null ? null : e.hostOffset + (rest - e.start)));
         break;
       }
     }
@@ -331,23 +361,7 @@ export async function chainStatus(layers: MapLayer[], start: number, end: number
 /** Merge adjacent rows the way qemu-img map does (same flags, contiguous offsets). */
 export function mergeMapEntries(entries: MapEntry[]): MapEntry[] {
   const out: MapEntry[] = [];
-  for (const e of entries) {
-    const last = out[out.length - 1];
-    if (
-      last &&
-      last.start + last.length === e.start &&
-      last.depth === e.depth &&
-      last.present === e.present &&
-      last.zero === e.zero &&
-      last.data === e.data &&
-      (last.offset === undefined) === (e.offset === undefined) &&
-      (last.offset === undefined || last.offset + last.length === e.offset)
-    ) {
-      last.length += e.length;
-    } else {
-      out.push({ ...e });
-    }
-  }
+  for (const e of entries) pushMerged(out, { ...e });
   return out;
 }
 
@@ -364,12 +378,10 @@ export async function mapImage(path: string, options: MapOptions = {}): Promise<
     const start = options.start ?? 0;
     const end = Math.min(size, options.length === undefined ? size : start + options.length);
     const entries: MapEntry[] = [];
-    // A window of L2 tables at a time keeps memory flat on huge disks.
+    // A window at a time keeps the per-layer extent lists small on huge disks.
     const step = Math.max(layers[0]!.geometry?.l2Coverage ?? 1 << 30, 1 << 30);
-    for (let pos = start; pos < end; pos += step) {
-      entries.push(...mergeMapEntries(await chainStatus(layers, pos, Math.min(end, pos + step))));
-    }
-    return mergeMapEntries(entries);
+    for (let pos = start; pos < end; pos += step) await chainStatus(layers, pos, Math.min(end, pos + step), 0, entries);
+    return entries;
   } finally {
     await closeLayers(layers);
   }
