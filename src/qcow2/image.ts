@@ -46,6 +46,7 @@ import {
   type Geometry,
   type RawL2Entry,
 } from './layout.js';
+import { ReadWriteLock } from './rwlock.js';
 import { readSnapshotTable, type SnapshotInfo } from './snapshots.js';
 
 export interface OpenImageOptions {
@@ -101,6 +102,8 @@ export class Qcow2Image implements ByteSource {
   private snapshotList: SnapshotInfo[] | null = null;
   private closed = false;
   private lastDecompressed: { hostOffset: number; data: Uint8Array } | null = null;
+  /** Reads share, mutations run alone (see rwlock.ts). */
+  private readonly lock = new ReadWriteLock();
 
   private constructor(
     readonly path: string,
@@ -287,7 +290,11 @@ export class Qcow2Image implements ByteSource {
   }
 
   /** The mapping of the (sub)cluster holding `guestOffset` in this image alone. */
-  async mappingOf(guestOffset: number): Promise<ClusterMapping> {
+  mappingOf(guestOffset: number): Promise<ClusterMapping> {
+    return this.lock.read(() => this.mappingOfUnlocked(guestOffset));
+  }
+
+  private async mappingOfUnlocked(guestOffset: number): Promise<ClusterMapping> {
     this.assertOpen();
     this.checkGuestRange(guestOffset, 1, this.hdr.size);
     return this.mappingIn(this.l1, guestOffset);
@@ -310,7 +317,11 @@ export class Qcow2Image implements ByteSource {
    * Mappings for [offset, offset+length) as merged extents: adjacent (sub)clusters of the same
    * kind merge, and normal ones only when their host offsets are contiguous.
    */
-  async mapRange(offset: number, length: number): Promise<MappedExtent[]> {
+  mapRange(offset: number, length: number): Promise<MappedExtent[]> {
+    return this.lock.read(() => this.mapRangeUnlocked(offset, length));
+  }
+
+  private async mapRangeUnlocked(offset: number, length: number): Promise<MappedExtent[]> {
     this.assertOpen();
     this.checkGuestRange(offset, length, this.hdr.size);
     return this.mapIn(this.l1, offset, length);
@@ -350,7 +361,11 @@ export class Qcow2Image implements ByteSource {
   // ---------------------------------------------------------------- reads
 
   /** ByteSource: read the virtual disk (through `backing` for unallocated ranges). Past size reads zero. */
-  async readAt(into: Uint8Array, offset: number): Promise<void> {
+  readAt(into: Uint8Array, offset: number): Promise<void> {
+    return this.lock.read(() => this.readAtUnlocked(into, offset));
+  }
+
+  private async readAtUnlocked(into: Uint8Array, offset: number): Promise<void> {
     this.assertOpen();
     const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
     if (inside < into.length) into.fill(0, inside);
@@ -358,7 +373,11 @@ export class Qcow2Image implements ByteSource {
   }
 
   /** Read this layer alone: unallocated ranges read as zeros whatever the backing chain holds. */
-  async readLayerAt(into: Uint8Array, offset: number): Promise<void> {
+  readLayerAt(into: Uint8Array, offset: number): Promise<void> {
+    return this.lock.read(() => this.readLayerAtUnlocked(into, offset));
+  }
+
+  private async readLayerAtUnlocked(into: Uint8Array, offset: number): Promise<void> {
     this.assertOpen();
     const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
     if (inside < into.length) into.fill(0, inside);
@@ -418,7 +437,11 @@ export class Qcow2Image implements ByteSource {
 
   // ---------------------------------------------------------------- snapshots
 
-  async snapshots(): Promise<SnapshotInfo[]> {
+  snapshots(): Promise<SnapshotInfo[]> {
+    return this.lock.read(() => this.snapshotsUnlocked());
+  }
+
+  private async snapshotsUnlocked(): Promise<SnapshotInfo[]> {
     this.assertOpen();
     if (!this.snapshotList) {
       this.snapshotList = await readSnapshotTable(this.file, this.hdr.snapshotsOffset, this.hdr.nbSnapshots, this.g.clusterSize, this.fileLength);
@@ -439,12 +462,12 @@ export class Qcow2Image implements ByteSource {
     const l1: L1View = { table, view: new DataView(table.buffer), size, entries: snap.l1Size };
     return {
       size,
-      readAt: async (into, offset) => {
+      readAt: (into, offset) => this.lock.read(async () => {
         this.assertOpen();
         const inside = Math.max(0, Math.min(into.length, size - offset));
         if (inside < into.length) into.fill(0, inside);
         if (inside > 0) await this.readView(l1, into.subarray(0, inside), offset, this.backing);
-      },
+      }),
     };
   }
 
@@ -464,8 +487,12 @@ export class Qcow2Image implements ByteSource {
   }
 
   /** Refcount of host cluster `cluster` (0 when no refcount block covers it). */
-  async refcountOf(cluster: number): Promise<number> {
+  refcountOf(cluster: number): Promise<number> {
     this.assertOpen();
+    return this.lock.read(() => this.refcountAt(cluster));
+  }
+
+  private async refcountAt(cluster: number): Promise<number> {
     const { tableIndex, blockIndex } = this.refcountLocation(cluster);
     const blockOffset = this.reftableEntry(tableIndex);
     if (blockOffset === 0) return 0;
@@ -549,7 +576,7 @@ export class Qcow2Image implements ByteSource {
     let start = -1;
     if (count === 1) {
       for (let c = Math.max(this.freeHint, 1); c < this.allocEnd; c++) {
-        if ((await this.refcountOf(c)) === 0) {
+        if ((await this.refcountAt(c)) === 0) {
           start = c;
           break;
         }
@@ -581,7 +608,7 @@ export class Qcow2Image implements ByteSource {
     if (l2Offset !== 0) {
       const table = await this.loadTable(this.l2Cache, this.dirtyL2, l2Offset, `L2 table (L1 entry ${l1Index})`);
       if (!copied) {
-        const refs = await this.refcountOf(l2Offset / this.g.clusterSize);
+        const refs = await this.refcountAt(l2Offset / this.g.clusterSize);
         if (refs === 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 table at 0x${l2Offset.toString(16)} has refcount 0`);
         if (refs > 1) return this.copyOnWriteL2(l1Index, l2Offset, table);
         encodeEntry(this.l1.view, l1Index * 8, l2Offset, COPIED_HI, 0);
@@ -631,14 +658,22 @@ export class Qcow2Image implements ByteSource {
   }
 
   /** Write `data` at guest offset `offset`. */
-  async write(data: Uint8Array, offset: number): Promise<void> {
+  write(data: Uint8Array, offset: number): Promise<void> {
+    return this.lock.write(() => this.writeUnlocked(data, offset));
+  }
+
+  private async writeUnlocked(data: Uint8Array, offset: number): Promise<void> {
     this.assertWritable();
     this.checkGuestRange(offset, data.length, this.hdr.size);
     await this.writeRange(offset, data.length, data);
   }
 
   /** Make [offset, offset+length) read as zeros, with the zero flag where the format allows. */
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.lock.write(() => this.writeZeroesUnlocked(offset, length));
+  }
+
+  private async writeZeroesUnlocked(offset: number, length: number): Promise<void> {
     this.assertWritable();
     this.checkGuestRange(offset, length, this.hdr.size);
     await this.zeroOrDiscard(offset, length, 'zero');
@@ -650,7 +685,11 @@ export class Qcow2Image implements ByteSource {
    * unallocated; a v2 image with a backing file gets real zeros). Partly covered ones keep
    * their data.
    */
-  async discard(offset: number, length: number): Promise<void> {
+  discard(offset: number, length: number): Promise<void> {
+    return this.lock.write(() => this.discardUnlocked(offset, length));
+  }
+
+  private async discardUnlocked(offset: number, length: number): Promise<void> {
     this.assertWritable();
     this.checkGuestRange(offset, length, this.hdr.size);
     await this.zeroOrDiscard(offset, length, 'discard');
@@ -763,7 +802,7 @@ export class Qcow2Image implements ByteSource {
       const compressed = (raw.hi & COMPRESSED_HI) !== 0;
       let owned = !compressed && host !== 0;
       if (owned && (raw.hi & COPIED_HI) === 0) {
-        const refs = await this.refcountOf(host / g.clusterSize);
+        const refs = await this.refcountAt(host / g.clusterSize);
         if (refs !== 1) owned = false;
       }
       let newEntry: RawL2Entry;
@@ -840,8 +879,12 @@ export class Qcow2Image implements ByteSource {
    * 2. L2 tables, L1 table, header, fsync;
    * 3. only now drop the refcounts of clusters nothing points at any more, fsync.
    */
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
     this.assertOpen();
+    return this.lock.write(() => this.flushUnlocked());
+  }
+
+  private async flushUnlocked(): Promise<void> {
     if (!this.writable) return;
     await this.writeRefcounts();
     await this.file.sync();
@@ -866,7 +909,7 @@ export class Qcow2Image implements ByteSource {
       for (const cluster of frees) await this.adjustRefcount(cluster, -1);
       await this.writeRefcounts();
       await this.file.sync();
-      if (this.pendingFrees.length) await this.flush();
+      if (this.pendingFrees.length) await this.flushUnlocked();
     }
   }
 
@@ -896,13 +939,17 @@ export class Qcow2Image implements ByteSource {
    * Point this image at another backing file (or none). The header and its extensions are
    * rewritten in place; the backing format extension is always written with a name. fsync.
    */
-  async setBackingFile(name: string | null, format: 'qcow2' | 'raw' | null): Promise<void> {
+  setBackingFile(name: string | null, format: 'qcow2' | 'raw' | null): Promise<void> {
+    return this.lock.write(() => this.setBackingFileUnlocked(name, format));
+  }
+
+  private async setBackingFileUnlocked(name: string | null, format: 'qcow2' | 'raw' | null): Promise<void> {
     this.assertWritable();
     if ((name === null) !== (format === null)) throw new Qcow2Error('qcow2.bad-argument', 'setBackingFile: name and format must both be given or both be null');
     if (name !== null) resolveReferencedPath(name, this.path, 'backing file');
     const extensions = withExtension(this.hdr.extensions, ExtensionType.backingFormat, format === null ? null : stringExtensionData(format));
     this.hdr = { ...this.hdr, backingFile: name, extensions };
-    await this.flush();
+    await this.flushUnlocked();
     await this.writeHeader();
     await this.file.sync();
   }
@@ -912,9 +959,13 @@ export class Qcow2Image implements ByteSource {
    * (never the zero flag). fsync. Returns the host offsets that are no longer referenced from
    * L2 but still refcounted; a crash after this only leaks them.
    */
-  async detachClusters(guestClusterIndexes: number[]): Promise<number[]> {
+  detachClusters(guestClusterIndexes: number[]): Promise<number[]> {
+    return this.lock.write(() => this.detachClustersUnlocked(guestClusterIndexes));
+  }
+
+  private async detachClustersUnlocked(guestClusterIndexes: number[]): Promise<number[]> {
     this.assertWritable();
-    await this.flush();
+    await this.flushUnlocked();
     const g = this.g;
     const released: number[] = [];
     for (const cluster of guestClusterIndexes) {
@@ -935,12 +986,16 @@ export class Qcow2Image implements ByteSource {
       writeL2Entry(view, index, g, { hi: 0, lo: 0, zeroBits: 0, allocBits: 0 });
       this.dirtyL2.add(l2Offset);
     }
-    await this.flush();
+    await this.flushUnlocked();
     return released;
   }
 
   /** Drop one reference from each of these host clusters (offsets from detachClusters). fsync. */
-  async releaseHostClusters(hostOffsets: number[]): Promise<void> {
+  releaseHostClusters(hostOffsets: number[]): Promise<void> {
+    return this.lock.write(() => this.releaseHostClustersUnlocked(hostOffsets));
+  }
+
+  private async releaseHostClustersUnlocked(hostOffsets: number[]): Promise<void> {
     this.assertWritable();
     for (const offset of hostOffsets) {
       if (!Number.isSafeInteger(offset) || offset % this.g.clusterSize !== 0 || offset <= 0) {
@@ -956,7 +1011,11 @@ export class Qcow2Image implements ByteSource {
    * Grow the virtual size (never shrink), growing the L1 table when needed: the new L1 is
    * written to fresh clusters, then the header switches to it, then the old one is freed.
    */
-  async growVirtualSize(newSize: number): Promise<void> {
+  growVirtualSize(newSize: number): Promise<void> {
+    return this.lock.write(() => this.growVirtualSizeUnlocked(newSize));
+  }
+
+  private async growVirtualSizeUnlocked(newSize: number): Promise<void> {
     this.assertWritable();
     if (!Number.isSafeInteger(newSize) || newSize < this.hdr.size) throw new Qcow2Error('qcow2.bad-argument', `growVirtualSize: ${newSize} is smaller than the current size ${this.hdr.size}`);
     if (newSize % 512 !== 0) throw new Qcow2Error('qcow2.bad-argument', `growVirtualSize: ${newSize} is not a multiple of 512`);
@@ -964,7 +1023,7 @@ export class Qcow2Image implements ByteSource {
     const needed = Math.ceil(newSize / g.l2Coverage);
     if (needed > this.l1.entries) {
       if (needed * 8 > MAX_L1_BYTES) throw new Qcow2Error('qcow2.too-large', `${this.path}: L1 table for ${newSize} bytes exceeds ${MAX_L1_BYTES} bytes`);
-      await this.flush();
+      await this.flushUnlocked();
       const clusters = Math.ceil((needed * 8) / g.clusterSize);
       const entries = needed;
       const start = await this.allocateClusters(clusters);
@@ -981,19 +1040,19 @@ export class Qcow2Image implements ByteSource {
       await this.writeHeader();
       await this.file.sync();
       if (oldClusters > 0 && oldOffset !== 0) for (let i = 0; i < oldClusters; i++) this.pendingFrees.push(oldOffset / g.clusterSize + i);
-      await this.flush();
+      await this.flushUnlocked();
       return;
     }
     this.hdr = { ...this.hdr, size: newSize };
     this.l1 = { ...this.l1, size: newSize };
     this.headerDirty = true;
-    await this.flush();
+    await this.flushUnlocked();
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (this.writable) await this.flush();
+      if (this.writable) await this.lock.write(() => this.flushUnlocked());
     } finally {
       this.closed = true;
       await this.file.close();

@@ -207,6 +207,44 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
     }
   });
 
+  it('concurrent calls: parallel reads and writes are serialized safely', async () => {
+    const path = join(dir, 'concurrent.qcow2');
+    await createImage({ path, size: 4 * MiB, clusterBits: 12 });
+    const image = await Qcow2Image.open(path, { writable: true });
+    const model = Buffer.alloc(4 * MiB);
+    const random = seededRandom(555);
+    // Stable region [0, 1 MiB) written first; then writes to [1 MiB, 4 MiB) race with reads of it.
+    const stable = fill(random, MiB);
+    await image.write(stable, 0);
+    stable.copy(model, 0);
+    const jobs: Array<Promise<void>> = [];
+    for (let i = 0; i < 40; i++) {
+      const length = randomInt(random, 1, 60_000);
+      const offset = MiB + i * 70_000 + randomInt(random, 0, 10_000);
+      const data = fill(random, length);
+      data.copy(model, offset);
+      jobs.push(image.write(data, offset));
+      if (i % 5 === 0) {
+        // The lock is FIFO, so the model can apply each change in call order.
+        const from = MiB + i * 70_000 + 60_000;
+        model.fill(0, Math.ceil(from / 4096) * 4096, Math.floor((from + 9_000) / 4096) * 4096);
+        jobs.push(image.discard(from, 9_000));
+      }
+      const at = randomInt(random, 0, MiB - 5000);
+      jobs.push(
+        (async () => {
+          const got = Buffer.alloc(5000);
+          await image.readAt(got, at);
+          expect(got.equals(model.subarray(at, at + 5000))).toBe(true);
+        })(),
+      );
+      if (i % 10 === 9) jobs.push(image.flush());
+    }
+    await Promise.all(jobs);
+    await image.close();
+    await verifyWithQemu(path, model);
+  });
+
   it('qemu-img compare agrees with a raw file of the model', async () => {
     const path = join(dir, 'compare.qcow2');
     await createImage({ path, size: 3 * MiB, clusterBits: 12 });
