@@ -6,7 +6,7 @@ import { execa } from 'execa';
 import { mkdir, readFile, writeFile, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openGuestFilesystem, type GuestFilesystem, type OpenGuestFilesystemOptions } from '../../src/fs/index.js';
-import { nodeFileSystem, rawFileSource } from '../../src/io/host-file.js';
+import { nodeFileSystem, rawFileSource, type HostFile } from '../../src/io/host-file.js';
 
 export interface MkfsOptions {
   /** Size of the raw image in bytes. */
@@ -122,9 +122,18 @@ export async function oracleLs(image: string, path: string): Promise<OracleDirEn
   return entries;
 }
 
+const opened: HostFile[] = [];
+
+/** Open a raw image's filesystem; the file stays open until closeOpened(). */
 export async function openRaw(image: string, options: OpenGuestFilesystemOptions = {}): Promise<GuestFilesystem> {
   const file = await nodeFileSystem.open(image, 'read');
+  opened.push(file);
   return openGuestFilesystem(await rawFileSource(file), options);
+}
+
+/** Close every file openRaw opened (call from afterAll). */
+export async function closeOpened(): Promise<void> {
+  for (const file of opened.splice(0)) await file.close();
 }
 
 /** Deterministic bytes (fast, seedable): xorshift32 stream. */

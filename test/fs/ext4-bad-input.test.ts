@@ -12,6 +12,7 @@ import { isQlayerError } from '../../src/errors.js';
 import { openGuestFilesystem, type GuestFilesystem } from '../../src/fs/index.js';
 import { bufferSource } from '../../src/io/byte-source.js';
 import { debugfs, debugfsOne, makeTree, mkfs, openRaw, patternBytes } from './e2fs.js';
+import { closeOpened } from './e2fs.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -37,6 +38,7 @@ beforeAll(async () => {
   });
 });
 afterAll(async () => {
+  await closeOpened();
   await cleanup();
 });
 

@@ -11,6 +11,7 @@ import { tempDir } from '../helpers/qemu.js';
 import { readPartitions } from '../../src/fs/index.js';
 import { bufferSource } from '../../src/io/byte-source.js';
 import { debugfs, debugfsOne, makeTree, mkfs, openRaw, oracleDump, oracleExtents, oracleLs, patternBytes } from './e2fs.js';
+import { closeOpened } from './e2fs.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -19,6 +20,7 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-fs-special-'));
 });
 afterAll(async () => {
+  await closeOpened();
   await cleanup();
 });
 

@@ -11,6 +11,7 @@ import { tempDir } from '../helpers/qemu.js';
 import { isQlayerError } from '../../src/errors.js';
 import type { GuestFilesystem } from '../../src/fs/index.js';
 import { debugfsOne, makeTree, mkfs, openRaw, oracleDump, oracleExtents, oracleLs, patternBytes, type MkfsOptions } from './e2fs.js';
+import { closeOpened } from './e2fs.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -53,6 +54,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  await closeOpened();
   await cleanup();
 });
 
