@@ -65,6 +65,9 @@ async function mapExtents(sb: Superblock, reader: BlockReader, inode: Inode): Pr
   const visited = new Set<number>();
   const blockCapacity = Math.floor((sb.blockSize - 12) / 12);
   let nextLogical = 0;
+  // Tree blocks are counted in i_blocks: a tree with more nodes than that is corrupt (and,
+  // crafted, could otherwise fan out into billions of reads).
+  let nodeBudget = inode.allocatedBlocks + 1;
 
   const walk = async (node: Buffer, header: ExtentHeader, where: string, lo: number, hi: number): Promise<void> => {
     let previous = -1;
@@ -93,6 +96,8 @@ async function mapExtents(sb: Superblock, reader: BlockReader, inode: Inode): Pr
         const childHi = i + 1 < header.entries ? node.readUInt32LE(at + 12) : hi;
         if (visited.has(child)) throw corrupt(`${where}: extent tree loops back to block ${child}`);
         visited.add(child);
+        nodeBudget -= 1;
+        if (nodeBudget < 0) throw corrupt(`inode ${inode.number}: its extent tree has more blocks than i_blocks says it owns`);
         const childWhere = `inode ${inode.number} extent block ${child}`;
         const block = await reader.block(child, childWhere);
         const childHeader = parseHeader(block, childWhere, blockCapacity);

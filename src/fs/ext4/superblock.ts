@@ -98,7 +98,15 @@ export function parseSuperblock(raw: Uint8Array, partitionBytes: number): Superb
     throw corrupt(`s_first_data_block ${firstDataBlock} is impossible with ${blockSize}-byte blocks`);
   }
   if (blocksCount === 0 || blocksCount <= firstDataBlock) throw corrupt(`s_blocks_count ${blocksCount} is impossible`);
-  if (blocksPerGroup === 0 || blocksPerGroup > blockSize * 8) throw corrupt(`s_blocks_per_group ${blocksPerGroup} is out of range`);
+  // With bigalloc the block bitmap counts clusters, so the limit applies to clusters per group.
+  const bigalloc = (featureRoCompat & RO_COMPAT.BIGALLOC) !== 0;
+  const logClusterSize = b.readUInt32LE(0x1c);
+  const clustersPerGroup = b.readUInt32LE(0x24);
+  if (bigalloc && (logClusterSize < logBlockSize || logClusterSize - logBlockSize > 16 || blocksPerGroup !== clustersPerGroup * 2 ** (logClusterSize - logBlockSize))) {
+    throw corrupt(`bigalloc geometry is inconsistent (s_log_cluster_size ${logClusterSize}, s_clusters_per_group ${clustersPerGroup}, s_blocks_per_group ${blocksPerGroup})`);
+  }
+  const perGroupLimit = bigalloc ? blockSize * 8 * 2 ** (logClusterSize - logBlockSize) : blockSize * 8;
+  if (blocksPerGroup === 0 || blocksPerGroup > perGroupLimit) throw corrupt(`s_blocks_per_group ${blocksPerGroup} is out of range`);
   if (inodesPerGroup === 0 || inodesPerGroup > blockSize * 8) throw corrupt(`s_inodes_per_group ${inodesPerGroup} is out of range`);
   if (inodeSize < 128 || inodeSize > blockSize || (inodeSize & (inodeSize - 1)) !== 0) {
     throw corrupt(`s_inode_size ${inodeSize} is not a power of two between 128 and the block size`);
