@@ -39,7 +39,8 @@ export interface BootOptions {
   kvmProgressMs?: number;
   /**
    * A long-lived guest (a desktop) that outlives this process: no owner pid is recorded, so
-   * stale-domain cleanup never mistakes it for the leftover of a dead run.
+   * stale-domain cleanup never mistakes it for the leftover of a dead run, and the returned
+   * guest is already detached (connection closed; find and stop it by name, see stopDomain).
    */
   detached?: boolean;
   /** The probe accel 'auto' runs once per process when KVM looks usable; default: a diskless boot of the test guest (see kvm-probe.ts). */
@@ -134,41 +135,30 @@ export class RunningGuest {
   }
 
   /**
-   * Stop the guest cleanly if it can, for sure in any case: guest-shutdown through the agent (the
-   * test guest syncs, remounts / read-only and powers off); without an agent, ACPI; if it is
-   * still running at the deadline, flush what the agent can (fsfreeze) and destroy it.
+   * Stop the guest cleanly if it can, for sure in any case (see stopDomain), then forget it
+   * (undefined too when persistent).
    */
   async shutdown(options: { timeoutMs?: number } = {}): Promise<ShutdownResult> {
-    const started = Date.now();
-    const timeoutMs = options.timeoutMs ?? 30_000;
-    const done = async (how: ShutdownResult['how']): Promise<ShutdownResult> => {
-      await this.finish();
-      return { how, ms: Date.now() - started };
-    };
     if (this.closed) return { how: 'already-off', ms: 0 };
     try {
-      if (!(await this.isOn())) return await done('already-off');
-      let agentUp = true;
-      try {
-        await this.agent.ping(2);
-      } catch {
-        agentUp = false;
-      }
-      if (agentUp) {
-        await this.agent.shutdown().catch(() => undefined);
-        if (await this.waitForShutoff(timeoutMs)) return await done('agent');
-      } else {
-        await this.connection.requestShutdown(this.name).catch(() => undefined);
-        if (await this.waitForShutoff(Math.min(timeoutMs, 10_000))) return await done('acpi');
-      }
-      // Last resort: make ext4 consistent if the agent still answers, then pull the plug.
-      await this.agent.fsfreeze().catch(() => undefined);
-      await this.connection.destroy(this.name);
-      return await done('destroyed');
+      const result = await stopDomain(this.connection, this.name, options.timeoutMs ?? 30_000);
+      await this.finish();
+      return result;
     } catch (error) {
       await this.destroy().catch(() => undefined);
       throw error;
     }
+  }
+
+  /**
+   * Leave the guest running and let go of it: close the libvirt connection. For desktops that
+   * outlive this process (they are found again by name).
+   */
+  async detach(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    live.delete(this);
+    await this.connection.close();
   }
 
   /** Power off at once and forget the domain (undefined too when persistent). Idempotent. */
@@ -179,11 +169,6 @@ export class RunningGuest {
     } finally {
       await this.finish();
     }
-  }
-
-  private async isOn(): Promise<boolean> {
-    const state = await this.connection.state(this.name);
-    return state !== 'absent' && state !== 'shutoff';
   }
 
   private async finish(): Promise<void> {
@@ -201,6 +186,48 @@ export class RunningGuest {
     const text = this.serial;
     return text.trim() === '' ? '\n(the serial console printed nothing)' : `\nlast serial lines:\n${tail(text, lines)}`;
   }
+}
+
+/**
+ * Stop a domain cleanly if it can, for sure in any case: guest-shutdown through the agent (the
+ * test guest syncs, remounts / read-only and powers off; a desktop shuts down normally); without
+ * an agent, an ACPI request (at most 10 s); if it is still running at the deadline, freeze the
+ * filesystems through the agent (ext4 is then clean, nothing to replay) and destroy it.
+ */
+export async function stopDomain(connection: LibvirtConnection, name: string, timeoutMs = 30_000): Promise<ShutdownResult> {
+  const started = Date.now();
+  const result = (how: ShutdownResult['how']): ShutdownResult => ({ how, ms: Date.now() - started });
+  const off = async (): Promise<boolean> => {
+    const state = await connection.state(name);
+    return state === 'absent' || state === 'shutoff';
+  };
+  const waitOff = async (ms: number): Promise<boolean> => {
+    const deadline = Date.now() + ms;
+    for (;;) {
+      if (await off()) return true;
+      if (Date.now() >= deadline) return false;
+      await sleep(100);
+    }
+  };
+  if (await off()) return result('already-off');
+  const agent = new GuestAgent(name, { uri: connection.uri });
+  let agentUp = true;
+  try {
+    await agent.ping(2);
+  } catch {
+    agentUp = false;
+  }
+  if (agentUp) {
+    await agent.shutdown().catch(() => undefined);
+    if (await waitOff(timeoutMs)) return result('agent');
+  } else {
+    await connection.requestShutdown(name).catch(() => undefined);
+    if (await waitOff(Math.min(timeoutMs, 10_000))) return result('acpi');
+  }
+  // Last resort: make the filesystems consistent if the agent still answers, then pull the plug.
+  await agent.fsfreeze().catch(() => undefined);
+  await connection.destroy(name);
+  return result('destroyed');
 }
 
 /** Destroy every guest this process started and has not stopped (for signal handlers). */
@@ -326,6 +353,7 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
       await guest.waitFor(options.until, Math.max(1, timeoutMs - (Date.now() - startedAt)));
     }
     if (options.waitForAgent) await guest.agent.waitReady(Math.max(1000, timeoutMs - (Date.now() - startedAt)));
+    if (options.detached) await guest.detach();
     return guest;
   } catch (error) {
     if (guest !== undefined) await guest.destroy().catch(() => undefined);

@@ -8,3 +8,4 @@ export * from './accel.js';
 export * from './boot.js';
 export * from './fixture.js';
 export * from './kvm-probe.js';
+export * from './desktop-runtime.js';

@@ -39,7 +39,7 @@ export async function fsckClean(raw: string): Promise<{ ok: boolean; output: str
 
 /** The content of a file in a raw ext4 image, read by debugfs (independent of the guest). */
 export async function debugfsCat(raw: string, path: string): Promise<Buffer> {
-  const result = await execa('debugfs', ['-R', `cat ${path}`, raw], { encoding: 'buffer', reject: false });
+  const result = await execa('debugfs', ['-R', `cat ${path}`, raw], { encoding: 'buffer', reject: false, stripFinalNewline: false });
   if (result.exitCode !== 0) throw new Error(`debugfs cat ${path}: ${Buffer.from(result.stderr).toString()}`);
   return Buffer.from(result.stdout);
 }
