@@ -801,8 +801,14 @@ export class Qcow2Image implements ByteSource {
       let host = entryOffset(raw.hi, raw.lo);
       const compressed = (raw.hi & COMPRESSED_HI) !== 0;
       let owned = !compressed && host !== 0;
-      if (owned && (raw.hi & COPIED_HI) === 0) {
+      if (owned) {
+        // Never write in place on the word of an entry alone: the cluster must be inside the
+        // file, past the header, and referenced exactly once (COPIED may be stale or forged).
+        if (host < g.clusterSize || host + g.clusterSize > Math.max(this.fileLength, this.allocEnd * g.clusterSize)) {
+          throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 entry for guest cluster ${cluster} points at 0x${host.toString(16)}, outside the file`);
+        }
         const refs = await this.refcountAt(host / g.clusterSize);
+        if (refs === 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: data cluster 0x${host.toString(16)} is in use but has refcount 0`);
         if (refs !== 1) owned = false;
       }
       let newEntry: RawL2Entry;

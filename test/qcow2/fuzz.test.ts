@@ -11,6 +11,9 @@ import { Qcow2Error, Qcow2Image, parseHeader } from '../../src/qcow2/index.js';
 import { qemuCreate, qemuImg, qemuIo, randomInt, seededRandom, sha256, tempDir } from '../helpers/qemu.js';
 
 const MiB = 1 << 20;
+/** Longer runs: QLAYER_FUZZ_SEED=n QLAYER_FUZZ_SCALE=10 npx vitest run test/qcow2/fuzz.test.ts */
+const SEED_OFFSET = Number(process.env.QLAYER_FUZZ_SEED ?? 0);
+const SCALE = Number(process.env.QLAYER_FUZZ_SCALE ?? 1);
 let dir: string;
 let cleanup: () => Promise<void>;
 const seeds: Array<{ path: string; metadata: Array<[number, number]> }> = [];
@@ -95,11 +98,11 @@ describe('fuzzed images', () => {
     for (const seed of seeds) await exercise(seed.path);
   });
 
-  it('600 seeded mutations: typed error or successful read, no hang, file unchanged', async () => {
-    const random = seededRandom(20261124);
+  it('600 (x QLAYER_FUZZ_SCALE) seeded mutations: typed error or successful read, no hang, file unchanged', async () => {
+    const random = seededRandom(20261124 + SEED_OFFSET);
     const outcomes = { ok: 0, typed: 0 };
     const codes = new Map<string, number>();
-    for (let iteration = 0; iteration < 600; iteration++) {
+    for (let iteration = 0; iteration < 600 * SCALE; iteration++) {
       const seed = seeds[iteration % seeds.length]!;
       const bytes = Buffer.from(await readFile(seed.path));
       const mutations = randomInt(random, 1, 4);
@@ -132,6 +135,56 @@ describe('fuzzed images', () => {
     expect(outcomes.ok).toBeGreaterThan(50);
     expect(outcomes.typed).toBeGreaterThan(50);
     expect(codes.size).toBeGreaterThan(3);
+  });
+
+  it('writes to fuzzed images that open writable: typed error or success, never a crash or hang', async () => {
+    const random = seededRandom(4711 + SEED_OFFSET);
+    const outcomes = { ok: 0, typed: 0 };
+    for (let iteration = 0; iteration < 300 * SCALE; iteration++) {
+      const seed = seeds[iteration % seeds.length]!;
+      const bytes = Buffer.from(await readFile(seed.path));
+      for (let m = randomInt(random, 1, 3); m > 0; m--) {
+        const [start, length] = seed.metadata[randomInt(random, 0, seed.metadata.length)]!;
+        const at = start + randomInt(random, 0, length);
+        if (random() < 0.5) bytes[at] = randomInt(random, 0, 256);
+        else bytes[at] = (bytes[at] ?? 0) ^ (1 << randomInt(random, 0, 8));
+      }
+      const path = join(dir, 'mutant-rw.qcow2');
+      await writeFile(path, bytes);
+      const job = (async () => {
+        const image = await Qcow2Image.open(path, { writable: true });
+        try {
+          const size = image.size;
+          const cs = image.clusterSize;
+          for (let k = 0; k < 6; k++) {
+            const length = randomInt(random, 1, Math.min(size, 200_000));
+            const offset = randomInt(random, 0, size - length + 1);
+            const roll = random();
+            if (roll < 0.5) await image.write(Buffer.alloc(length, k + 1), offset);
+            else if (roll < 0.7) await image.writeZeroes(offset, length);
+            else if (roll < 0.85) await image.discard(offset, length);
+            else await image.releaseHostClusters(await image.detachClusters([Math.floor(offset / cs)]));
+          }
+          await image.readAt(Buffer.alloc(Math.min(size, MiB)), 0);
+        } finally {
+          await image.close().catch((error: unknown) => {
+            if (!(error instanceof Qcow2Error)) throw error;
+          });
+        }
+      })();
+      try {
+        await withTimeout(job, 10_000);
+        outcomes.ok += 1;
+      } catch (error) {
+        if (!(error instanceof Qcow2Error)) {
+          await copyFile(path, join(dir, `failing-rw-${iteration}.qcow2`));
+          throw new Error(`iteration ${iteration} (${seed.path}): ${String(error)}\n${(error as Error).stack ?? ''}`);
+        }
+        outcomes.typed += 1;
+      }
+    }
+    expect(outcomes.ok).toBeGreaterThan(20);
+    expect(outcomes.typed).toBeGreaterThan(20);
   });
 
   it('fuzzed writable opens never write to refused files', async () => {
