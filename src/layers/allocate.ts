@@ -3,12 +3,28 @@ import { GUEST_EXIT, runGuestScript, shellQuote, type GuestShell } from './guest
 
 const octal = (mode: number): string => (mode & 0o7777).toString(8).padStart(4, '0');
 
+const MIB = 1 << 20;
+
+/**
+ * Lines that create `quotedPath` holding exactly `size` zero bytes, written for real: whole MiBs
+ * with dd (7x faster than head -c in a TCG guest: 0.9 s against 6.4 s for 100 MB), the rest
+ * appended with head -c.
+ */
+function zeroFill(quotedPath: string, size: number): string[] {
+  const whole = Math.floor(size / MIB);
+  const rest = size % MIB;
+  const lines = [whole > 0 ? `  dd if=/dev/zero of=${quotedPath} bs=${MIB} count=${whole} 2>/dev/null` : `  : > ${quotedPath}`];
+  if (rest > 0) lines.push(`  head -c ${rest} /dev/zero >> ${quotedPath}`);
+  return lines;
+}
+
 /**
  * The guest-side script that allocates the placeholders of these apps: folders first, then each
- * file created with real zero writes of its exact size (head -c from /dev/zero, never fallocate,
+ * file created with real zero writes of its exact size (dd and head -c from /dev/zero, never fallocate,
  * which leaves unwritten extents that read as zeros whatever the disk holds), its mode and
  * owner, then sync. A path that exists already is refused, unless it is a regular file of the
  * right size: that is a placeholder left by an interrupted assign, and locate re-checks it.
+ * Only POSIX sh, dd, head, mkdir, chmod, chown, wc and sync: busybox and full desktops alike.
  */
 export function allocationScript(manifests: AppManifest[]): string {
   const lines = ['set -e', `refuse() { echo "$1" >&2; exit ${GUEST_EXIT.exists}; }`];
@@ -24,7 +40,7 @@ export function allocationScript(manifests: AppManifest[]): string {
         `if [ -e ${q} ] || [ -L ${q} ]; then`,
         `  if [ -f ${q} ] && [ ! -L ${q} ] && [ "$(wc -c < ${q})" -eq ${file.size} ]; then :; else refuse ${shellQuote(file.path)}; fi`,
         `else`,
-        `  head -c ${file.size} /dev/zero > ${q}`,
+        ...zeroFill(q, file.size),
         `fi`,
         `chmod ${octal(file.mode)} ${q} && chown ${file.uid}:${file.gid} ${q}`,
       );

@@ -30,9 +30,9 @@ function manifestUnder(root: string): AppManifest {
     files: [
       { path: `${prefix}/bin/tool`, size: 12_345, mode: 0o755, uid: 0, gid: 0, sha256: '', payloadOffset: 0 },
       { path: `${prefix}/empty`, size: 0, mode: 0o600, uid: 0, gid: 0, sha256: '', payloadOffset: 16384 },
-      { path: `${prefix}/big`, size: 3 << 20, mode: 0o644, uid: 0, gid: 0, sha256: '', payloadOffset: 16384 },
+      { path: `${prefix}/big`, size: (3 << 20) + 5, mode: 0o644, uid: 0, gid: 0, sha256: '', payloadOffset: 16384 },
     ],
-    payloadSize: 16384 + (3 << 20),
+    payloadSize: 16384 + (3 << 20) + 4096,
     createdAt: '',
   };
 }
