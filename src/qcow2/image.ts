@@ -607,10 +607,11 @@ export class Qcow2Image implements ByteSource {
     const { l2Offset, copied } = this.l1Entry(this.l1, l1Index);
     if (l2Offset !== 0) {
       const table = await this.loadTable(this.l2Cache, this.dirtyL2, l2Offset, `L2 table (L1 entry ${l1Index})`);
+      // The refcount decides, not the COPIED bit alone (it may be stale or forged).
+      const refs = await this.refcountAt(l2Offset / this.g.clusterSize);
+      if (refs === 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 table at 0x${l2Offset.toString(16)} has refcount 0`);
+      if (refs > 1) return this.copyOnWriteL2(l1Index, l2Offset, table);
       if (!copied) {
-        const refs = await this.refcountAt(l2Offset / this.g.clusterSize);
-        if (refs === 0) throw new Qcow2Error('qcow2.corrupt', `${this.path}: L2 table at 0x${l2Offset.toString(16)} has refcount 0`);
-        if (refs > 1) return this.copyOnWriteL2(l1Index, l2Offset, table);
         encodeEntry(this.l1.view, l1Index * 8, l2Offset, COPIED_HI, 0);
         this.l1Dirty = true;
       }
