@@ -9,3 +9,4 @@ export * from './boot.js';
 export * from './fixture.js';
 export * from './kvm-probe.js';
 export * from './desktop-runtime.js';
+export * from './host-check.js';
