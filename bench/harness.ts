@@ -4,6 +4,7 @@
  * wrong result is reported as a failure, never as a win. Other subsystems (ext4 lookups,
  * recompose) add their own sections with registerBenchSection().
  */
+import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -56,14 +57,19 @@ export function registeredBenchSections(): readonly BenchSection[] {
   return sections;
 }
 
-async function bestOf(runs: number, job: () => Promise<void>): Promise<number> {
-  let best = Number.POSITIVE_INFINITY;
-  for (let i = 0; i < runs; i += 1) {
-    const start = performance.now();
-    await job();
-    best = Math.min(best, performance.now() - start);
-  }
-  return best;
+/**
+ * Flush dirty pages before each timed run (untimed), so that one run does not pay for the
+ * writeback of the previous run's output.
+ */
+async function settle(): Promise<void> {
+  await new Promise<void>((resolve) => execFile('sync', () => resolve()));
+}
+
+async function timed(job: () => Promise<void>): Promise<number> {
+  await settle();
+  const start = performance.now();
+  await job();
+  return performance.now() - start;
 }
 
 export interface RunOptions {
@@ -89,10 +95,16 @@ export async function runBench(options: RunOptions = {}): Promise<BenchRow[]> {
         try {
           log(`${section.name}/${benchCase.name}: setup`);
           await benchCase.setup?.(ctx);
-          // Alternate the tools run by run would be fairer for caches, but the reference runs
-          // first so that qlayer is never the one that warmed the page cache.
-          if (benchCase.reference) row.referenceMs = await bestOf(runs, () => benchCase.reference!(ctx));
-          row.qlayerMs = await bestOf(runs, () => benchCase.qlayer(ctx));
+          // Runs alternate (reference first each round), so both tools see the same cache and
+          // machine state; the best of each is kept.
+          let bestReference = Number.POSITIVE_INFINITY;
+          let bestQlayer = Number.POSITIVE_INFINITY;
+          for (let i = 0; i < runs; i += 1) {
+            if (benchCase.reference) bestReference = Math.min(bestReference, await timed(() => benchCase.reference!(ctx)));
+            bestQlayer = Math.min(bestQlayer, await timed(() => benchCase.qlayer(ctx)));
+          }
+          if (benchCase.reference) row.referenceMs = bestReference;
+          row.qlayerMs = bestQlayer;
           if (benchCase.verify) {
             await benchCase.verify(ctx);
             row.verified = true;

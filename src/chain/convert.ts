@@ -354,6 +354,8 @@ export async function convertImage(source: string, output: string, options: Conv
     const size = layers[0]!.size;
     out = await fs.open(output, 'create');
     // QEMU sees a qcow2 disk in whole 512-byte sectors: round up, as qemu-img convert does.
+    // Size the output first: writes inside the file are cheaper than extending it each time.
+    if (outputFormat === 'raw') await out.truncate(size);
     const sink: Sink =
       outputFormat === 'raw' ? new RawSink(out, size) : new Qcow2Sink(out, Math.ceil(size / 512) * 512, clusterSize, options.compress === true);
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
