@@ -7,7 +7,7 @@
 import { isAbsolute, resolve } from 'node:path';
 import { nodeFileSystem, syncParentDirectory, type FileSystemAccess } from '../io/host-file.js';
 import { resolveReferencedPath } from '../chain/confine.js';
-import { Qcow2Error } from './errors.js';
+import { ChainError, Qcow2Error } from './errors.js';
 import {
   Compatible,
   ExtensionType,
@@ -52,6 +52,17 @@ function bad(message: string): never {
 }
 
 async function backingSize(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess): Promise<number> {
+  try {
+    return await openBackingSize(path, format, fs);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new ChainError('chain.backing-not-found', `createImage: backing file ${path} does not exist`, { cause: error });
+    }
+    throw error;
+  }
+}
+
+async function openBackingSize(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess): Promise<number> {
   if (format === 'raw') {
     const file = await fs.open(path, 'read');
     try {
@@ -92,7 +103,9 @@ export async function createImage(options: CreateImageOptions): Promise<Qcow2Hea
     backingName = options.backing.path;
     backingFormat = options.backing.format;
     const resolved = resolveReferencedPath(backingName, resolve(options.path), 'backing file');
-    if (size === undefined) size = await backingSize(resolved, backingFormat, fs);
+    // Like qemu-img create: the backing file must exist and be of the stated format.
+    const backingVirtualSize = await backingSize(resolved, backingFormat, fs);
+    if (size === undefined) size = backingVirtualSize;
   }
   if (size === undefined) bad('size is required without a backing file');
   if (!Number.isSafeInteger(size) || size < 0 || size > MAX_VIRTUAL_SIZE) bad(`size ${size}`);

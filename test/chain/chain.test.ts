@@ -149,6 +149,15 @@ describe('openChain', () => {
     await expectRefused(missing, 'chain.backing-not-found');
   });
 
+  it('createImage checks the backing file: present, of the stated format, plain name', async () => {
+    await expect(createImage({ path: join(dir, 'c1.qcow2'), backing: { path: 'absent.qcow2', format: 'qcow2' } })).rejects.toMatchObject({ code: 'chain.backing-not-found' });
+    await writeFile(join(dir, 'not-qcow2.img'), Buffer.alloc(4096, 1));
+    await expect(createImage({ path: join(dir, 'c2.qcow2'), backing: { path: 'not-qcow2.img', format: 'qcow2' } })).rejects.toMatchObject({ code: 'qcow2.bad-magic' });
+    await expect(createImage({ path: join(dir, 'c3.qcow2'), backing: { path: 'nbd:host:1', format: 'raw' } })).rejects.toMatchObject({ code: 'chain.refused-protocol' });
+    const header = await createImage({ path: join(dir, 'c4.qcow2'), backing: { path: 'not-qcow2.img', format: 'raw' } });
+    expect(header.size).toBe(4096);
+  });
+
   it('setBackingFile rewrites the header in place and keeps other extensions', async () => {
     const sub = join(dir, 'rebase');
     await mkdir(sub);
