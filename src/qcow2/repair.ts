@@ -40,7 +40,7 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
       again.result.corruptions = 0;
       again.result.messages = [];
       await checkCopiedFlags(again, true);
-      await clearCorruptBit(again);
+      await clearCorruptAndDirtyBits(again);
     }
     await file.sync();
     const after = (await analyzeImage(file, path)).result;
@@ -53,10 +53,16 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
   }
 }
 
-async function clearCorruptBit(state: CheckState): Promise<void> {
-  if ((state.header.incompatibleFeatures & Incompatible.corrupt) === 0n || state.result.corruptions > 0) return;
+/**
+ * After a successful full repair the refcounts are exact: clear the corrupt bit, and the dirty
+ * bit (which only says "refcounts may be stale", the lazy-refcounts promise).
+ */
+async function clearCorruptAndDirtyBits(state: CheckState): Promise<void> {
+  const clear = Incompatible.corrupt | Incompatible.dirty;
+  if ((state.header.incompatibleFeatures & clear) === 0n || state.result.corruptions > 0 || state.header.version < 3) return;
   const bytes = new Uint8Array(8);
-  new DataView(bytes.buffer).setBigUint64(0, state.header.incompatibleFeatures & ~Incompatible.corrupt);
+  new DataView(bytes.buffer).setBigUint64(0, state.header.incompatibleFeatures & ~clear);
+  await state.file.sync();
   await state.file.write(bytes, 72);
 }
 
