@@ -57,6 +57,8 @@ export interface OpenImageOptions {
    * opened; the chain uses it to confine data files. Return the path to open, or throw.
    */
   resolveDataFile?: (name: string, resolvedPath: string) => Promise<string>;
+  /** Bytes of L2 tables (and, separately, refcount blocks) kept in memory; default 32 MiB. */
+  cacheBytes?: number;
 }
 
 /** A run of guest bytes with one mapping kind (host offsets contiguous for normal runs). */
@@ -115,6 +117,7 @@ export class Qcow2Image implements ByteSource {
     l1: L1View,
     reftable: Uint8Array,
     fileLength: number,
+    cacheBytes: number,
   ) {
     this.g = geometry(hdr.clusterBits, (hdr.incompatibleFeatures & Incompatible.extendedL2) !== 0n, hdr.refcountOrder);
     this.l1 = l1;
@@ -122,7 +125,7 @@ export class Qcow2Image implements ByteSource {
     this.reftableView = new DataView(reftable.buffer, reftable.byteOffset, reftable.byteLength);
     this.fileLength = fileLength;
     this.allocEnd = Math.ceil(fileLength / this.g.clusterSize);
-    this.maxCachedTables = Math.max(16, Math.floor((32 * 1024 * 1024) / this.g.clusterSize));
+    this.maxCachedTables = Math.max(2, Math.floor(cacheBytes / this.g.clusterSize));
   }
 
   static async open(path: string, options: OpenImageOptions = {}): Promise<Qcow2Image> {
@@ -179,6 +182,7 @@ export class Qcow2Image implements ByteSource {
         { table: l1Bytes, view: new DataView(l1Bytes.buffer), size: header.size, entries: header.l1Size },
         reftable,
         fileLength,
+        options.cacheBytes ?? 32 * 1024 * 1024,
       );
       if (writable) await image.prepareForWriting();
       return image;
@@ -615,6 +619,9 @@ export class Qcow2Image implements ByteSource {
         encodeEntry(this.l1.view, l1Index * 8, l2Offset, COPIED_HI, 0);
         this.l1Dirty = true;
       }
+      // Dirty from now on: the caller changes it after further awaits, and a clean table could
+      // be evicted meanwhile, taking the change with it.
+      this.dirtyL2.add(l2Offset);
       return table;
     }
     const cluster = await this.allocateClusters(1);

@@ -33,6 +33,9 @@ const modes: Mode[] = [
   { name: 'v2 64K', size: 8 * MiB, create: { version: 2 }, ops: 80, maxLength: 400_000 },
   { name: 'v3 512B refcount 1', size: 2 * MiB, create: { clusterBits: 9, refcountBits: 1 }, ops: 60, maxLength: 50_000 },
   { name: 'v3 4K refcount 64', size: 4 * MiB, create: { clusterBits: 12, refcountBits: 64 }, ops: 60, maxLength: 100_000 },
+  { name: 'v3 4K refcount 4', size: 3 * MiB, create: { clusterBits: 12, refcountBits: 4 }, ops: 40, maxLength: 100_000 },
+  { name: 'v3 4K refcount 8', size: 3 * MiB, create: { clusterBits: 12, refcountBits: 8 }, ops: 40, maxLength: 100_000 },
+  { name: 'v3 4K refcount 32', size: 3 * MiB, create: { clusterBits: 12, refcountBits: 32 }, ops: 40, maxLength: 100_000 },
   { name: 'v3 4K refcount 2', size: 4 * MiB, create: { clusterBits: 12, refcountBits: 2 }, ops: 60, maxLength: 100_000 },
   { name: 'v3 2M clusters', size: 12 * MiB, create: { clusterBits: 21 }, ops: 30, maxLength: 3 * MiB },
   { name: 'v3 extended L2 64K + qcow2 backing', size: 6 * MiB, create: { extendedL2: true }, backing: 'qcow2', ops: 80, maxLength: 200_000 },
@@ -243,6 +246,18 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
     await Promise.all(jobs);
     await image.close();
     await verifyWithQemu(path, model);
+  });
+
+  it('tiny table caches (eviction on every load) give the same results', async () => {
+    for (const [name, extra] of [['standard', {}], ['extended L2', { extendedL2: true, clusterBits: 14 }]] as const) {
+      const path = join(dir, `tiny-cache-${name.replace(' ', '-')}.qcow2`);
+      await createImage({ path, size: 8 * MiB, clusterBits: 12, ...extra });
+      const image = await Qcow2Image.open(path, { writable: true, cacheBytes: 1 });
+      const model = Buffer.alloc(8 * MiB);
+      await runSequence(image, model, 2024, 80, 300_000, image.geometry.subclusterSize);
+      await image.close();
+      await verifyWithQemu(path, model);
+    }
   });
 
   it('qemu-img compare agrees with a raw file of the model', async () => {
