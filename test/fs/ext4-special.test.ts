@@ -9,6 +9,8 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tempDir } from '../helpers/qemu.js';
 import { readPartitions } from '../../src/fs/index.js';
+import { Ext4Filesystem } from '../../src/fs/ext4/filesystem.js';
+import { nodeFileSystem, rawFileSource } from '../../src/io/host-file.js';
 import { bufferSource } from '../../src/io/byte-source.js';
 import { debugfs, debugfsOne, makeTree, mkfs, openRaw, oracleDump, oracleExtents, oracleLs, patternBytes } from './e2fs.js';
 import { closeOpened } from './e2fs.js';
@@ -55,6 +57,25 @@ describe('directories', () => {
     expect(fs.readStats.metadataBlocksRead - before).toBeLessThanOrEqual(700);
     expect((await fs.readFile('/big/file-97-' + 'n'.repeat(97 % 40))).toString()).toBe('content 97\n');
     expect(fs.readStats.bytesRead).toBeLessThan(8 * 1024 * 1024);
+
+    // Hash lookups only (no whole-directory read): every name found, each reading a handful of blocks.
+    const file = await nodeFileSystem.open(image, 'read');
+    try {
+      const hashed = await Ext4Filesystem.open(await rawFileSource(file));
+      hashed.htreeLookupLimit = Infinity;
+      await hashed.resolve('/big/file-5000-' + 'n'.repeat(5000 % 40));
+      expect(hashed.reader.stats.metadataBlocksRead).toBeLessThanOrEqual(8); // descriptors, 2 inodes, dx root + node, leaf
+      for (const entry of entries) {
+        if (entry.name === '.' || entry.name === '..') continue;
+        expect((await hashed.resolve(`/big/${entry.name}`)).number).toBe(entry.inode);
+      }
+      const missesBefore = hashed.reader.stats.metadataBlocksRead;
+      await expect(hashed.resolve('/big/not-there')).rejects.toMatchObject({ code: 'fs.not-found' });
+      await expect(hashed.resolve('/big/file-1-')).rejects.toMatchObject({ code: 'fs.not-found' });
+      expect(hashed.reader.stats.metadataBlocksRead - missesBefore).toBeLessThanOrEqual(2);
+    } finally {
+      await file.close();
+    }
   });
 });
 

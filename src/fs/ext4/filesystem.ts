@@ -11,6 +11,7 @@ import { BlockReader } from './block-reader.js';
 import { mapBlocks, type BlockRun } from './block-map.js';
 import { parseDirEntries, verifyDirBlock, type DirEntry, type RawDirEntry } from './directory.js';
 import { INCOMPAT } from './features.js';
+import { HASH, dirHash, dxSearch, parseDxEntries } from './htree.js';
 import { inlineDirectoryParts, readInlineData } from './inline-data.js';
 import type { GroupDescriptor } from './group-descriptors.js';
 import { INODE_FLAGS, ROOT_INODE, readInode, type Inode } from './inode.js';
@@ -23,6 +24,7 @@ const PATH_MAX = 4096;
 const MAX_DIRECTORY_BYTES = 256 * 1024 * 1024;
 const DIR_CACHE_ENTRIES = 64;
 const INODE_CACHE_ENTRIES = 4096;
+const HTREE_LOOKUPS_BEFORE_FULL_READ = 32;
 
 interface ParsedDirectory {
   entries: RawDirEntry[];
@@ -41,6 +43,10 @@ export class Ext4Filesystem {
   private readonly inodeCache = new Map<number, Inode>();
   /** Group descriptors by group: at most s_groups entries of a few numbers each. */
   private readonly descriptors = new Map<number, GroupDescriptor>();
+  /** Hash lookups per directory before it is read whole and cached (tests raise it to force hashing). */
+  htreeLookupLimit = HTREE_LOOKUPS_BEFORE_FULL_READ;
+  /** Hash lookups done per directory inode. */
+  private readonly htreeUses = new Map<number, number>();
 
   private constructor(
     readonly superblock: Superblock,
@@ -131,6 +137,88 @@ export class Ext4Filesystem {
     return parsed;
   }
 
+  /**
+   * Look `key` up in an htree directory by its hash: the root, at most two index blocks and one
+   * leaf (plus the next leaves while hash collisions continue). Returns null when the name is
+   * not there, undefined when the index cannot be used (then the caller reads the whole
+   * directory, which is always correct).
+   */
+  private async htreeLookup(dir: Inode, nameBytes: Buffer, path: string): Promise<RawDirEntry | null | undefined> {
+    const sb = this.superblock;
+    const bs = sb.blockSize;
+    const runs = await this.blockRuns(dir);
+    const dirBlocks = Math.ceil(dir.size / bs);
+    const physical = (logical: number): number | undefined => {
+      if (logical >= dirBlocks) return undefined;
+      for (const run of runs) if (!run.unwritten && logical >= run.logical && logical < run.logical + run.count) return run.physical + logical - run.logical;
+      return undefined;
+    };
+    const where = `directory ${path} (inode ${dir.number}) htree`;
+    const rootBlock = physical(0);
+    if (rootBlock === undefined) return undefined;
+    const root = await this.reader.block(rootBlock, where);
+    // dx_root: "." (12 bytes), ".." (rec_len = rest of block), then dx_root_info at 24.
+    if (root.readUInt16LE(4) !== 12 || root.readUInt16LE(12 + 4) !== bs - 12 || root.readUInt32LE(24) !== 0 || root[24 + 5] !== 8) return undefined;
+    let version = root[24 + 4]!;
+    const levels = root[24 + 6]!;
+    if (levels > (hasIncompat(sb, INCOMPAT.LARGEDIR) ? 2 : 1)) return undefined;
+    if (version <= HASH.TEA && (sb.flags & 0x2) !== 0) version += 3; // EXT2_FLAGS_UNSIGNED_HASH
+    if (version > HASH.TEA_UNSIGNED) return undefined;
+    const { hash } = dirHash(nameBytes, version, sb.hashSeed);
+
+    let level = parseDxEntries(root, 24 + 8, where);
+    let index = dxSearch(level, hash);
+    for (let depth = 0; depth < levels; depth += 1) {
+      const nodeBlock = physical(level.blocks[index]!);
+      if (nodeBlock === undefined) return undefined;
+      const node = await this.reader.block(nodeBlock, where);
+      if (node.readUInt32LE(0) !== 0 || node.readUInt16LE(4) !== bs) return undefined; // fake dirent of an index node
+      level = parseDxEntries(node, 8, where);
+      index = dxSearch(level, hash);
+    }
+    const hasFileType = hasIncompat(sb, INCOMPAT.FILETYPE);
+    const key = nameBytes.toString('latin1');
+    for (;;) {
+      const logical = level.blocks[index]!;
+      const leafBlock = physical(logical);
+      if (leafBlock === undefined) return undefined;
+      const leaf = await this.reader.block(leafBlock, `${where} leaf ${logical}`);
+      if (sb.metadataCsum) verifyDirBlock(leaf, dir.checksumSeed, `${where} leaf ${logical}`);
+      const entries: RawDirEntry[] = [];
+      parseDirEntries(leaf, hasFileType, sb.inodesCount, `${where} leaf ${logical}`, entries);
+      const found = entries.find((e) => e.key === key);
+      if (found) return found;
+      // A set low bit on the next index hash means the same hash continues in the next leaf.
+      const next = index + 1;
+      if (next >= level.hashes.length) {
+        return levels > 0 ? undefined : null; // continuation across index blocks: let the linear read decide
+      }
+      const nextHash = level.hashes[next]!;
+      if ((nextHash & 1) === 0 || (nextHash & ~1) >>> 0 !== hash) return null;
+      index = next;
+    }
+  }
+
+  /** The directory entry `name` in `dir`, or undefined. */
+  async findEntry(dir: Inode, name: string, path: string): Promise<RawDirEntry | undefined> {
+    const nameBytes = Buffer.from(name, 'utf8');
+    const key = nameBytes.toString('latin1');
+    const cached = this.dirCache.get(dir.number);
+    if (cached) return cached.byKey.get(key);
+    if (dir.type !== 'dir') throw new Ext4Error('fs.not-a-directory', `${path} is not a directory`);
+    this.refuseEncrypted(dir, path);
+    const indexed = (dir.flags & INODE_FLAGS.INDEX) !== 0 && (dir.flags & INODE_FLAGS.INLINE_DATA) === 0 && name !== '.' && name !== '..';
+    // Hash lookups read a few blocks; after many in one directory, reading it whole once is cheaper.
+    const uses = (this.htreeUses.get(dir.number) ?? 0) + 1;
+    this.htreeUses.set(dir.number, uses);
+    if (this.htreeUses.size > 65536) this.htreeUses.clear();
+    if (indexed && uses <= this.htreeLookupLimit) {
+      const hit = await this.htreeLookup(dir, nameBytes, path);
+      if (hit !== undefined) return hit ?? undefined;
+    }
+    return (await this.directory(dir, path)).byKey.get(key);
+  }
+
   /** The target text of a symlink inode. */
   async readLink(link: Inode, path: string): Promise<string> {
     this.refuseEncrypted(link, path);
@@ -164,8 +252,7 @@ export class Ext4Filesystem {
       if (name === '.') continue;
       const here = walked || '/';
       if (current.type !== 'dir') throw new Ext4Error('fs.not-a-directory', `${here} is not a directory`);
-      const dir = await this.directory(current, here);
-      const entry = dir.byKey.get(Buffer.from(name, 'utf8').toString('latin1'));
+      const entry = await this.findEntry(current, name, here);
       const childPath = `${walked}/${name}`;
       if (!entry) throw new Ext4Error('fs.not-found', `${childPath} does not exist`);
       const child = await this.inode(entry.inode);
