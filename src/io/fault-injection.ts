@@ -11,6 +11,18 @@ export class InjectedCrash extends QlayerError {
 export interface FaultPlan {
   /** Crash when this many writes+fsyncs (counted together, from 1) have been attempted; the Nth does not happen. */
   crashAtOperation?: number;
+  /**
+   * Also lose every write not yet fsynced when the crash comes, as a power cut loses the page
+   * cache: at the crash each such write is undone (its old bytes put back, newest first).
+   */
+  loseUnsyncedWrites?: boolean;
+}
+
+/** A write that fsync has not made durable yet, with the bytes it replaced. */
+interface UnsyncedWrite {
+  path: string;
+  position: number;
+  previous: Uint8Array;
 }
 
 /**
@@ -21,6 +33,10 @@ export interface FaultPlan {
 export class FaultInjectingFileSystem implements FileSystemAccess {
   operations = 0;
   crashed = false;
+  /** Writes since each file's last fsync, oldest first (only with loseUnsyncedWrites). */
+  readonly unsynced: UnsyncedWrite[] = [];
+  /** How many writes the crash undid. */
+  lostWrites = 0;
 
   constructor(
     private readonly inner: FileSystemAccess,
@@ -28,24 +44,48 @@ export class FaultInjectingFileSystem implements FileSystemAccess {
   ) {}
 
   /** Count one durable operation; throw if this is the crash point or the process already "died". */
-  step(): void {
+  async step(): Promise<void> {
     if (this.crashed) throw new InjectedCrash(this.operations);
     this.operations += 1;
     if (this.plan.crashAtOperation !== undefined && this.operations >= this.plan.crashAtOperation) {
       this.crashed = true;
+      if (this.plan.loseUnsyncedWrites) await this.loseUnsynced();
       throw new InjectedCrash(this.operations);
     }
   }
 
+  get recordsUnsynced(): boolean {
+    return this.plan.loseUnsyncedWrites === true;
+  }
+
+  /** Put back the bytes every unsynced write replaced, newest first. */
+  private async loseUnsynced(): Promise<void> {
+    this.lostWrites = this.unsynced.length;
+    for (const write of this.unsynced.reverse()) {
+      const file = await this.inner.open(write.path, 'write');
+      try {
+        await file.write(write.previous, write.position);
+      } finally {
+        await file.close();
+      }
+    }
+    this.unsynced.length = 0;
+  }
+
+  /** fsync of `path`: its writes so far are durable. */
+  synced(path: string): void {
+    for (let i = this.unsynced.length - 1; i >= 0; i--) if (this.unsynced[i]!.path === path) this.unsynced.splice(i, 1);
+  }
+
   async open(path: string, mode: OpenMode): Promise<HostFile> {
     if (this.crashed) throw new InjectedCrash(this.operations);
-    if (mode !== 'read') this.step();
+    if (mode !== 'read') await this.step();
     const file = await this.inner.open(path, mode);
     return new FaultInjectingFile(file, this);
   }
 
   async syncDirectory(path: string): Promise<void> {
-    this.step();
+    await this.step();
     await this.inner.syncDirectory(path);
   }
 }
@@ -70,16 +110,22 @@ class FaultInjectingFile implements HostFile {
     return this.file.read(into, position);
   }
   async write(data: Uint8Array, position: number): Promise<void> {
-    this.owner.step();
+    await this.owner.step();
+    if (this.owner.recordsUnsynced) {
+      const previous = new Uint8Array(data.length);
+      await this.file.read(previous, position); // past the end reads as zeros
+      this.owner.unsynced.push({ path: this.file.path, position, previous });
+    }
     await this.file.write(data, position);
   }
   async truncate(length: number): Promise<void> {
-    this.owner.step();
+    await this.owner.step();
     await this.file.truncate(length);
   }
   async sync(): Promise<void> {
-    this.owner.step();
+    await this.owner.step();
     await this.file.sync();
+    this.owner.synced(this.file.path);
   }
   async close(): Promise<void> {
     // Closing is not a durable operation; a crashed process's files are closed by the kernel.

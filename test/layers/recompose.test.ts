@@ -239,7 +239,10 @@ describe('recompose (offline guest)', () => {
     expect(sha256(await readFile(desktop.basePath))).toBe(baseHash);
   });
 
-  it('a recompose stopped at any write or fsync keeps the user data, and a rerun completes it', async () => {
+  it.each([
+    ['the process dies (written bytes stay)', false],
+    ['the power fails (writes not yet fsynced are lost)', true],
+  ])('stopped at any write or fsync, %s: the user data is kept and a rerun completes it', async (_label, loseUnsyncedWrites) => {
     const planned = join(temp.dir, 'planned');
     const restore = async (): Promise<void> => {
       for (const f of ['apps.1.qcow2', 'apps.2.qcow2']) await rm(join(desktop.desktopDir, f), { force: true });
@@ -256,11 +259,13 @@ describe('recompose (offline guest)', () => {
     const total = counter.operations;
     expect(total).toBeGreaterThan(5);
 
+    let lostWrites = 0;
     for (let n = 1; n <= total; n++) {
       await restore();
       const persisted = { json: JSON.stringify(desktop.record) };
-      const faulty = new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n });
+      const faulty = new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n, loseUnsyncedWrites });
       await expect(runRecompose(context(desktop, persisted, faulty))).rejects.toBeInstanceOf(InjectedCrash);
+      lostWrites += faulty.lostWrites;
 
       // Stopped: every byte outside the new placeholders reads as before; inside, zeros or the app.
       const stopped = await qemuReadRaw(desktop.userPath);
@@ -285,6 +290,9 @@ describe('recompose (offline guest)', () => {
       expect(finished.equals(expected), `crash at op ${n}/${total}: rerun did not reach the expected disk`).toBe(true);
       await assertCleanImages([join(desktop.desktopDir, 'apps.1.qcow2'), desktop.userPath]);
     }
+    // The power-failure model must really have thrown writes away at some crash points.
+    if (loseUnsyncedWrites) expect(lostWrites).toBeGreaterThan(0);
+    else expect(lostWrites).toBe(0);
     expect(sha256(await readFile(desktop.basePath))).toBe(baseHash);
   }, 600_000);
 });
