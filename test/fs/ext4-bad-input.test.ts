@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { open, readFile } from 'node:fs/promises';
 import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { execa } from 'execa';
 import { seededRandom, tempDir } from '../helpers/qemu.js';
 import { isQlayerError } from '../../src/errors.js';
 import { openGuestFilesystem, type GuestFilesystem } from '../../src/fs/index.js';
@@ -195,6 +196,62 @@ describe('targeted corruption', () => {
     await patch(image, block * 1024 + 40, [0x5a]); // inside the unused tail of the last entry's record
     const fs2 = await openRaw(image);
     await expect(fs2.readdir('/dir/sub')).rejects.toMatchObject({ code: 'fs.bad-checksum' });
+  });
+});
+
+describe('htree index damage', () => {
+  async function htreeImage(name: string, features: string[]): Promise<string> {
+    const t = join(dir, `${name}-tree`);
+    const files: Record<string, string> = {};
+    for (let i = 0; i < 600; i += 1) files[`h/entry-${i}`] = '';
+    await makeTree(t, files);
+    const image = join(dir, `${name}.img`);
+    await mkfs(image, { size: 8 * 1024 * 1024, blockSize: 1024, from: t, features });
+    await execa('e2fsck', ['-fyD', image], { reject: false });
+    expect(await debugfsOne(image, 'htree /h')).toMatch(/Number of entries/);
+    return image;
+  }
+
+  it('metadata_csum: a changed index hash is a checksum error', async () => {
+    const image = await htreeImage('htree-csum', []);
+    const root = await firstBlock(image, '/h');
+    const entryHash = root * 1024 + 24 + 8 + 8;
+    const handle = await open(image, 'r+');
+    const b = Buffer.alloc(1);
+    await handle.read(b, 0, 1, entryHash);
+    await handle.write(Buffer.from([b[0]! ^ 0x40]), 0, 1, entryHash);
+    await handle.close();
+    const fs = await openRaw(image);
+    await expect(fs.lookup('/h/entry-7')).rejects.toMatchObject({ code: 'fs.bad-checksum', message: expect.stringContaining('htree') });
+  });
+
+  it('fuzzed index blocks give a typed error, a correct answer, or not-found, never a hang', async () => {
+    const image = await htreeImage('htree-fuzz', ['^metadata_csum']);
+    const pristine = await readFile(image);
+    const blocks = (await debugfsOne(image, 'blocks /h')).trim().split(/\s+/).map(Number);
+    const random = seededRandom(77);
+    let found = 0;
+    for (let round = 0; round < 200; round += 1) {
+      const data = Buffer.from(pristine);
+      for (let i = 0; i < 1 + Math.floor(random() * 4); i += 1) {
+        // Mostly the index root (block 0), sometimes a leaf.
+        const which = random() < 0.7 ? blocks[0]! : blocks[Math.floor(random() * blocks.length)]!;
+        const at = which * 1024 + Math.floor(random() * 1024);
+        data[at] = data[at]! ^ (1 + Math.floor(random() * 255));
+      }
+      const fs = await openGuestFilesystem(bufferSource(data));
+      for (let n = 0; n < 20; n += 1) {
+        const name = `entry-${Math.floor(random() * 600)}`;
+        try {
+          const info = await fs.lookup(`/h/${name}`);
+          expect(info.type).toBe('file');
+          found += 1;
+        } catch (error) {
+          if (!isQlayerError(error)) throw new Error(`round ${round}: untyped error: ${String(error)}`, { cause: error });
+        }
+      }
+    }
+    expect(found).toBeGreaterThan(100);
   });
 });
 

@@ -166,14 +166,15 @@ export class Ext4Filesystem {
     if (version > HASH.TEA_UNSIGNED) return undefined;
     const { hash } = dirHash(nameBytes, version, sb.hashSeed);
 
-    let level = parseDxEntries(root, 24 + 8, where);
+    const seed = sb.metadataCsum ? dir.checksumSeed : undefined;
+    let level = parseDxEntries(root, 24 + 8, where, seed);
     let index = dxSearch(level, hash);
     for (let depth = 0; depth < levels; depth += 1) {
       const nodeBlock = physical(level.blocks[index]!);
       if (nodeBlock === undefined) return undefined;
       const node = await this.reader.block(nodeBlock, where);
       if (node.readUInt32LE(0) !== 0 || node.readUInt16LE(4) !== bs) return undefined; // fake dirent of an index node
-      level = parseDxEntries(node, 8, where);
+      level = parseDxEntries(node, 8, where, seed);
       index = dxSearch(level, hash);
     }
     const hasFileType = hasIncompat(sb, INCOMPAT.FILETYPE);

@@ -5,7 +5,8 @@
  * Hash functions: legacy (dx_hack), half-MD4 and TEA, each in the signed-char and unsigned-char
  * variants (the superblock's s_flags says which one the filesystem was made with).
  */
-import { corrupt } from '../errors.js';
+import { crc32cRaw } from '../crc.js';
+import { Ext4Error, corrupt } from '../errors.js';
 
 export const HASH = { LEGACY: 0, HALF_MD4: 1, TEA: 2, LEGACY_UNSIGNED: 3, HALF_MD4_UNSIGNED: 4, TEA_UNSIGNED: 5, SIPHASH: 6 } as const;
 
@@ -145,13 +146,27 @@ export interface DxLevel {
   blocks: number[];
 }
 
-/** Parse a dx_countlimit + entries array at `offset` of an index block. */
-export function parseDxEntries(block: Buffer, offset: number, where: string): DxLevel {
+/**
+ * Parse a dx_countlimit + entries array at `offset` of an index block. With metadata_csum
+ * (`seed` given), the dx_tail after `limit` entries holds crc32c(seed, block up to the last used
+ * entry, the tail's reserved word, four zero bytes).
+ */
+export function parseDxEntries(block: Buffer, offset: number, where: string, seed?: number): DxLevel {
   if (offset + 8 > block.length) throw corrupt(`${where}: htree index header is outside the block`);
   const limit = block.readUInt16LE(offset);
   const count = block.readUInt16LE(offset + 2);
   if (count === 0 || count > limit || offset + limit * 8 > block.length) {
     throw corrupt(`${where}: htree index claims ${count} of ${limit} entries`);
+  }
+  const tail = offset + limit * 8;
+  if (seed !== undefined && tail + 8 <= block.length) {
+    let crc = crc32cRaw(seed, block.subarray(0, offset + count * 8));
+    crc = crc32cRaw(crc, block.subarray(tail, tail + 4));
+    crc = crc32cRaw(crc, new Uint8Array(4));
+    const stored = block.readUInt32LE(tail + 4);
+    if (crc !== stored) {
+      throw new Ext4Error('fs.bad-checksum', `${where}: htree index block checksum mismatch (stored 0x${stored.toString(16)}, computed 0x${crc.toString(16)})`);
+    }
   }
   // The top 4 bits of a dx_entry block number are reserved.
   const hashes = [0];
