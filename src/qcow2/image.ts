@@ -158,14 +158,13 @@ export class Qcow2Image implements ByteSource {
         if ((header.autoclearFeatures & Autoclear.bitmaps) !== 0n && bitmapsExtensionOf(header)) {
           throw new Qcow2Error('qcow2.bitmaps-present', `${path}: image has persistent dirty bitmaps, which this engine does not update; remove them (qemu-img bitmap --remove) before writing`);
         }
-        if (inc & Incompatible.externalDataFile) throw new Qcow2Error('qcow2.unsupported-feature', `${path}: writing images with an external data file is not supported`);
       }
       if (inc & Incompatible.externalDataFile) {
         const name = externalDataFileOf(header);
         if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
         let resolved = resolveReferencedPath(name, path, 'external data file');
         if (options.resolveDataFile) resolved = await options.resolveDataFile(name, resolved);
-        dataFile = await fs.open(resolved, 'read');
+        dataFile = await fs.open(resolved, writable ? 'write' : 'read');
       }
       const g = geometry(header.clusterBits, (inc & Incompatible.extendedL2) !== 0n, header.refcountOrder);
       const l1Bytes = new Uint8Array(header.l1Size * 8);
@@ -711,6 +710,12 @@ export class Qcow2Image implements ByteSource {
     const alignedEnd = Math.floor(end / unit) * unit;
     const hasBacking = this.hdr.backingFile !== null;
     const canFlag = this.hdr.version >= 3;
+    if (this.dataFile && (this.hdr.autoclearFeatures & Autoclear.rawExternalData) !== 0n) {
+      // The data file must stay a raw image of the disk: zeros are written, not flagged.
+      if (mode === 'zero') await this.writeRange(offset, length, null);
+      else if (alignedEnd > alignedStart) await this.writeRange(alignedStart, alignedEnd - alignedStart, null);
+      return;
+    }
     // Partial units at the edges: real zeros for 'zero', untouched for 'discard'.
     if (alignedEnd <= alignedStart) {
       if (mode === 'zero' && length > 0) await this.writeRange(offset, length, null);
@@ -783,11 +788,13 @@ export class Qcow2Image implements ByteSource {
     const g = this.g;
     const end = offset + length;
     let pending: { host: number; chunks: Uint8Array[]; length: number } | null = null;
+    // Guest data goes to the external data file when there is one.
+    const target = this.dataFile ?? this.file;
     const flushPending = async () => {
       if (!pending) return;
       const buffer = pending.chunks.length === 1 ? pending.chunks[0]! : Buffer.concat(pending.chunks);
-      await this.file.write(buffer, pending.host);
-      this.fileLength = Math.max(this.fileLength, pending.host + buffer.length);
+      await target.write(buffer, pending.host);
+      if (!this.dataFile) this.fileLength = Math.max(this.fileLength, pending.host + buffer.length);
       pending = null;
     };
     for (let pos = offset; pos < end; ) {
@@ -808,7 +815,7 @@ export class Qcow2Image implements ByteSource {
 
       let host = entryOffset(raw.hi, raw.lo);
       const compressed = (raw.hi & COMPRESSED_HI) !== 0;
-      let owned = !compressed && host !== 0;
+      let owned = !compressed && host !== 0 && !this.dataFile;
       if (owned) {
         // Never write in place on the word of an entry alone: the cluster must be inside the
         // file, past the header, and referenced exactly once (COPIED may be stale or forged).
@@ -828,7 +835,19 @@ export class Qcow2Image implements ByteSource {
       else if (data) span.set(data.subarray(pos - offset, stop - offset), pos - spanStart);
       else span.fill(0, pos - spanStart, stop - spanStart);
 
-      if (owned) {
+      if (this.dataFile) {
+        // External data file: guest cluster N lives at host offset N (offset 0 is valid with
+        // COPIED), nothing is refcounted, and a cluster is "allocated" by pointing at it.
+        if (compressed) throw new Qcow2Error('qcow2.corrupt', `${this.path}: compressed cluster in an image with an external data file`);
+        if (host === 0 && (raw.hi & COPIED_HI) === 0) host = clusterStart;
+        let alloc = raw.allocBits;
+        let zero = raw.zeroBits;
+        if (g.extendedL2) {
+          for (let s = firstSub; s <= lastSub; s++) alloc |= 1 << s;
+          for (let s = firstSub; s <= lastSub; s++) zero &= ~(1 << s);
+        }
+        newEntry = { hi: (Math.floor(host / TWO32) | COPIED_HI) >>> 0, lo: host >>> 0, zeroBits: zero >>> 0, allocBits: alloc >>> 0 };
+      } else if (owned) {
         let alloc = raw.allocBits;
         let zero = raw.zeroBits;
         if (g.extendedL2) {
@@ -900,6 +919,8 @@ export class Qcow2Image implements ByteSource {
 
   private async flushUnlocked(): Promise<void> {
     if (!this.writable) return;
+    // Data before the L2 entries that point at it.
+    await this.dataFile?.sync();
     await this.writeRefcounts();
     await this.file.sync();
     for (const offset of [...this.dirtyL2].sort((a, b) => a - b)) {
@@ -979,6 +1000,10 @@ export class Qcow2Image implements ByteSource {
 
   private async detachClustersUnlocked(guestClusterIndexes: number[]): Promise<number[]> {
     this.assertWritable();
+    if (this.dataFile && (this.hdr.autoclearFeatures & Autoclear.rawExternalData) !== 0n) {
+      // A raw data file must read as the whole disk; a cluster falling through would break that.
+      throw new Qcow2Error('qcow2.unsupported-feature', `${this.path}: cannot detach clusters of an image whose external data file is raw (data_file_raw)`);
+    }
     await this.flushUnlocked();
     const g = this.g;
     const released: number[] = [];

@@ -260,6 +260,32 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
     }
   });
 
+  it('external data file (plain and raw): writes land at guest offsets, metadata stays clean', async () => {
+    for (const rawData of [false, true]) {
+      const path = join(dir, `datafile-${rawData}.qcow2`);
+      const data = `${path}.data`;
+      await qemuCreate(path, 4 * MiB, { data_file: data, data_file_raw: rawData, cluster_size: 4096 });
+      await qemuIo(path, ['write -P 0x12 100000 300000', 'write -z 1M 64k']);
+      const model = await qemuReadRaw(path);
+      const chain = await openChain(path, { writableTop: true, allowedDirectories: [dir] });
+      await runSequence(chain.topImage, model, rawData ? 61 : 60, 60, 200_000, 4096);
+      if (rawData) {
+        await expect(chain.topImage.detachClusters([5, 6])).rejects.toMatchObject({ code: 'qcow2.unsupported-feature' });
+      } else {
+        expect(await chain.topImage.detachClusters([5, 6])).toEqual([]);
+        model.fill(0, 5 * 4096, 7 * 4096);
+      }
+      await chain.close();
+      await verifyWithQemu(path, model);
+      if (rawData) {
+        const file = await readFile(data);
+        const padded = Buffer.alloc(model.length);
+        file.copy(padded, 0, 0, Math.min(file.length, model.length));
+        expect(sha256(padded)).toBe(sha256(model));
+      }
+    }
+  });
+
   it('qemu-img compare agrees with a raw file of the model', async () => {
     const path = join(dir, 'compare.qcow2');
     await createImage({ path, size: 3 * MiB, clusterBits: 12 });
