@@ -195,7 +195,12 @@ export async function createImage(options: CreateImageOptions): Promise<Qcow2Hea
   }
 
   const path = isAbsolute(options.path) ? options.path : resolve(options.path);
-  const file = await fs.open(path, options.exclusive === false ? 'create' : 'create-exclusive');
+  const file = await fs.open(path, options.exclusive === false ? 'create' : 'create-exclusive').catch((error: unknown) => {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new Qcow2Error('qcow2.bad-argument', `createImage: ${path} already exists (pass exclusive: false to replace it)`, { cause: error });
+    }
+    throw error;
+  });
   try {
     await file.write(meta, 0);
     await file.truncate(total * cs);

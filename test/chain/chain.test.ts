@@ -156,6 +156,8 @@ describe('openChain', () => {
     await expect(createImage({ path: join(dir, 'c3.qcow2'), backing: { path: 'nbd:host:1', format: 'raw' } })).rejects.toMatchObject({ code: 'chain.refused-protocol' });
     const header = await createImage({ path: join(dir, 'c4.qcow2'), backing: { path: 'not-qcow2.img', format: 'raw' } });
     expect(header.size).toBe(4096);
+    await expect(createImage({ path: join(dir, 'c4.qcow2'), size: 4096 })).rejects.toMatchObject({ code: 'qcow2.bad-argument' });
+    await createImage({ path: join(dir, 'c4.qcow2'), size: 8192, exclusive: false });
   });
 
   it('setBackingFile rewrites the header in place and keeps other extensions', async () => {
