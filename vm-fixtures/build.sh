@@ -55,12 +55,17 @@ agent_pkgs="$(apt-cache depends --recurse --no-recommends --no-suggests --no-con
   --no-replaces --no-enhances --no-pre-depends qemu-guest-agent | grep -v '^ ' | grep -v '^<' | sort -u)"
 pkgs=("$kernel_pkg" busybox-static $agent_pkgs)
 
-resolve_uris() { apt-get download --print-uris "${pkgs[@]}" 2>&1; }
-uris="$(resolve_uris)" || { log "apt-get update"; apt-get update -qq >/dev/null; uris="$(resolve_uris)"; } \
-  || die "apt-get cannot resolve: $uris"
-# Lines: 'URI' file size SHA256:hex
-uris="$(grep "^'" <<<"$uris" | sort)"
-[ "$(wc -l <<<"$uris")" -eq "${#pkgs[@]}" ] || die "apt-get resolved $(wc -l <<<"$uris") of ${#pkgs[@]} packages"
+# Lines: 'URI' file size SHA256:hex, one per package. apt's lists can be mid-update (another
+# process running apt-get update): retry a few times before refreshing them ourselves.
+resolve_uris() { apt-get download --print-uris "${pkgs[@]}" 2>&1 | grep "^'" | sort; }
+uris=""
+for attempt in 1 2 3 4; do
+  uris="$(resolve_uris || true)"
+  [ -n "$uris" ] && [ "$(wc -l <<<"$uris")" -eq "${#pkgs[@]}" ] && break
+  if [ "$attempt" -eq 3 ]; then log "apt-get update"; apt-get update -qq >/dev/null 2>&1 || true; else sleep 2; fi
+done
+[ -n "$uris" ] && [ "$(wc -l <<<"$uris")" -eq "${#pkgs[@]}" ] ||
+  die "apt-get resolved $(grep -c . <<<"$uris") of ${#pkgs[@]} packages (${pkgs[*]}): $(apt-get download --print-uris "${pkgs[@]}" 2>&1 | grep -v "^'" | head -3)"
 
 key="$({
   cat "$0"
@@ -136,7 +141,7 @@ fi
 ir="$work/initramfs"
 mkdir -p "$ir"/{bin,dev,proc,sys,newroot,lib/modules}
 cp "$x/bin/busybox" "$ir/bin/busybox"
-for applet in sh mount umount insmod sleep cat switch_root poweroff sync; do ln -s busybox "$ir/bin/$applet"; done
+for applet in sh mount umount insmod sleep cat switch_root poweroff sync dd grep od tr; do ln -s busybox "$ir/bin/$applet"; done
 for m in "${modules[@]}"; do
   ko="$(find "$moddir" -name "$m.ko" | head -1)"
   [ -n "$ko" ] || die "module $m.ko not in $kernel_pkg"
@@ -193,8 +198,10 @@ qemu-img convert -f raw -O qcow2 "$work/root.ext4" "$out.tmp/base.qcow2"
 # Same filesystem in a GPT partition at 1 MiB (backup GPT needs the last 33 sectors).
 gpt_size=$((part_offset + fs_size + part_offset))
 truncate -s "$gpt_size" "$work/disk.raw"
-sgdisk -q -a 2048 -U "$disk_guid" -n "1:$((part_offset / 512)):+$((fs_size / 512 - 1))" \
-  -t 1:8300 -c 1:qlayer-root -u "1:$part_guid" "$work/disk.raw" >/dev/null
+# (No -q: sgdisk 1.0.9 with -q silently creates no partition here.)
+sgdisk -a 2048 -U "$disk_guid" -n "1:$((part_offset / 512)):+$((fs_size / 512))" \
+  -t 1:8300 -c 1:qlayer-root -u "1:$part_guid" "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
+sgdisk -i 1 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $((part_offset / 512)) " || die "sgdisk did not create partition 1"
 dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=1 conv=notrunc,sparse status=none
 qemu-img convert -f raw -O qcow2 "$work/disk.raw" "$out.tmp/base-gpt.qcow2"
 
