@@ -24,6 +24,7 @@ export type Qcow2ErrorCode =
   | 'qcow2.bad-argument'
   | 'qcow2.closed'
   | 'qcow2.no-such-snapshot'
+  | 'qcow2.not-found'
   | ChainErrorCode;
 
 export class Qcow2Error extends QlayerError {

@@ -131,7 +131,9 @@ export class Qcow2Image implements ByteSource {
   static async open(path: string, options: OpenImageOptions = {}): Promise<Qcow2Image> {
     const fs = options.fs ?? nodeFileSystem;
     const writable = options.writable ?? false;
-    const file = await fs.open(path, writable ? 'write' : 'read');
+    const file = await fs.open(path, writable ? 'write' : 'read').catch((error: unknown) => {
+      throw notFound(error, `${path} does not exist`);
+    });
     let dataFile: HostFile | null = null;
     try {
       const fileLength = await file.length();
@@ -164,7 +166,9 @@ export class Qcow2Image implements ByteSource {
         if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
         let resolved = resolveReferencedPath(name, path, 'external data file');
         if (options.resolveDataFile) resolved = await options.resolveDataFile(name, resolved);
-        dataFile = await fs.open(resolved, writable ? 'write' : 'read');
+        dataFile = await fs.open(resolved, writable ? 'write' : 'read').catch((error: unknown) => {
+          throw notFound(error, `${path}: external data file ${resolved} does not exist`);
+        });
       }
       const g = geometry(header.clusterBits, (inc & Incompatible.extendedL2) !== 0n, header.refcountOrder);
       const l1Bytes = new Uint8Array(header.l1Size * 8);
@@ -1098,6 +1102,12 @@ export class Qcow2Image implements ByteSource {
       await this.dataFile?.close();
     }
   }
+}
+
+/** ENOENT as a typed error (other I/O errors stay as they are). */
+function notFound(error: unknown, message: string): unknown {
+  if ((error as NodeJS.ErrnoException).code === 'ENOENT') return new Qcow2Error('qcow2.not-found', message, { cause: error });
+  return error;
 }
 
 function sameMapping(a: ClusterMapping, b: ClusterMapping, aLength: number): boolean {

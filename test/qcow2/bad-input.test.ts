@@ -124,6 +124,15 @@ describe('bad headers give typed errors and leave the file alone', () => {
     await expectError(empty, 'qcow2.bad-magic', ['read']);
   });
 
+  it('missing image and missing external data file: qcow2.not-found', async () => {
+    await expect(Qcow2Image.open(join(dir, 'nothing-here.qcow2'))).rejects.toMatchObject({ code: 'qcow2.not-found' });
+    const path = join(dir, 'lost-data.qcow2');
+    await qemuCreate(path, MiB, { data_file: join(dir, 'lost-data.raw') });
+    const { rm } = await import('node:fs/promises');
+    await rm(join(dir, 'lost-data.raw'));
+    await expect(Qcow2Image.open(path)).rejects.toMatchObject({ code: 'qcow2.not-found' });
+  });
+
   it('a chain through a bad image reports the bad image', async () => {
     const bad = await patched((b) => b.writeUInt32BE(4, 4));
     const top = join(dir, 'over-bad.qcow2');
