@@ -286,6 +286,49 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
     }
   });
 
+  it('ping-pong: qemu-io and the engine take turns writing the same image', async () => {
+    const cases = [
+      { name: 'v3-64k', options: { cluster_size: 65536 }, backing: false },
+      { name: 'v3-4k-refcount8', options: { cluster_size: 4096, refcount_bits: 8 }, backing: false },
+      { name: 'extl2-backing', options: { cluster_size: 65536, extended_l2: true }, backing: true },
+      { name: 'v2-backing', options: { cluster_size: 4096, compat: '0.10' }, backing: true },
+    ];
+    for (const [caseIndex, c] of cases.entries()) {
+      const size = 4 * MiB;
+      const path = join(dir, `pingpong-${c.name}.qcow2`);
+      let model = Buffer.alloc(size);
+      if (c.backing) {
+        const made = await makeBacking('qcow2', size, 3000 + caseIndex);
+        await qemuCreate(path, size, c.options, { backing: made.path, backingFormat: 'qcow2' });
+        model = Buffer.from(made.data);
+      } else {
+        await qemuCreate(path, size, c.options);
+      }
+      const random = seededRandom(8000 + caseIndex);
+      for (let round = 0; round < 4; round++) {
+        const commands: string[] = [];
+        for (let i = 0; i < 12; i++) {
+          const length = randomInt(random, 1, 200_000);
+          const offset = randomInt(random, 0, size - length);
+          if (random() < 0.75) {
+            const pattern = randomInt(random, 1, 256);
+            commands.push(`write -P ${pattern} ${offset} ${length}`);
+            model.fill(pattern, offset, offset + length);
+          } else {
+            commands.push(`write -z${random() < 0.5 ? ' -u' : ''} ${offset} ${length}`);
+            model.fill(0, offset, offset + length);
+          }
+        }
+        await qemuIo(path, commands);
+        await verifyWithQemu(path, model);
+        const chain = await openChain(path, { writableTop: true });
+        await runSequence(chain.topImage, model, 9000 + caseIndex * 10 + round, 15, 200_000, chain.topImage.geometry.subclusterSize);
+        await chain.close();
+        await verifyWithQemu(path, model);
+      }
+    }
+  });
+
   it('qemu-img compare agrees with a raw file of the model', async () => {
     const path = join(dir, 'compare.qcow2');
     await createImage({ path, size: 3 * MiB, clusterBits: 12 });
