@@ -329,6 +329,30 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
     }
   });
 
+  it('overwriting, zeroing and detaching compressed clusters keeps shared host refcounts exact', async () => {
+    const size = 3 * MiB;
+    const random = seededRandom(4321);
+    const source = Buffer.alloc(size);
+    for (let i = 0; i < size; i++) source[i] = random() < 0.7 ? 65 + (i % 7) : randomInt(random, 0, 256);
+    const raw = join(dir, 'compress-src.raw');
+    await writeFile(raw, source);
+    const variants = ['cluster_size=4096', 'cluster_size=65536,compression_type=zstd', 'cluster_size=65536,extended_l2=on'];
+    for (const [i, options] of variants.entries()) {
+      const path = join(dir, `compressed-${i}.qcow2`);
+      await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', options, raw, path]);
+      const model = Buffer.from(source);
+      const image = await Qcow2Image.open(path, { writable: true });
+      expect((await image.mappingOf(0)).kind).toBe('compressed');
+      await runSequence(image, model, 700 + i, 40, 150_000, image.geometry.subclusterSize);
+      const cs = image.clusterSize;
+      const targets = [1, 2, 3].map((k) => Math.floor(size / cs) - k);
+      await image.releaseHostClusters(await image.detachClusters(targets));
+      for (const c of targets) model.fill(0, c * cs, (c + 1) * cs);
+      await image.close();
+      await verifyWithQemu(path, model);
+    }
+  });
+
   it('qemu-img compare agrees with a raw file of the model', async () => {
     const path = join(dir, 'compare.qcow2');
     await createImage({ path, size: 3 * MiB, clusterBits: 12 });
