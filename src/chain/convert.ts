@@ -47,7 +47,7 @@ export interface ConvertOptions {
   progress?: (done: number, total: number) => void;
   /** fsync the output (and its folder) before returning. */
   sync?: boolean;
-  /** Bytes processed per window (default 8 MiB). */
+  /** Bytes processed per window (default 4 MiB). */
   windowSize?: number;
 }
 
@@ -88,6 +88,8 @@ async function readWindow(layers: MapLayer[], entries: MapEntry[], offset: numbe
 }
 
 const ZERO_CHUNK = Buffer.alloc(2 * 1024 * 1024);
+/** Windows being written while the next is read. */
+const WRITE_DEPTH = 4;
 /** Size of the parallel pieces big reads and writes are split into. */
 const IO_PIECE = 1024 * 1024;
 
@@ -150,6 +152,7 @@ class Qcow2Sink implements Sink {
   private next: number;
   /** Extra references for host clusters shared by compressed clusters: cluster -> count. */
   private readonly compressedRefs = new Map<number, number>();
+  private compressTail: Promise<void> = Promise.resolve();
   dataBytes = 0;
 
   constructor(
@@ -192,7 +195,10 @@ class Qcow2Sink implements Sink {
     const cs = this.clusterSize;
     const firstCluster = offset / cs;
     if (this.compress) {
-      await this.compressedWindow(firstCluster, data, mayHaveData);
+      // Compression is asynchronous: windows must claim file space in order, one at a time.
+      const run = this.compressTail.then(() => this.compressedWindow(firstCluster, data, mayHaveData));
+      this.compressTail = run.catch(() => undefined);
+      await run;
       return;
     }
     // Keep non-zero clusters; write them back to back in as few writes as possible.
@@ -359,12 +365,14 @@ export async function convertImage(source: string, output: string, options: Conv
     const sink: Sink =
       outputFormat === 'raw' ? new RawSink(out, size) : new Qcow2Sink(out, Math.ceil(size / 512) * 512, clusterSize, options.compress === true);
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
-    const windowSize = Math.max(unit, Math.floor((options.windowSize ?? 8 * 1024 * 1024) / unit) * unit);
+    const windowSize = Math.max(unit, Math.floor((options.windowSize ?? 4 * 1024 * 1024) / unit) * unit);
     let dataBytes = 0;
-    // Two buffers: one being filled from the source while the other is written out.
-    const buffers = [new Uint8Array(windowSize), new Uint8Array(windowSize)];
-    let pendingWrite: Promise<void> = Promise.resolve();
-    for (let offset = 0, turn = 0; offset < size; offset += windowSize, turn ^= 1) {
+    // A ring of window buffers: up to WRITE_DEPTH windows are being written while the next
+    // one is read (measured: several small windows in flight beat one big one).
+    const ring = Array.from({ length: WRITE_DEPTH + 1 }, () => new Uint8Array(windowSize));
+    const pending: Promise<void>[] = [];
+    let used = 0;
+    for (let offset = 0; offset < size; offset += windowSize) {
       const length = Math.min(windowSize, size - offset);
       const entries = await chainStatus(layers, offset, offset + length);
       const units = Math.ceil(length / unit);
@@ -373,18 +381,19 @@ export async function convertImage(source: string, output: string, options: Conv
         if (!e.data) continue;
         for (let u = Math.floor((e.start - offset) / unit); u * unit < e.start - offset + e.length; u += 1) mayHaveData[u] = true;
       }
-      const buffer = buffers[turn]!.subarray(0, units * unit);
-      // The previous window's write (other buffer) runs while this one is read.
-      if (mayHaveData.some(Boolean)) {
-        buffer.fill(0, length);
-        await readWindow(layers, entries, offset, buffer.subarray(0, length));
-        for (const e of entries) if (e.data) dataBytes += e.length;
-      }
-      await pendingWrite;
+      if (!mayHaveData.some(Boolean)) continue;
+      // This buffer's previous window must be written before it is refilled.
+      if (pending.length > WRITE_DEPTH - 1) await pending.shift();
+      // The last WRITE_DEPTH - 1 used buffers may still be in flight; this one is not.
+      const buffer = ring[used % ring.length]!.subarray(0, units * unit);
+      used += 1;
+      buffer.fill(0, length);
+      await readWindow(layers, entries, offset, buffer.subarray(0, length));
+      for (const e of entries) if (e.data) dataBytes += e.length;
       const done = offset + length;
-      pendingWrite = (mayHaveData.some(Boolean) ? sink.window(offset, buffer, mayHaveData) : Promise.resolve()).then(() => options.progress?.(done, size));
+      pending.push(sink.window(offset, buffer, mayHaveData).then(() => options.progress?.(done, size)));
     }
-    await pendingWrite;
+    await Promise.all(pending);
     const outputLength = await sink.finish();
     if (options.sync) {
       await out.sync();
