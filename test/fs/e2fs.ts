@@ -154,9 +154,11 @@ export function patternBytes(length: number, seed: number): Buffer {
 
 export async function makeTree(root: string, files: Record<string, Buffer | string | { symlink: string } | { sparse: number; writes: Array<[number, Buffer]> }>): Promise<void> {
   const { symlink, open } = await import('node:fs/promises');
-  for (const [path, content] of Object.entries(files)) {
-    const full = join(root, path);
-    await mkdir(join(full, '..'), { recursive: true });
+  const entries = Object.entries(files);
+  for (const folder of new Set(entries.map(([path]) => join(root, path, '..')))) await mkdir(folder, { recursive: true });
+  // Files in small parallel batches: trees of 10,000 files are built in seconds.
+  for (let i = 0; i < entries.length; i += 64) await Promise.all(entries.slice(i, i + 64).map(([path, content]) => makeEntry(join(root, path), content)));
+  async function makeEntry(full: string, content: Buffer | string | { symlink: string } | { sparse: number; writes: Array<[number, Buffer]> }): Promise<void> {
     if (typeof content === 'string' || Buffer.isBuffer(content)) {
       await writeFile(full, content);
     } else if ('symlink' in content) {

@@ -349,7 +349,7 @@ describe('fuzz', () => {
         } catch (error) {
           throw new Error(`round ${round}: untyped error while reading: ${String(error)}`, { cause: error });
         }
-        expect(Date.now() - started, `round ${round} took too long`).toBeLessThan(10_000);
+        expect(Date.now() - started, `round ${round} took too long`).toBeLessThan(30_000);
       }
       console.log(`fuzz ${c.name}: ${JSON.stringify(outcomes)}`);
       expect(outcomes.opened + outcomes.refused).toBe(250);

@@ -79,6 +79,32 @@ describe('directories', () => {
   });
 });
 
+describe('group descriptors', () => {
+  it('meta_bg: finds inodes whose group descriptors live in the second meta group', async () => {
+    const tree = join(dir, 'metabg');
+    const files: Record<string, string> = {};
+    for (let d = 0; d < 3; d += 1) for (let i = 0; i < 100; i += 1) files[`d${d}/f${i}`] = `file ${d} ${i}\n`.repeat(i);
+    await makeTree(tree, files);
+    const image = join(dir, 'metabg.img');
+    // 1 KiB blocks, 64-byte descriptors: 16 per block, so groups 16.. are in meta group 1.
+    await mkfs(image, { size: 256 * 1024 * 1024, blockSize: 1024, features: ['64bit', 'meta_bg', '^resize_inode'], extra: ['-N', '512'], from: tree });
+    const fs = await openRaw(image);
+    expect(fs.superblock.inodesPerGroup).toBe(16);
+    let inLaterMetaGroup = 0;
+    for (let d = 0; d < 3; d += 1) {
+      expect((await fs.readdir(`/d${d}`)).map(({ name, inode }) => ({ name, inode }))).toEqual(await oracleLs(image, `/d${d}`));
+      for (let i = 0; i < 100; i += 7) {
+        const path = `/d${d}/f${i}`;
+        const info = await fs.lookup(path);
+        if (Math.floor((info.inode - 1) / 16) >= 16) inLaterMetaGroup += 1;
+        expect(await fs.extents(path)).toEqual(await oracleExtents(image, path, 1024));
+        expect((await fs.readFile(path)).toString()).toBe(`file ${d} ${i}\n`.repeat(i));
+      }
+    }
+    expect(inLaterMetaGroup).toBeGreaterThan(5);
+  });
+});
+
 describe('file layouts', () => {
   it('maps a > 4 GiB sparse file and reads its far end', async () => {
     const tree = join(dir, 'large');
