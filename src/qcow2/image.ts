@@ -77,6 +77,8 @@ interface L1View {
 }
 
 const TWO32 = 0x1_0000_0000;
+/** Extent reads in flight at once within one readAt. */
+const READ_PARALLELISM = 8;
 
 export class Qcow2Image implements ByteSource {
   /** Source for reads of unallocated clusters (the backing chain); null reads zeros. */
@@ -397,10 +399,18 @@ export class Qcow2Image implements ByteSource {
     for (let done = 0; done < into.length; ) {
       const n = Math.min(window, into.length - done);
       const extents = await this.mapIn(l1, offset + done, n);
-      for (const extent of extents) {
-        const target = into.subarray(done + extent.guestOffset - (offset + done), done + extent.guestOffset - (offset + done) + extent.length);
-        await this.readExtent(extent, target, backing);
-      }
+      // Fragmented ranges become many small reads: keep a few in flight (the thread pool runs
+      // them in parallel) instead of one at a time. Zero fills need no I/O and run inline.
+      let next = 0;
+      const worker = async () => {
+        while (next < extents.length) {
+          const extent = extents[next++]!;
+          const start = extent.guestOffset - offset;
+          await this.readExtent(extent, into.subarray(start, start + extent.length), backing);
+        }
+      };
+      if (extents.length === 1) await worker();
+      else await Promise.all(Array.from({ length: Math.min(READ_PARALLELISM, extents.length) }, worker));
       done += n;
     }
   }
