@@ -4,6 +4,7 @@
  * raw image, and qemu-img map for which layer holds what.
  */
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { execa } from 'execa';
 import { copyFile, open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { qemuCompare, qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
@@ -165,6 +166,33 @@ describe('qlayer fs CLI', () => {
 
     const parts = await runCli(['fs', 'partitions', top, '--json']);
     expect(JSON.parse(parts.stdout.toString())).toEqual([{ index: 0, offset: 0, length: 64 * 1024 * 1024, type: 'none', scheme: 'none', linux: true }]);
+  });
+
+  it('a GPT-partitioned qcow2: the Linux partition is found and offsets include its start', async () => {
+    const MiB = 1024 * 1024;
+    const raw = join(dir, 'gpt.img');
+    await writeFile(raw, '');
+    await execa('truncate', ['-s', `${48 * MiB}`, raw]);
+    await execa('sgdisk', ['-n', '1:2048:+4M', '-t', '1:ef00', '-n', '2:0:+32M', '-t', '2:8300', raw]);
+    const start = 2048 * 512 + 4 * MiB;
+    const tree = join(dir, 'gpt-tree');
+    await makeTree(tree, { 'app/lib.so': patternBytes(123_456, 7) });
+    await mkfs(raw, { size: 48 * MiB, blockSize: 4096, from: tree, offset: start, fsBytes: 32 * MiB });
+    const part = join(dir, 'gpt-part.img');
+    await execa('dd', [`if=${raw}`, `of=${part}`, 'bs=1M', `skip=${start / MiB}`, 'count=32', 'status=none']);
+    const qcow = join(dir, 'gpt.qcow2');
+    await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow]);
+    const { code, stdout } = await runCli(['fs', 'extents', qcow, '/app/lib.so', '--json']);
+    expect(code).toBe(0);
+    const extents = JSON.parse(stdout.toString()) as Array<{ diskOffset: number; length: number }>;
+    expect(extents).toEqual(await oracleExtents(part, '/app/lib.so', 4096, start));
+    // Those virtual-disk offsets hold the file's bytes.
+    const disk = await readFile(raw);
+    expect(Buffer.concat(extents.map((e) => disk.subarray(e.diskOffset, e.diskOffset + e.length))).subarray(0, 123_456).equals(patternBytes(123_456, 7))).toBe(true);
+    const stat = await runCli(['fs', 'stat', qcow, '/app/lib.so', '--json']);
+    expect(JSON.parse(stat.stdout.toString()).partition).toMatchObject({ index: 2, scheme: 'gpt', offset: start });
+    const cat = await runCli(['fs', 'cat', qcow, '/app/lib.so', '--partition', '2']);
+    expect(cat.stdout.equals(patternBytes(123_456, 7))).toBe(true);
   });
 
   it('errors are one line with a stable code, in --json too', async () => {
