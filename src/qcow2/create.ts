@@ -55,7 +55,7 @@ async function backingSize(path: string, format: 'qcow2' | 'raw', fs: FileSystem
   try {
     return await openBackingSize(path, format, fs);
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT' || (error as Qcow2Error).code === 'qcow2.not-found') {
       throw new ChainError('chain.backing-not-found', `createImage: backing file ${path} does not exist`, { cause: error });
     }
     throw error;
