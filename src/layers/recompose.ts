@@ -1,6 +1,7 @@
 import { rm } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
+import { punchHoles } from '../io/punch-hole.js';
 import { openChain, type Chain } from '../chain/chain.js';
 import { createImage } from '../qcow2/create.js';
 import { Qcow2Image } from '../qcow2/image.js';
@@ -37,6 +38,8 @@ export interface RecomposeReport {
   clustersDropped: number;
   bytesPatchedInUserDelta: number;
   leakedClustersReclaimed: number;
+  /** User-delta bytes whose host blocks were punched out after their clusters were freed. */
+  bytesReturnedToHost: number;
   resumed: boolean;
 }
 
@@ -100,6 +103,7 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
     clustersDropped: 0,
     bytesPatchedInUserDelta: 0,
     leakedClustersReclaimed: 0,
+    bytesReturnedToHost: 0,
     resumed,
   };
   const advance = async (phase: RecomposePlan['phase']): Promise<void> => {
@@ -177,6 +181,12 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
       report.clustersDropped = freed.length;
       await advance('detached');
       await userImage.releaseHostClusters(freed);
+      // Only clusters whose refcount is durably 0 give their blocks back to the host.
+      const free: Array<{ offset: number; length: number }> = [];
+      for (const offset of freed) {
+        if ((await userImage.refcountOf(offset / userImage.clusterSize)) === 0) free.push({ offset, length: userImage.clusterSize });
+      }
+      if (free.length && (await punchHoles(userPath, free))) report.bytesReturnedToHost = free.length * userImage.clusterSize;
     }
     await chain.close();
     chain = null;

@@ -15,6 +15,8 @@ export interface BootOptions {
   name?: string;
   /** The disk: the top image of a qcow2 chain (path), or a full spec with an explicit backing chain. */
   disk: string | DiskSpec;
+  /** More disks after the first (vdb, vdc, ...), e.g. a read-only disk holding files to copy in. */
+  extraDisks?: DiskSpec[];
   /** Direct kernel boot when given; otherwise firmware boot from the disk. */
   kernel?: string;
   initrd?: string;
@@ -301,7 +303,7 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
       kernel === undefined
         ? { kind: 'firmware', firmware: options.firmware ?? 'bios' }
         : { kind: 'kernel', kernel, ...(initrd === undefined ? {} : { initrd }), ...(options.cmdline === undefined ? {} : { cmdline: options.cmdline }) },
-    disks: [disk],
+    disks: [disk, ...(options.extraDisks ?? []).map(normalizeDisk)],
     serialLog,
     guestAgent: true,
     ...(options.detached ? {} : { owner: { pid: process.pid, host: hostname(), started: new Date().toISOString() } }),

@@ -185,6 +185,11 @@ describe('recompose (offline guest)', () => {
     const report = await runRecompose(context(desktop, persisted));
     expect(report.clustersDropped).toBeGreaterThan(0);
     expect(report.bytesPatchedInUserDelta).toBeGreaterThan(0); // placeholders share clusters with metadata
+    // The dropped clusters' host blocks went back to the file system (holes in user.qcow2).
+    expect(report.bytesReturnedToHost).toBe(report.clustersDropped * 65536);
+    const mapped = JSON.parse((await qemuImg(['map', '--output=json', '-f', 'raw', desktop.userPath])).stdout) as Array<{ length: number; data: boolean }>;
+    const holes = mapped.filter((m) => !m.data).reduce((n, m) => n + m.length, 0);
+    expect(holes).toBeGreaterThanOrEqual(report.bytesReturnedToHost);
     expect(desktop.record.apps).toEqual(['app@1']);
     expect(desktop.record.recompose).toBeNull();
     expect(existsSync(join(desktop.desktopDir, 'apps.0.qcow2'))).toBe(false);
