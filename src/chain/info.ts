@@ -7,7 +7,7 @@ import { stat } from 'node:fs/promises';
 import type { FileSystemAccess, HostFile } from '../io/host-file.js';
 import { nodeFileSystem } from '../io/host-file.js';
 import { readSnapshotTable } from '../qcow2/check.js';
-import { ChainError } from '../qcow2/errors.js';
+import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import {
   backingFormatOf,
   bitmapsExtensionOf,
@@ -88,7 +88,15 @@ async function readHeader(file: HostFile): Promise<Qcow2Header> {
   const bits = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 16;
   const first = new Uint8Array(Math.min(length, 2 ** Math.min(Math.max(bits, 9), 21)));
   await file.read(first, 0);
-  return parseHeader(first, length);
+  try {
+    return parseHeader(first, length);
+  } catch (error) {
+    if (error instanceof Qcow2Error) {
+      const hint = error.code === 'qcow2.bad-magic' ? ' (for a raw file, say so: -f raw)' : '';
+      throw new Qcow2Error(error.code, `${file.path}: ${error.message}${hint}`, { cause: error });
+    }
+    throw error;
+  }
 }
 
 async function readBitmaps(file: HostFile, header: Qcow2Header): Promise<QemuBitmapInfo[] | null> {

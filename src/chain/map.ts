@@ -46,19 +46,31 @@ export class MapLayer {
     readonly geometry: Geometry | null,
     /** Where guest data lives: the image itself or its external data file. */
     readonly dataFile: HostFile,
+    /** Raw files: the real file length (size is rounded up to whole sectors). */
+    private readonly rawLength = size,
   ) {}
 
   static async open(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess, writable = false): Promise<MapLayer> {
     const file = await fs.open(path, writable ? 'write' : 'read');
     try {
       const length = await file.length();
-      if (format === 'raw') return new MapLayer(path, format, file, length, null, null, file);
+      // QEMU sees a raw file in whole sectors: the last partial sector reads as zeros.
+      if (format === 'raw') return new MapLayer(path, format, file, Math.ceil(length / 512) * 512, null, null, file, length);
       const probe = new Uint8Array(Math.min(length, HEADER_PROBE_BYTES));
       await file.read(probe, 0);
       const bits = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 16;
       const first = new Uint8Array(Math.min(length, 2 ** Math.min(Math.max(bits, 9), 21)));
       await file.read(first, 0);
-      const header = parseHeader(first, length);
+      let header: Qcow2Header;
+      try {
+        header = parseHeader(first, length);
+      } catch (error) {
+        if (error instanceof Qcow2Error) {
+          const hint = error.code === 'qcow2.bad-magic' ? ' (for a raw file, say so: -f raw / format raw)' : '';
+          throw new Qcow2Error(error.code, `${path}: ${error.message}${hint}`, { cause: error });
+        }
+        throw error;
+      }
       const extendedL2 = (header.incompatibleFeatures & Incompatible.extendedL2) !== 0n;
       const g = geometry(header.clusterBits, extendedL2, header.refcountOrder);
       let dataFile = file;
@@ -145,7 +157,9 @@ export class MapLayer {
     };
     const limit = Math.min(end, this.size);
     if (this.format === 'raw' || !this.header || !this.geometry) {
-      push(start, limit - start, 'data', start);
+      const dataEnd = Math.max(start, Math.min(limit, this.rawLength));
+      push(start, dataEnd - start, 'data', start);
+      push(dataEnd, limit - dataEnd, 'zero', dataEnd);
       if (end > limit) push(Math.max(start, limit), end - Math.max(start, limit), 'unallocated', null);
       return out;
     }

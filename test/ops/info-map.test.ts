@@ -50,6 +50,16 @@ describe('map matches qemu-img map --output=json', () => {
     expect(compared).toBeGreaterThan(10);
   });
 
+  it('maps a raw file whose size is not a whole number of sectors like qemu-img (last sector zero)', async () => {
+    const { writeRandomRaw } = await import('./fixtures.js');
+    const path = `${dir}/odd.raw`;
+    await writeRandomRaw(path, 300_000, 11);
+    const theirs = JSON.parse((await qemuImg(['map', '-f', 'raw', '--output=json', path])).stdout);
+    expect(await mapImage(path, { format: 'raw' })).toEqual(theirs);
+    const info = JSON.parse((await qemuImg(['info', '-f', 'raw', '--output=json', path])).stdout);
+    expect((await infoImage(path, { format: 'raw' }))[0]).toEqual(info);
+  });
+
   it('maps a window with --start-offset/--max-length like qemu-img', async () => {
     const path = fixtures.find((f) => f.name === 'chain depth 3 over raw')!.path;
     const theirs = JSON.parse((await qemuImg(['map', '--output=json', '--start-offset=1000000', '--max-length=3000000', path])).stdout);
