@@ -131,7 +131,8 @@ export async function imageInfo(path: string, displayName: string, format: 'qcow
     const st = await stat(path);
     const actualSize = st.blocks * 512;
     if (format === 'raw') {
-      return { 'virtual-size': await file.length(), filename: displayName, format: 'raw', 'actual-size': actualSize, 'dirty-flag': false };
+      // Whole sectors, as QEMU sees a raw file.
+      return { 'virtual-size': Math.ceil((await file.length()) / 512) * 512, filename: displayName, format: 'raw', 'actual-size': actualSize, 'dirty-flag': false };
     }
     const header = await readHeader(file);
     const info: ImageInfo = {
