@@ -28,7 +28,7 @@ done
 log() { echo "vm-fixtures: $*" >&2; }
 die() { echo "vm-fixtures: error: $*" >&2; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb mke2fs sgdisk qemu-img sha256sum flock; do
+for tool in apt-get apt-cache dpkg-deb mke2fs debugfs sgdisk qemu-img sha256sum flock; do
   command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup-host.sh)"
 done
 
@@ -57,7 +57,9 @@ pkgs=("$kernel_pkg" busybox-static $agent_pkgs)
 
 # Lines: 'URI' file size SHA256:hex, one per package. apt's lists can be mid-update (another
 # process running apt-get update): retry a few times before refreshing them ourselves.
-resolve_uris() { apt-get download --print-uris "${pkgs[@]}" 2>&1 | grep "^'" | sort; }
+# (From an empty folder: --print-uris leaves out packages whose .deb is in the current folder.)
+resolve_dir="$(mktemp -d)"
+resolve_uris() { (cd "$resolve_dir" && apt-get download --print-uris "${pkgs[@]}" 2>&1) | grep "^'" | sort; }
 uris=""
 for attempt in 1 2 3 4; do
   uris="$(resolve_uris || true)"
@@ -66,6 +68,7 @@ for attempt in 1 2 3 4; do
 done
 [ -n "$uris" ] && [ "$(wc -l <<<"$uris")" -eq "${#pkgs[@]}" ] ||
   die "apt-get resolved $(grep -c . <<<"$uris") of ${#pkgs[@]} packages (${pkgs[*]}): $(apt-get download --print-uris "${pkgs[@]}" 2>&1 | grep -v "^'" | head -3)"
+rmdir "$resolve_dir"
 
 key="$({
   cat "$0"
@@ -193,6 +196,9 @@ find "$rf" -exec touch -h -d @0 {} +
 E2FSPROGS_FAKE_TIME=1700000000 MKE2FS_CONFIG="$here/guest/mke2fs.conf" \
   mke2fs -q -F -t ext4 -b 4096 -L qlayer-root -U "$fs_uuid" -E "hash_seed=$fs_uuid" \
   -d "$rf" "$work/root.ext4" "$((fs_size / 1024))k" >/dev/null
+# mke2fs -d copies each file's ctime, which no one can set: zero them with debugfs.
+(cd "$rf" && find . -mindepth 1 | sed 's|^\.||' | LC_ALL=C sort | sed 's|^|sif "|; s|$|" ctime 0|'; echo 'sif / ctime 0') >"$work/ctimes.debugfs"
+E2FSPROGS_FAKE_TIME=1700000000 debugfs -w -f "$work/ctimes.debugfs" "$work/root.ext4" >/dev/null 2>&1 || die "debugfs could not reset ctimes"
 qemu-img convert -f raw -O qcow2 "$work/root.ext4" "$out.tmp/base.qcow2"
 
 # Same filesystem in a GPT partition at 1 MiB (backup GPT needs the last 33 sectors).
