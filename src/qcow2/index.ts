@@ -1,3 +1,8 @@
+/**
+ * The qcow2 engine: header and table layouts (header.ts, layout.ts), one image opened for
+ * reading or writing (image.ts), image creation (create.ts), internal snapshots, compressed
+ * clusters. Backing chains are in src/chain. Every refusal is a Qcow2Error with a stable code.
+ */
 export * from './errors.js';
 export * from './header.js';
 export * from './layout.js';
