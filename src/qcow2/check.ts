@@ -11,6 +11,7 @@
  */
 import type { HostFile } from '../io/host-file.js';
 import {
+  MAX_L1_BYTES,
   bitmapsExtensionOf,
   encryptionExtensionOf,
   externalDataFileOf,
@@ -20,7 +21,12 @@ import {
   readU64,
   type Qcow2Header,
 } from './header.js';
+import { Qcow2Error } from './errors.js';
 import { COMPRESSED_HI, COPIED_HI, decodeCompressed, entryOffset, getRefcount } from './layout.js';
+import { MAX_SNAPSHOT_EXTRA_DATA } from './snapshots.js';
+
+/** Most clusters check keeps counters for (1 GiB of counters; a 16 TiB file of 64 KiB clusters). */
+const MAX_CHECK_CLUSTERS = 2 ** 28;
 
 /** One internal snapshot's table entry (the fields check and info need). */
 export interface SnapshotEntry {
@@ -50,7 +56,7 @@ export async function readSnapshotTable(file: HostFile, header: Qcow2Header): Pr
   let at = header.snapshotsOffset;
   const fixed = new Uint8Array(40);
   for (let i = 0; i < header.nbSnapshots; i += 1) {
-    if (at + 40 > fileLength) throw new RangeError(`snapshot table entry ${i} runs past the end of the file`);
+    if (at + 40 > fileLength) throw new Qcow2Error('qcow2.corrupt', `snapshot table entry ${i} runs past the end of the file`);
     await file.read(fixed, at);
     const view = new DataView(fixed.buffer);
     const l1TableOffset = readU64(view, 0, `snapshot ${i} l1_table_offset`);
@@ -58,8 +64,11 @@ export async function readSnapshotTable(file: HostFile, header: Qcow2Header): Pr
     const idSize = view.getUint16(12);
     const nameSize = view.getUint16(14);
     const extraSize = view.getUint32(36);
+    // Sizes come from the file: bound them before allocating anything.
+    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA || at + 40 + extraSize + idSize + nameSize > fileLength) {
+      throw new Qcow2Error('qcow2.corrupt', `snapshot table entry ${i} is invalid (extra data ${extraSize} bytes) or runs past the end of the file`);
+    }
     const variable = new Uint8Array(extraSize + idSize + nameSize);
-    if (at + 40 + variable.length > fileLength) throw new RangeError(`snapshot table entry ${i} runs past the end of the file`);
     await file.read(variable, at + 40);
     const extra = new DataView(variable.buffer, 0, extraSize);
     const decoder = new TextDecoder();
@@ -195,6 +204,9 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
   const clusterBits = header.clusterBits;
   const clusterSize = 2 ** clusterBits;
   const fileClusters = Math.ceil(fileLength / clusterSize);
+  if (fileClusters > MAX_CHECK_CLUSTERS) {
+    throw new Qcow2Error('qcow2.too-large', `${filename}: ${fileClusters} clusters of ${clusterSize} bytes are more than check can count (${MAX_CHECK_CLUSTERS})`);
+  }
   const result: CheckResult = {
     filename,
     format: 'qcow2',
@@ -226,6 +238,11 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
     if (l1Offset % clusterSize !== 0) {
       result.corruptions += 1;
       result.messages.push(`ERROR ${label} L1 table offset 0x${l1Offset.toString(16)} is not cluster aligned`);
+      return;
+    }
+    if (l1Size * 8 > MAX_L1_BYTES || l1Offset + l1Size * 8 > fileLength) {
+      result.corruptions += 1;
+      result.messages.push(`ERROR ${label} L1 table (${l1Size} entries at 0x${l1Offset.toString(16)}) is too large or runs past the end of the file`);
       return;
     }
     counter.add(l1Offset, l1Size * 8, `${label} L1 table`);

@@ -186,6 +186,17 @@ describe('check and repair on damaged images', () => {
     expect(await qemuCompare(await snapshotOf(path), await snapshotOf(original), 'qcow2', 'qcow2')).toBe(true);
   });
 
+  it('refuses (exit 1, like qemu-img) a snapshot table entry with an absurd size, without allocating it', async () => {
+    const { path } = await damagedCopy('bad-snapshot', 'snapshots');
+    const { handle, header } = await layoutOf(path);
+    const size = Buffer.alloc(4);
+    size.writeUInt32BE(0xffffffff, 0);
+    await handle.write(size, 0, 4, header.snapshotsOffset + 36);
+    await handle.close();
+    expect((await qemuCheck(path).catch(() => ({ exitCode: 1 }))).exitCode).toBe(1);
+    await expect(checkImage(path)).rejects.toMatchObject({ code: 'qcow2.corrupt' });
+  });
+
   it('checks a dirty lazy-refcounts image like qemu-img, and a full repair makes it clean and not dirty', async () => {
     const path = join(dir, 'dirty.qcow2');
     await qemuCreate(path, '16M', { lazy_refcounts: true });
