@@ -292,6 +292,13 @@ export class Qcow2Image implements ByteSource {
 
   // ---------------------------------------------------------------- mapping
 
+  /** Reads may run past the end (zeros) but never start before 0 or at a non-integer. */
+  private checkReadOffset(offset: number): void {
+    if (!Number.isSafeInteger(offset) || offset < 0) {
+      throw new Qcow2Error('qcow2.out-of-range', `${this.path}: read offset ${offset} is not a byte offset`);
+    }
+  }
+
   private checkGuestRange(offset: number, length: number, size: number): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
       throw new Qcow2Error('qcow2.out-of-range', `${this.path}: range ${offset}+${length} is outside the virtual disk (${size} bytes)`);
@@ -376,6 +383,7 @@ export class Qcow2Image implements ByteSource {
 
   private async readAtUnlocked(into: Uint8Array, offset: number): Promise<void> {
     this.assertOpen();
+    this.checkReadOffset(offset);
     const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
     if (inside < into.length) into.fill(0, inside);
     if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, this.backing);
@@ -388,6 +396,7 @@ export class Qcow2Image implements ByteSource {
 
   private async readLayerAtUnlocked(into: Uint8Array, offset: number): Promise<void> {
     this.assertOpen();
+    this.checkReadOffset(offset);
     const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
     if (inside < into.length) into.fill(0, inside);
     if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, null);
@@ -481,6 +490,7 @@ export class Qcow2Image implements ByteSource {
       size,
       readAt: (into, offset) => this.lock.read(async () => {
         this.assertOpen();
+        this.checkReadOffset(offset);
         const inside = Math.max(0, Math.min(into.length, size - offset));
         if (inside < into.length) into.fill(0, inside);
         if (inside > 0) await this.readView(l1, into.subarray(0, inside), offset, this.backing);

@@ -124,6 +124,20 @@ describe('bad headers give typed errors and leave the file alone', () => {
     await expectError(empty, 'qcow2.bad-magic', ['read']);
   });
 
+  it('API misuse: bad offsets and ranges are typed errors', async () => {
+    const image = await Qcow2Image.open(pristine);
+    await expect(image.readAt(Buffer.alloc(10), -1)).rejects.toMatchObject({ code: 'qcow2.out-of-range' });
+    await expect(image.readAt(Buffer.alloc(10), 0.5)).rejects.toMatchObject({ code: 'qcow2.out-of-range' });
+    await expect(image.mappingOf(4 * MiB)).rejects.toMatchObject({ code: 'qcow2.out-of-range' });
+    await expect(image.mapRange(4 * MiB - 10, 11)).rejects.toMatchObject({ code: 'qcow2.out-of-range' });
+    await expect(image.write(Buffer.alloc(1), 0)).rejects.toMatchObject({ code: 'qcow2.read-only' });
+    const past = Buffer.alloc(100, 9);
+    await image.readAt(past, 4 * MiB - 50);
+    expect(past.subarray(50).every((b) => b === 0)).toBe(true);
+    await image.close();
+    await expect(image.readAt(Buffer.alloc(1), 0)).rejects.toMatchObject({ code: 'qcow2.closed' });
+  });
+
   it('missing image and missing external data file: qcow2.not-found', async () => {
     await expect(Qcow2Image.open(join(dir, 'nothing-here.qcow2'))).rejects.toMatchObject({ code: 'qcow2.not-found' });
     const path = join(dir, 'lost-data.qcow2');
