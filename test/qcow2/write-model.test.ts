@@ -44,6 +44,8 @@ const modes: Mode[] = [
   { name: 'v3 4K + qcow2 backing', size: 4 * MiB, create: { clusterBits: 12 }, backing: 'qcow2', ops: 60, maxLength: 100_000 },
   { name: 'v2 64K + raw backing', size: 4 * MiB, create: { version: 2 }, backing: 'raw', ops: 60, maxLength: 300_000 },
   { name: 'v3 4K preallocation=metadata', size: 4 * MiB, create: { clusterBits: 12, preallocation: 'metadata' }, ops: 60, maxLength: 100_000 },
+  { name: 'v3 extended L2 32K preallocation=metadata', size: 4 * MiB, create: { clusterBits: 15, extendedL2: true, preallocation: 'metadata' }, ops: 50, maxLength: 100_000 },
+  { name: 'v2 4K preallocation=metadata', size: 3 * MiB, create: { version: 2, clusterBits: 12, preallocation: 'metadata' }, ops: 50, maxLength: 100_000 },
   { name: 'v3 lazy refcounts', size: 4 * MiB, create: { lazyRefcounts: true }, ops: 40, maxLength: 300_000 },
 ];
 
