@@ -14,7 +14,8 @@ for arg in "$@"; do
 done
 
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-  e2fsprogs fdisk gdisk busybox-static libxml2-utils zstd)
+  e2fsprogs fdisk gdisk busybox-static libxml2-utils zstd
+  lz4) # lz4: vm-fixtures/build.sh extracts the PVH vmlinux from the LZ4 bzImage
 
 missing=()
 for pkg in "${packages[@]}"; do
