@@ -81,6 +81,26 @@ registerBenchSection({
       },
     },
     {
+      name: 'convert 128 MiB text-like raw -> compressed qcow2 (-c)',
+      async setup(ctx) {
+        // base64 of random bytes: compressible to about 3/4, like text and binaries.
+        await writeFile(f(ctx, 'text.raw'), randomBytes(96 * MiB).toString('base64'));
+      },
+      async reference(ctx) {
+        await rm(f(ctx, 'ref-c.qcow2'), { force: true });
+        await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', f(ctx, 'text.raw'), f(ctx, 'ref-c.qcow2')]);
+      },
+      async qlayer(ctx) {
+        await rm(f(ctx, 'ours-c.qcow2'), { force: true });
+        await convertImage(f(ctx, 'text.raw'), f(ctx, 'ours-c.qcow2'), { sourceFormat: 'raw', compress: true });
+      },
+      async verify(ctx) {
+        await compare(f(ctx, 'text.raw'), 'raw', f(ctx, 'ours-c.qcow2'), 'qcow2');
+        await checkClean(f(ctx, 'ours-c.qcow2'));
+        for (const name of ['text.raw', 'ref-c.qcow2', 'ours-c.qcow2']) await rm(f(ctx, name));
+      },
+    },
+    {
       name: 'convert depth-3 chain (1 GiB) -> raw',
       async setup(ctx) {
         await halfDataRaw(f(ctx, 'base.raw'), GiB);

@@ -60,7 +60,10 @@ export interface ConvertResult {
 
 /** A consumer of the flattened disk, window by window. */
 interface Sink {
-  /** `data` holds [offset, offset + data.length); `dataMask[i]` says cluster i may be non-zero. */
+  /**
+   * `data` holds [offset, offset + data.length); `mayHaveData[i]` is false when unit i (a
+   * cluster, or 64 KiB for raw output) is known to read as zeros without looking at it.
+   */
   window(offset: number, data: Uint8Array, mayHaveData: boolean[]): Promise<void>;
   finish(): Promise<number>;
 }
