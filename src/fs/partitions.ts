@@ -155,41 +155,46 @@ async function readGptHeader(disk: ByteSource, lba: number, sectorSize: number):
   return { entriesLba, count, entrySize, entriesCrc: sector.readUInt32LE(88) };
 }
 
+/** Partitions described by one GPT header (primary or backup) and its entry array, or why not. */
+async function readGptCopy(disk: ByteSource, lba: number, sectorSize: number): Promise<Partition[] | string> {
+  const header = await readGptHeader(disk, lba, sectorSize);
+  if (typeof header === 'string') return header;
+  const arrayBytes = header.count * header.entrySize;
+  const arrayOffset = header.entriesLba * sectorSize;
+  if (arrayBytes === 0 || arrayOffset + arrayBytes > disk.size) return `partition entry array (LBA ${header.entriesLba}) lies outside the disk`;
+  const array = await readBytes(disk, arrayOffset, arrayBytes);
+  if (crc32(array) !== header.entriesCrc) return `partition entry array CRC32 mismatch (header at LBA ${lba})`;
+  const view = new DataView(array.buffer, array.byteOffset, array.length);
+  const partitions: Partition[] = [];
+  for (let i = 0; i < header.count; i += 1) {
+    const at = i * header.entrySize;
+    const typeBytes = array.subarray(at, at + 16);
+    if (typeBytes.every((b) => b === 0)) continue;
+    const first = readU64(view, at + 32);
+    const last = readU64(view, at + 40);
+    if (last < first) throw tableError(`GPT entry ${i + 1} ends (LBA ${last}) before it starts (LBA ${first})`);
+    const offset = first * sectorSize;
+    const length = (last - first + 1) * sectorSize;
+    checkBounds(disk, offset, length, `GPT partition ${i + 1}`);
+    const type = formatGuid(typeBytes);
+    const name = array.toString('utf16le', at + 56, at + 128).replace(/\0.*$/s, '');
+    partitions.push({ index: i + 1, offset, length, type, scheme: 'gpt', linux: type === LINUX_FILESYSTEM_GUID, ...(name ? { name } : {}) });
+  }
+  return partitions;
+}
+
+/**
+ * The GPT, from the primary header and array, or else from the backup pair at the end of the
+ * disk (as firmware does). Undefined when there is no GPT signature at all.
+ */
 async function readGpt(disk: ByteSource): Promise<Partition[] | undefined> {
   for (const sectorSize of [SECTOR, 4096]) {
-    let header = await readGptHeader(disk, 1, sectorSize);
-    const primaryProblem = typeof header === 'string' ? header : undefined;
-    if (typeof header === 'string') {
-      // Fall back to the backup header in the last LBA, as firmware does.
-      const lastLba = Math.floor(disk.size / sectorSize) - 1;
-      const backup = await readGptHeader(disk, lastLba, sectorSize);
-      if (typeof backup === 'string') {
-        if (primaryProblem?.startsWith('no "EFI PART"')) continue;
-        throw tableError(`GPT primary header is invalid (${primaryProblem}) and so is the backup (${backup})`);
-      }
-      header = backup;
-    }
-    const arrayBytes = header.count * header.entrySize;
-    checkBounds(disk, header.entriesLba * sectorSize, arrayBytes, 'GPT partition entry array');
-    const array = await readBytes(disk, header.entriesLba * sectorSize, arrayBytes);
-    if (crc32(array) !== header.entriesCrc) throw tableError('GPT partition entry array CRC32 mismatch');
-    const view = new DataView(array.buffer, array.byteOffset, array.length);
-    const partitions: Partition[] = [];
-    for (let i = 0; i < header.count; i += 1) {
-      const at = i * header.entrySize;
-      const typeBytes = array.subarray(at, at + 16);
-      if (typeBytes.every((b) => b === 0)) continue;
-      const first = readU64(view, at + 32);
-      const last = readU64(view, at + 40);
-      if (last < first) throw tableError(`GPT entry ${i + 1} ends (LBA ${last}) before it starts (LBA ${first})`);
-      const offset = first * sectorSize;
-      const length = (last - first + 1) * sectorSize;
-      checkBounds(disk, offset, length, `GPT partition ${i + 1}`);
-      const type = formatGuid(typeBytes);
-      const name = array.toString('utf16le', at + 56, at + 128).replace(/\0.*$/s, '');
-      partitions.push({ index: i + 1, offset, length, type, scheme: 'gpt', linux: type === LINUX_FILESYSTEM_GUID, ...(name ? { name } : {}) });
-    }
-    return partitions;
+    const primary = await readGptCopy(disk, 1, sectorSize);
+    if (typeof primary !== 'string') return primary;
+    const backup = await readGptCopy(disk, Math.floor(disk.size / sectorSize) - 1, sectorSize);
+    if (typeof backup !== 'string') return backup;
+    if (primary.startsWith('no "EFI PART"') && backup.startsWith('no "EFI PART"')) continue;
+    throw tableError(`GPT primary copy is invalid (${primary}) and so is the backup (${backup})`);
   }
   return undefined;
 }

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { seededRandom, tempDir } from '../helpers/qemu.js';
 import { isQlayerError } from '../../src/errors.js';
-import { openGuestFilesystem, type GuestFilesystem } from '../../src/fs/index.js';
+import { openGuestFilesystem, readPartitions, type GuestFilesystem } from '../../src/fs/index.js';
 import { bufferSource } from '../../src/io/byte-source.js';
 import { debugfs, debugfsOne, makeTree, mkfs, openRaw, patternBytes } from './e2fs.js';
 import { closeOpened } from './e2fs.js';
@@ -126,6 +126,42 @@ describe('targeted corruption', () => {
     await expect(openGuestFilesystem(bufferSource(xfsLike))).rejects.toMatchObject({ code: 'fs.not-ext', message: expect.stringContaining('XFS') });
     await expect(openGuestFilesystem(bufferSource(Buffer.alloc(1024 * 1024)))).rejects.toMatchObject({ code: 'fs.not-ext', message: expect.stringContaining('all zeros') });
     await expect(openGuestFilesystem(bufferSource(Buffer.alloc(100)))).rejects.toMatchObject({ code: 'fs.not-ext' });
+  });
+
+  it('partition tables: a looping extended chain, a bad GPT entry array, a partition past the disk end', async () => {
+    const disk = Buffer.alloc(8 * 1024 * 1024);
+    const mbrEntry = (slot: number, type: number, start: number, sectors: number, sector = 0): void => {
+      const at = sector * 512 + 446 + slot * 16;
+      disk[at + 4] = type;
+      disk.writeUInt32LE(start, at + 8);
+      disk.writeUInt32LE(sectors, at + 12);
+      disk[sector * 512 + 510] = 0x55;
+      disk[sector * 512 + 511] = 0xaa;
+    };
+    mbrEntry(0, 0x05, 2048, 8192);
+    mbrEntry(0, 0x83, 63, 1000, 2048); // logical partition
+    mbrEntry(1, 0x05, 0, 8192, 2048); // "next" EBR: itself
+    await expect(openGuestFilesystem(bufferSource(disk))).rejects.toMatchObject({ code: 'fs.partition-table-corrupt', message: expect.stringContaining('loops') });
+
+    const past = Buffer.alloc(4 * 1024 * 1024);
+    past.set(disk.subarray(0, 512));
+    past.fill(0, 446, 510);
+    past[446 + 4] = 0x83;
+    past.writeUInt32LE(2048, 446 + 8);
+    past.writeUInt32LE(100_000, 446 + 12);
+    await expect(openGuestFilesystem(bufferSource(past))).rejects.toMatchObject({ code: 'fs.partition-table-corrupt', message: expect.stringContaining('outside') });
+  });
+
+  it('GPT with a damaged entry array', async () => {
+    const image = join(dir, 'gpt-bad.img');
+    await mkfs(image, { size: 16 * 1024 * 1024, blockSize: 1024 });
+    await execa('sgdisk', ['-o', '-n', '1:2048:+4M', '-t', '1:8300', image]);
+    await patch(image, 2 * 512 + 56, [0x41]); // a byte of entry 1's name: only the array CRC notices
+    // The backup header and array at the end of the disk still describe the partition.
+    expect((await readPartitions(bufferSource(await readFile(image)))).map((p) => [p.index, p.offset])).toEqual([[1, 2048 * 512]]);
+    const sectors = (16 * 1024 * 1024) / 512;
+    await patch(image, (sectors - 33) * 512 + 56, [0x41]); // the backup array too
+    await expect(openRaw(image)).rejects.toMatchObject({ code: 'fs.partition-table-corrupt', message: expect.stringContaining('entry array CRC32') });
   });
 
   it('a looping extent tree', async () => {

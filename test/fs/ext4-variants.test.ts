@@ -102,6 +102,10 @@ async function checkImage(image: string, fs: GuestFilesystem, partitionOffset = 
   await expect(fs.readdir('/a.bin')).rejects.toMatchObject({ code: 'fs.not-a-directory' });
   await expect(fs.lookup('/a.bin/x')).rejects.toMatchObject({ code: 'fs.not-a-directory' });
   await expect(fs.readFile('/dir')).rejects.toMatchObject({ code: 'fs.is-a-directory' });
+  await expect(fs.lookup('/a.bin/')).rejects.toMatchObject({ code: 'fs.not-a-directory' });
+  expect((await fs.lookup('/links/dirlink/')).type).toBe('dir'); // a trailing slash follows the link
+  expect((await fs.lookup('/links/dirlink')).type).toBe('symlink');
+  expect((await fs.readdir('/links/dirlink')).map((e) => e.name)).toEqual((await fs.readdir('/dir')).map((e) => e.name));
   await expect(fs.lookup('/dir/nope')).rejects.toSatisfy((e) => isQlayerError(e) && e.code === 'fs.not-found');
 }
 

@@ -241,7 +241,9 @@ export class Ext4Filesystem {
    */
   async resolve(path: string, options: ResolveOptions = {}): Promise<Inode> {
     if (typeof path !== 'string' || path.includes('\0')) throw new Ext4Error('fs.invalid-path', `invalid path ${JSON.stringify(path)}`);
-    const follow = options.follow ?? true;
+    // A trailing slash names a directory: follow a final symlink and insist on a directory.
+    const mustBeDirectory = /[^/]\/+$/.test(path);
+    const follow = mustBeDirectory || (options.follow ?? true);
     const root = await this.inode(ROOT_INODE);
     if (root.type !== 'dir') throw corrupt('the root inode is not a directory');
     let current = root;
@@ -272,6 +274,7 @@ export class Ext4Filesystem {
       current = child;
       walked = name === '..' ? walked.slice(0, Math.max(0, walked.lastIndexOf('/'))) : childPath;
     }
+    if (mustBeDirectory && current.type !== 'dir') throw new Ext4Error('fs.not-a-directory', `${path.replace(/\/+$/, '')} is not a directory`);
     return current;
   }
 
