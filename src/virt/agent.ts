@@ -135,7 +135,7 @@ export class GuestAgent {
       } catch (error) {
         last = error;
         // A stopped domain will not grow an agent.
-        if (error instanceof VirtError && /Domain not found|domain is not running/i.test(error.message)) throw error;
+        if (error instanceof VirtError && /Domain not found|failed to get domain|domain is not running/i.test(error.message)) throw error;
       }
       if (Date.now() >= deadline) {
         throw new VirtError('virt.agent-unavailable', `the guest agent of ${this.domain} did not answer within ${timeoutMs} ms (last: ${last instanceof Error ? last.message : String(last)})`, { cause: last });
@@ -325,7 +325,7 @@ function classifyAgentError(domain: string, execute: string, detail: string): Vi
   const message = `agent ${execute} on ${domain}: ${detail}`;
   if (/Failed to connect socket|failed to connect to the hypervisor/i.test(detail)) return new VirtError('virt.libvirt-unreachable', message);
   if (/didn't respond|timed out|timeout/i.test(detail)) return new VirtError('virt.agent-timeout', message);
-  if (/not responding|not connected|not available|not configured|Domain not found|not running|End of file|disappeared/i.test(detail)) {
+  if (/not responding|not connected|not available|not configured|Domain not found|failed to get domain|not running|End of file|disappeared/i.test(detail)) {
     return new VirtError('virt.agent-unavailable', message);
   }
   return new VirtError('virt.agent-error', message);
