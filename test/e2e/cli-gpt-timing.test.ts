@@ -131,13 +131,16 @@ describe('the GPT variant of the test guest', () => {
       accel: 'tcg',
       until: 'QLAYER: poweroff',
       serialLog: `${dir}/gpt.log`,
+      persistent: true, // define + start: stopping must also undefine it
     });
     try {
       expect(await guest.waitForShutoff(15_000)).toBe(true);
+      expect(await guest.state()).toBe('shutoff'); // defined domains stay known while off
       expect(parseSha256Events(guest.serial).get('/etc/hostname')).toBe(sha('qlayer-guest\n'));
     } finally {
       await guest.destroy();
     }
+    expect(await qlayerDomains()).not.toContain(`qlayer-e2e-gpt-${process.pid}`);
     expect(await fileSha256(fixture.images['base-gpt'].path)).toBe(fixture.images['base-gpt'].sha256);
   });
 });
