@@ -32,7 +32,39 @@ function inflateCluster(compressed: Uint8Array, clusterSize: number): Uint8Array
 /** Thrown from the zstd output callback to stop decoding once the cluster is full. */
 class ClusterFull extends Error {}
 
+/** Largest zstd window accepted: QEMU's clusters are at most 2 MiB, so its frames never need more. */
+const MAX_ZSTD_WINDOW = 8 * 1024 * 1024;
+
+/**
+ * Read the window (or single-segment content) size from a zstd frame header, so a hostile
+ * frame cannot make the decoder allocate gigabytes before failing.
+ */
+function zstdWindowSize(frame: Uint8Array): number {
+  if (frame.length < 6) throw new Qcow2Error('qcow2.decompress-failed', 'zstd-compressed cluster is too short for a frame header');
+  const magic = (frame[0]! | (frame[1]! << 8) | (frame[2]! << 16) | (frame[3]! << 24)) >>> 0;
+  if (magic !== 0xfd2fb528) throw new Qcow2Error('qcow2.decompress-failed', `zstd-compressed cluster has bad frame magic 0x${magic.toString(16)}`);
+  const descriptor = frame[4]!;
+  const singleSegment = (descriptor & 0x20) !== 0;
+  if (!singleSegment) {
+    const wd = frame[5]!;
+    const base = 2 ** (10 + (wd >> 3));
+    return base + (base / 8) * (wd & 7);
+  }
+  const dictionaryBytes = [0, 1, 2, 4][descriptor & 3]!;
+  const sizeFlag = descriptor >> 6;
+  const sizeBytes = [1, 2, 4, 8][sizeFlag]!;
+  const at = 5 + dictionaryBytes;
+  if (frame.length < at + sizeBytes) throw new Qcow2Error('qcow2.decompress-failed', 'zstd frame header is truncated');
+  let size = 0;
+  for (let i = sizeBytes - 1; i >= 0; i--) size = size * 256 + frame[at + i]!;
+  return sizeFlag === 1 ? size + 256 : size;
+}
+
 function unzstdCluster(compressed: Uint8Array, clusterSize: number): Uint8Array {
+  const window = zstdWindowSize(compressed);
+  if (window > Math.max(MAX_ZSTD_WINDOW, clusterSize)) {
+    throw new Qcow2Error('qcow2.decompress-failed', `zstd-compressed cluster asks for a ${window}-byte window (limit ${MAX_ZSTD_WINDOW})`);
+  }
   const out = new Uint8Array(clusterSize);
   let filled = 0;
   const stream = new Decompress((chunk) => {

@@ -6,7 +6,7 @@ import { copyFile, open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openChain } from '../../src/chain/index.js';
-import { Qcow2Error, Qcow2Image } from '../../src/qcow2/index.js';
+import { decompressCluster, Qcow2Error, Qcow2Image } from '../../src/qcow2/index.js';
 import { qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
 
 const MiB = 1 << 20;
@@ -136,6 +136,17 @@ describe('bad headers give typed errors and leave the file alone', () => {
     expect(past.subarray(50).every((b) => b === 0)).toBe(true);
     await image.close();
     await expect(image.readAt(Buffer.alloc(1), 0)).rejects.toMatchObject({ code: 'qcow2.closed' });
+  });
+
+  it('hostile compressed data: huge zstd windows, garbage deflate, short output', async () => {
+    const huge = Uint8Array.from([0x28, 0xb5, 0x2f, 0xfd, 0x00, 0xf8, 0, 0, 0, 0]);
+    expect(() => decompressCluster(huge, 65536, 1)).toThrow(Qcow2Error);
+    expect(() => decompressCluster(huge, 65536, 1)).toThrow(/window/);
+    expect(() => decompressCluster(Uint8Array.from([1, 2, 3, 4, 5, 6, 7, 8]), 65536, 1)).toThrow(Qcow2Error);
+    expect(() => decompressCluster(Uint8Array.from([0xff, 0xff, 0xff, 0xff]), 4096, 0)).toThrow(Qcow2Error);
+    const { deflateRawSync } = await import('node:zlib');
+    expect(() => decompressCluster(deflateRawSync(Buffer.alloc(100, 1)), 4096, 0)).toThrow(/100 bytes/);
+    expect(decompressCluster(deflateRawSync(Buffer.alloc(4096, 7), { windowBits: 12 }), 4096, 0)[4095]).toBe(7);
   });
 
   it('missing image and missing external data file: qcow2.not-found', async () => {
