@@ -301,3 +301,50 @@ describe('recompose (offline guest)', () => {
     expect(sha256(await readFile(desktop.basePath))).toBe(baseHash);
   }, 600_000);
 });
+
+describe('successive assigns (offline guest)', () => {
+  it('a second assign keeps the first app, whose user clusters already read from the apps layer', async () => {
+    const temp = await tempDir('qlayer-recompose2-');
+    try {
+      const desktop = await makeDesktop(temp.dir);
+      // First app.
+      await allocateOffline(desktop, temp.dir);
+      const first = await locate(desktop, [desktop.manifest]);
+      desktop.record.recompose = planAssign(desktop.record, [desktop.manifest], first);
+      await runRecompose(context(desktop, { json: '' }));
+
+      // Second app, built from other files under another prefix.
+      const second = join(temp.dir, 'second-src');
+      await mkdir(second, { recursive: true });
+      await writeFile(join(second, 'big.bin'), randomContent(9, 777_777));
+      await writeFile(join(second, 'small.txt'), randomContent(10, 1234));
+      const secondManifest = await buildApp(desktop.store, { name: 'second', sourceDir: second, version: '1' });
+      const firstManifest = desktop.manifest;
+      desktop.manifest = secondManifest;
+      await allocateOffline(desktop, temp.dir);
+      const before = await qemuReadRaw(desktop.userPath);
+      const located = await locate(desktop, [secondManifest]);
+      desktop.record.recompose = planAssign(desktop.record, [secondManifest], located);
+      const report = await runRecompose(context(desktop, { json: '' }));
+      expect(report.generation).toBe(2);
+      expect(desktop.record.apps).toEqual(['app@1', 'second@1']);
+
+      const after = await qemuReadRaw(desktop.userPath);
+      expect(after.equals(await expectedAfterAssign(before, located, second, secondManifest.prefix))).toBe(true);
+      const raw = join(temp.dir, 'after.raw');
+      await writeFile(raw, after);
+      for (const manifest of [firstManifest, secondManifest]) {
+        for (const file of manifest.files) {
+          const out = join(temp.dir, 'dumped');
+          await debugfsRead(raw, `dump ${file.path} ${out}`);
+          expect(sha256(await readFile(out)), file.path).toBe(file.sha256);
+        }
+      }
+      expect((await execa('e2fsck', ['-fn', raw], { reject: false })).exitCode).toBe(0);
+      await assertCleanImages([join(desktop.desktopDir, 'apps.2.qcow2'), desktop.userPath]);
+      expect(existsSync(join(desktop.desktopDir, 'apps.1.qcow2'))).toBe(false);
+    } finally {
+      await temp.cleanup();
+    }
+  }, 120_000);
+});
