@@ -115,6 +115,15 @@ describe('GuestAgent', () => {
     await guest.agent.writeFile('/root/after-thaw', 'ok\n');
   });
 
+  it('remount read-only: writes then fail; remount read-write again', async () => {
+    await guest.agent.remountReadOnly('/');
+    const denied = await guest.agent.exec('/bin/sh', ['-c', 'echo x > /root/ro-test']);
+    expect(denied.exitCode).not.toBe(0);
+    expect(denied.stderr).toMatch(/Read-only file system/);
+    await guest.agent.sh('mount -o remount,rw /', { what: 'remount rw' });
+    await guest.agent.writeFile('/root/rw-again', 'rw\n');
+  });
+
   it('an agent of a domain that does not exist: virt.agent-unavailable, fast', async () => {
     const ghost = new GuestAgent('qlayer-no-such-domain');
     const started = Date.now();
