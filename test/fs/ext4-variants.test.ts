@@ -49,6 +49,12 @@ beforeAll(async () => {
     'inl/tiny': 'tiny',
     'inl/sixty': patternBytes(60, 12),
     'inl/hundred': patternBytes(100, 13),
+    // More than fits in i_block: mke2fs (libext2fs) turns such a directory into blocks.
+    'idir/one': '1',
+    'idir/two': '2',
+    'idir/three': '3',
+    'idir/four': '4',
+    'idir/five-longer-name': '5',
   });
   await mkdir(join(tree, 'emptydir'));
 });
@@ -59,7 +65,7 @@ afterAll(async () => {
 });
 
 const FILES = ['/a.bin', '/empty', '/dir/small', '/dir/sub/deep/file.txt', '/dir/exact4k', '/sparse', '/frag', '/huge', '/big', '/inl/tiny', '/inl/sixty', '/inl/hundred'];
-const DIRS = ['/', '/dir', '/dir/sub', '/dir/sub/deep', '/links', '/inl', '/emptydir', '/lost+found'];
+const DIRS = ['/', '/dir', '/dir/sub', '/dir/sub/deep', '/links', '/inl', '/idir', '/emptydir', '/lost+found'];
 
 async function checkImage(image: string, fs: GuestFilesystem, partitionOffset = 0): Promise<void> {
   for (const path of FILES) {
@@ -144,6 +150,8 @@ describe('ext4 reader vs debugfs', () => {
       if (variant.expectInline) {
         expect(tiny.inline).toBe(true);
         expect(tiny.extents).toEqual([]);
+        expect((await fs.stat('/inl')).inline).toBe(true); // a small inline directory
+        expect(await debugfsOne(image, 'stat /inl/hundred')).toMatch(/Size of inline data: 100/); // 60 in i_block + 40 in the xattr
       } else {
         expect(tiny.extents.length).toBe(1);
       }
