@@ -174,6 +174,53 @@ describe('file layouts', () => {
   });
 });
 
+describe('inline directories', () => {
+  it('reads entries that spill from i_block into the system.data xattr', async () => {
+    // libext2fs never writes such a directory (it converts to blocks); the kernel does. Build
+    // one by hand: an inline directory whose system.data value holds one more entry.
+    const tree = join(dir, 'inline-tree');
+    await makeTree(tree, { 'inl/tiny': 't\n' });
+    const image = join(dir, 'inline-dir.img');
+    await mkfs(image, { size: 16 * 1024 * 1024, blockSize: 1024, features: ['inline_data', '^metadata_csum'], from: tree });
+    const imap = /located at block (\d+), offset (0x[0-9a-f]+)/.exec(await debugfsOne(image, 'imap /inl'))!;
+    const slot = Number(imap[1]) * 1024 + Number(imap[2]);
+    const tinyInode = (await openRaw(image)).lookup('/inl/tiny');
+    const { open: openFile } = await import('node:fs/promises');
+    const handle = await openFile(image, 'r+');
+    const inode = Buffer.alloc(256);
+    await handle.read(inode, 0, 256, slot);
+    const xattrs = 128 + inode.readUInt16LE(0x80);
+    expect(inode.readUInt32LE(xattrs)).toBe(0xea020000);
+    const valueSize = 32;
+    const value = Buffer.alloc(valueSize);
+    value.writeUInt32LE((await tinyInode).inode, 0);
+    value.writeUInt16LE(valueSize, 4);
+    value[6] = 5;
+    value[7] = 1;
+    value.write('spill', 8, 'latin1');
+    const area = Buffer.alloc(256 - xattrs);
+    area.writeUInt32LE(0xea020000, 0);
+    const valueOffset = area.length - 4 - valueSize; // relative to the first entry
+    area[4] = 4; // name_len
+    area[5] = 7; // "system." index
+    area.writeUInt16LE(valueOffset, 6);
+    area.writeUInt32LE(valueSize, 12);
+    area.write('data', 20, 'latin1');
+    value.copy(area, 4 + valueOffset);
+    area.copy(inode, xattrs);
+    inode.writeUInt32LE(60 + valueSize, 0x04); // i_size covers both parts
+    await handle.write(inode, 0, 256, slot);
+    await handle.close();
+
+    const fs = await openRaw(image);
+    const ours = (await fs.readdir('/inl')).map(({ name, inode: n }) => ({ name, inode: n }));
+    expect(ours.map((e) => e.name)).toEqual(['.', '..', 'tiny', 'spill']);
+    expect(ours).toEqual(await oracleLs(image, '/inl'));
+    expect((await fs.readFile('/inl/spill')).toString()).toBe('t\n');
+    expect((await fs.stat('/inl')).inline).toBe(true);
+  });
+});
+
 describe('journal', () => {
   it('refuses a filesystem whose journal needs recovery, unless asked to read anyway', async () => {
     const image = join(dir, 'dirty.img');
