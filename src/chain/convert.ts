@@ -394,7 +394,10 @@ export async function convertImage(source: string, output: string, options: Conv
       await readWindow(layers, entries, offset, buffer.subarray(0, length));
       for (const e of entries) if (e.data) dataBytes += e.length;
       const done = offset + length;
-      pending.push(sink.window(offset, buffer, mayHaveData).then(() => options.progress?.(done, size)));
+      const write = sink.window(offset, buffer, mayHaveData).then(() => options.progress?.(done, size));
+      // Marked handled now: if the loop fails first, this rejection must not go unhandled.
+      write.catch(() => undefined);
+      pending.push(write);
     }
     await Promise.all(pending);
     const outputLength = await sink.finish();

@@ -7,6 +7,7 @@ import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { commitImage } from '../../src/chain/commit.js';
+import { convertImage } from '../../src/chain/convert.js';
 import { rebaseImage } from '../../src/chain/rebase.js';
 import { FaultInjectingFileSystem, InjectedCrash } from '../../src/io/fault-injection.js';
 import { nodeFileSystem } from '../../src/io/host-file.js';
@@ -79,6 +80,33 @@ describe('crash safety', () => {
       },
     );
     expect(crashes).toBeGreaterThan(5);
+  });
+
+  it('convert: a crash at any write or fsync never leaves an output that opens as a valid image', async () => {
+    await reset();
+    let completed = false;
+    let crashes = 0;
+    for (let n = 1; n < 200 && !completed; n += 1) {
+      for (const loseUnsyncedWrites of [false, true]) {
+        const out = p(`converted-${n}-${loseUnsyncedWrites}.qcow2`);
+        const fs = new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n, loseUnsyncedWrites });
+        try {
+          await convertImage(p('top.qcow2'), out, { fs, sync: true, windowSize: 1024 * 1024 });
+          completed = true;
+        } catch (error) {
+          if (!(error instanceof InjectedCrash) && !fs.crashed) throw error;
+          crashes += 1;
+        }
+        const info = await qemuImg(['info', '-f', 'qcow2', '--output=json', out], [0, 1]).catch(() => ({ exitCode: 1 }));
+        if (info.exitCode === 0) {
+          // The header is written last: an image that opens is the complete one.
+          expect(await qemuCompare(out, p('expected.raw'), 'qcow2', 'raw'), `crash at ${n}`).toBe(true);
+          expect((await qemuCheck(out)).exitCode).toBe(0);
+        }
+      }
+    }
+    expect(completed).toBe(true);
+    expect(crashes).toBeGreaterThan(3);
   });
 
   it('safe rebase onto the base: same, for every crash point', async () => {
