@@ -11,7 +11,7 @@ import { nodeFileSystem, rawFileSource, type HostFile } from '../../src/io/host-
 export interface MkfsOptions {
   /** Size of the raw image in bytes. */
   size: number;
-  blockSize: 1024 | 2048 | 4096;
+  blockSize: 1024 | 2048 | 4096 | 8192 | 65536;
   type?: 'ext2' | 'ext3' | 'ext4';
   /** -O feature list, e.g. ['^has_journal', '64bit']. */
   features?: string[];

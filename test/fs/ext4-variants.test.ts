@@ -128,6 +128,8 @@ const VARIANTS: Variant[] = [
   { name: 'ext4 4k ^metadata_csum ^64bit (gdt_csum)', options: { blockSize: 4096, features: ['^metadata_csum', '^64bit', 'uninit_bg'] } },
   { name: 'ext4 1k 128-byte inodes, ^flex_bg', options: { blockSize: 1024, features: ['^flex_bg'], extra: ['-I', '128'] } },
   { name: 'ext4 4k 1024-byte inodes', options: { blockSize: 4096, extra: ['-I', '1024'] } },
+  { name: 'ext4 64k blocks (rec_len encoding)', options: { blockSize: 65536 } },
+  { name: 'ext4 8k blocks, ext3 ^extent', options: { blockSize: 8192, type: 'ext3' } },
   { name: 'ext4 4k bigalloc (16 KiB clusters)', options: { blockSize: 4096, features: ['bigalloc'], extra: ['-C', '16384'] } },
   { name: 'ext3 1k indirect maps', options: { blockSize: 1024, type: 'ext3' } },
   { name: 'ext3 4k indirect maps', options: { blockSize: 4096, type: 'ext3' } },
