@@ -1,4 +1,5 @@
 import { readFile, stat } from 'node:fs/promises';
+import { QlayerError } from '../errors.js';
 
 /**
  * Is some process holding a POSIX or OFD lock on this file? QEMU (and qemu-img) lock every
@@ -28,4 +29,17 @@ export async function locksOn(path: string): Promise<string[]> {
     }
   }
   return found;
+}
+
+/** Thrown when an image that is about to be written is open in another process. */
+export class ImageInUseError extends QlayerError {
+  constructor(path: string, locks: string[]) {
+    super('image.in-use', `${path} is in use: another process (a running guest, qemu-img, qemu-nbd...) holds ${locks.length} lock(s) on it; stop it first`);
+  }
+}
+
+/** Refuse to write an image that some process holds QEMU's locks on. */
+export async function assertNotLocked(path: string): Promise<void> {
+  const locks = await locksOn(path).catch(() => [] as string[]);
+  if (locks.length > 0) throw new ImageInUseError(path, locks);
 }

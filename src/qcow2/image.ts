@@ -7,6 +7,7 @@
  * refcount decrements only after the pointers to a cluster are gone (see flush()).
  */
 import type { ByteSource } from '../io/byte-source.js';
+import { assertNotLocked } from '../io/in-use.js';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
 import { resolveReferencedPath } from '../chain/confine.js';
 import { decompressCluster } from './compression.js';
@@ -133,6 +134,8 @@ export class Qcow2Image implements ByteSource {
   static async open(path: string, options: OpenImageOptions = {}): Promise<Qcow2Image> {
     const fs = options.fs ?? nodeFileSystem;
     const writable = options.writable ?? false;
+    // QEMU locks every image it opens: never write under a running guest or tool.
+    if (writable) await assertNotLocked(path);
     const file = await fs.open(path, writable ? 'write' : 'read').catch((error: unknown) => {
       throw notFound(error, `${path} does not exist`);
     });

@@ -4,6 +4,7 @@
  * damaged) and then rewrites wrong COPIED flags.
  */
 import { nodeFileSystem, type FileSystemAccess } from '../io/host-file.js';
+import { assertNotLocked } from '../io/in-use.js';
 import { analyzeImage, checkCopiedFlags, type CheckResult, type CheckState } from './check.js';
 import { Incompatible } from './header.js';
 import { maxRefcount, setRefcount } from './layout.js';
@@ -28,6 +29,7 @@ export interface CheckOptions {
 export async function checkImage(path: string, options: CheckOptions = {}): Promise<CheckResult> {
   const fs = options.fs ?? nodeFileSystem;
   const mode = options.repair ?? 'none';
+  if (mode !== 'none') await assertNotLocked(path);
   const file = await fs.open(path, mode === 'none' ? 'read' : 'write');
   try {
     const state = await analyzeImage(file, path);
