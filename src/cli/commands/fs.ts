@@ -102,8 +102,32 @@ export function registerFsCommands(program: Command): void {
           printResult(options, { path, size: data.length, base64: data.toString('base64') }, () => '');
           return;
         }
-        for await (const chunk of guest.readFileChunks(path)) {
-          if (!process.stdout.write(chunk)) await new Promise((resolve) => process.stdout.once('drain', resolve));
+        // A reader that goes away (`| head`) ends the copy quietly, as cat does.
+        let closed = false;
+        const onError = (error: NodeJS.ErrnoException): void => {
+          if (error.code === 'EPIPE') closed = true;
+          else throw error;
+        };
+        process.stdout.on('error', onError);
+        try {
+          for await (const chunk of guest.readFileChunks(path)) {
+            if (closed) break;
+            if (!process.stdout.write(chunk)) {
+              await new Promise<void>((resolve) => {
+                const done = (): void => {
+                  process.stdout.off('drain', done);
+                  process.stdout.off('close', done);
+                  process.stdout.off('error', done);
+                  resolve();
+                };
+                process.stdout.once('drain', done);
+                process.stdout.once('close', done);
+                process.stdout.once('error', done);
+              });
+            }
+          }
+        } finally {
+          process.stdout.off('error', onError);
         }
       });
     });
