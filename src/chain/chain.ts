@@ -8,7 +8,8 @@ import type { ByteSource } from '../io/byte-source.js';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
 import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { confinePath, resolveReferencedPath } from './confine.js';
+import { resolveReferencedPath } from '../qcow2/referenced-names.js';
+import { confinePath } from './confine.js';
 
 export type LayerFormat = 'qcow2' | 'raw';
 

@@ -15,7 +15,7 @@ import type { FileSystemAccess, HostFile } from '../io/host-file.js';
 import { nodeFileSystem } from '../io/host-file.js';
 import { Qcow2Error } from '../qcow2/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { resolveReferencedPath } from './confine.js';
+import { resolveReferencedPath } from '../qcow2/referenced-names.js';
 
 export interface CommitOptions {
   fs?: FileSystemAccess;

@@ -1,34 +1,11 @@
 /**
- * Rules for the file names an image may refer to (backing file, external data file). Images
- * can come from untrusted owners, so a name is only ever a plain host path: no QEMU protocol
- * syntax (json:, nbd:, http:, file:...), resolved against the referring image's folder, and
- * with allowedDirectories, inside one of them after symlinks are resolved.
+ * Confinement of a chain's files: with allowedDirectories, every backing and data file must be
+ * inside one of them after symlinks are resolved, so an untrusted image can never make qlayer
+ * read a host file such as /etc/shadow. (Name syntax rules: src/qcow2/referenced-names.ts.)
  */
 import { realpath } from 'node:fs/promises';
-import { dirname, isAbsolute, resolve, sep } from 'node:path';
+import { resolve, sep } from 'node:path';
 import { ChainError } from '../qcow2/errors.js';
-
-/**
- * Refuse anything QEMU would parse as a protocol or JSON description. QEMU treats a name as a
- * protocol when the text before the first ':' is a plain word and no '/' comes earlier; we are
- * stricter and refuse every `word:` prefix, plus names with NUL or empty names.
- */
-export function assertPlainFileName(name: string, what: string): void {
-  if (name.length === 0) throw new ChainError('chain.refused-protocol', `${what} name is empty`);
-  if (name.includes('\0')) throw new ChainError('chain.refused-protocol', `${what} name contains a NUL byte`);
-  if (name.startsWith('json:')) throw new ChainError('chain.refused-protocol', `${what} "${name.slice(0, 40)}..." is a json: description; only plain file names are allowed`);
-  const colon = name.indexOf(':');
-  const slash = name.indexOf('/');
-  if (colon > 0 && (slash < 0 || colon < slash) && /^[A-Za-z0-9_.+-]+$/.test(name.slice(0, colon))) {
-    throw new ChainError('chain.refused-protocol', `${what} "${name}" uses the protocol prefix "${name.slice(0, colon)}:"; only plain file names are allowed`);
-  }
-}
-
-/** Resolve `name` (as stored in the image at `referrerPath`) to a host path. */
-export function resolveReferencedPath(name: string, referrerPath: string, what: string): string {
-  assertPlainFileName(name, what);
-  return isAbsolute(name) ? name : resolve(dirname(referrerPath), name);
-}
 
 /** True when `path` (already real) is `dir` or inside it. */
 function isInside(path: string, dir: string): boolean {

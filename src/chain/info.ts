@@ -20,7 +20,8 @@ import {
   readU64,
   type Qcow2Header,
 } from '../qcow2/header.js';
-import { confinePath, resolveReferencedPath } from './confine.js';
+import { resolveReferencedPath } from '../qcow2/referenced-names.js';
+import { confinePath } from './confine.js';
 
 export interface QemuSnapshotInfo {
   id: string;

@@ -22,7 +22,8 @@ import {
   type Qcow2Header,
 } from '../qcow2/header.js';
 import { decodeCompressed, entryOffset, geometry, type Geometry, COMPRESSED_HI, COPIED_HI, ZERO_LO } from '../qcow2/layout.js';
-import { confinePath, resolveReferencedPath } from './confine.js';
+import { resolveReferencedPath } from '../qcow2/referenced-names.js';
+import { confinePath } from './confine.js';
 
 /** What one layer says about a guest range, before looking at the layers below. */
 export type ExtentKind = 'data' | 'zero' | 'unallocated' | 'compressed';

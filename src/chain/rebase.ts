@@ -13,7 +13,7 @@ import { nodeFileSystem } from '../io/host-file.js';
 import { Qcow2Error } from '../qcow2/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { openChain, type Chain } from './chain.js';
-import { resolveReferencedPath } from './confine.js';
+import { resolveReferencedPath } from '../qcow2/referenced-names.js';
 import { chainStatus, closeLayers, openLayers, type MapEntry, type MapLayer } from './map.js';
 
 export interface RebaseOptions {

@@ -6,7 +6,7 @@
  */
 import { isAbsolute, resolve } from 'node:path';
 import { nodeFileSystem, syncParentDirectory, type FileSystemAccess } from '../io/host-file.js';
-import { resolveReferencedPath } from '../chain/confine.js';
+import { resolveReferencedPath } from './referenced-names.js';
 import { ChainError, Qcow2Error } from './errors.js';
 import {
   Compatible,

@@ -9,7 +9,7 @@
 import type { ByteSource } from '../io/byte-source.js';
 import { assertNotLocked } from '../io/in-use.js';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
-import { resolveReferencedPath } from '../chain/confine.js';
+import { resolveReferencedPath } from './referenced-names.js';
 import { decompressCluster } from './compression.js';
 import { Qcow2Error } from './errors.js';
 import {

@@ -10,3 +10,4 @@ export * from './snapshots.js';
 export * from './compression.js';
 export * from './image.js';
 export * from './create.js';
+export * from './referenced-names.js';

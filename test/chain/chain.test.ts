@@ -6,7 +6,8 @@
 import { mkdir, open, readFile, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openChain, assertPlainFileName } from '../../src/chain/index.js';
+import { openChain } from '../../src/chain/index.js';
+import { assertPlainFileName } from '../../src/qcow2/referenced-names.js';
 import { createImage, ExtensionType, parseHeader, Qcow2Error, Qcow2Image, serializeHeader } from '../../src/qcow2/index.js';
 import { qemuCreate, qemuImg, qemuIo, qemuReadRaw, sha256, tempDir } from '../helpers/qemu.js';
 

@@ -83,7 +83,7 @@ export async function guestChange(
   const rawPath = join(scratchDir, 'guest-change.raw');
   await writeFile(rawPath, before);
   if (commands.length) await debugfsWrite(rawPath, commands);
-  let after = await readFile(rawPath);
+  let after: Buffer = await readFile(rawPath);
   let forced: Array<{ offset: number; length: number }> = [];
   if (afterDebugfs) ({ raw: after, forced = [] } = await afterDebugfs(rawPath, after));
   await writeBackChanges(topImage, before, after, forced);

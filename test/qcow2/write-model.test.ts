@@ -289,7 +289,7 @@ describe('seeded write sequences match a model and pass qemu-img check', () => {
   });
 
   it('ping-pong: qemu-io and the engine take turns writing the same image', async () => {
-    const cases = [
+    const cases: Array<{ name: string; options: Record<string, string | number | boolean>; backing: boolean }> = [
       { name: 'v3-64k', options: { cluster_size: 65536 }, backing: false },
       { name: 'v3-4k-refcount8', options: { cluster_size: 4096, refcount_bits: 8 }, backing: false },
       { name: 'extl2-backing', options: { cluster_size: 65536, extended_l2: true }, backing: true },
