@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { openGuestFilesystem } from '../src/fs/index.js';
-import { nodeFileSystem, rawFileSource } from '../src/io/host-file.js';
+import { openDiskImage } from '../src/fs/image.js';
 import { registerBenchSection, type BenchContext, type BenchSection } from './harness.js';
 
 export interface LookupFixture {
@@ -53,10 +53,11 @@ export interface LookupResult {
   bytesRead?: number;
 }
 
-export async function qlayerLookups(fixture: LookupFixture): Promise<LookupResult> {
-  const file = await nodeFileSystem.open(fixture.image, 'read');
+/** Locate every path with qlayer's reader; `image` (raw or qcow2) defaults to the raw fixture. */
+export async function qlayerLookups(fixture: LookupFixture, image = fixture.image): Promise<LookupResult> {
+  const disk = await openDiskImage(image);
   try {
-    const fs = await openGuestFilesystem(await rawFileSource(file));
+    const fs = await openGuestFilesystem(disk.source);
     const blocks = new Map<string, number[]>();
     for (const path of fixture.paths) {
       await fs.lookup(path);
@@ -68,7 +69,7 @@ export async function qlayerLookups(fixture: LookupFixture): Promise<LookupResul
     }
     return { blocks, bytesRead: fs.readStats.bytesRead };
   } finally {
-    await file.close();
+    await disk.close();
   }
 }
 
@@ -135,19 +136,25 @@ export async function measureFsLookups(options: { files?: number; sizeBytes?: nu
   }
 }
 
-/** The harness section: one case per N. */
+/** The harness section: per N, lookups on the raw image and through a qcow2 image of it. */
 export function fsLookupBenchSection(counts: number[] = [1000, 10_000]): BenchSection {
-  return {
-    name: 'fs-lookups',
-    cases: counts.map((n) => ({
-      name: `locate ${n} files in an 8 GiB ext4 (reference: debugfs)`,
+  const cases = counts.flatMap((n) =>
+    (['raw', 'qcow2'] as const).map((format) => ({
+      name: `locate ${n} files in an 8 GiB ext4, ${format} (reference: debugfs on raw)`,
       async setup(ctx: BenchContext) {
-        const sub = join(ctx.dir, `n${n}`);
+        const sub = join(ctx.dir, `n${n}-${format}`);
         await mkdir(sub, { recursive: true });
-        ctx.state.set('fixture', await buildLookupFixture(sub, n));
+        const fixture = await buildLookupFixture(sub, n);
+        ctx.state.set('fixture', fixture);
+        let image = fixture.image;
+        if (format === 'qcow2') {
+          image = join(sub, 'lookups.qcow2');
+          await execa('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', fixture.image, image]);
+        }
+        ctx.state.set('image', image);
       },
       async qlayer(ctx: BenchContext) {
-        ctx.state.set('ours', await qlayerLookups(ctx.state.get('fixture') as LookupFixture));
+        ctx.state.set('ours', await qlayerLookups(ctx.state.get('fixture') as LookupFixture, ctx.state.get('image') as string));
       },
       async reference(ctx: BenchContext) {
         ctx.state.set('theirs', await debugfsLookups(ctx.state.get('fixture') as LookupFixture));
@@ -156,7 +163,8 @@ export function fsLookupBenchSection(counts: number[] = [1000, 10_000]): BenchSe
         compareLookups(ctx.state.get('fixture') as LookupFixture, ctx.state.get('ours') as LookupResult, ctx.state.get('theirs') as LookupResult);
       },
     })),
-  };
+  );
+  return { name: 'fs-lookups', cases };
 }
 
 registerBenchSection(fsLookupBenchSection());
