@@ -169,7 +169,10 @@ export function buildDomainXml(spec: DomainSpec): string {
   } else {
     // libvirt 9 picks the firmware image from the installed descriptors (OVMF for efi).
     lines.push(spec.boot.firmware === 'efi' ? `  <os firmware='efi'>` : '  <os>');
-    lines.push(`    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`, `    <boot dev='hd'/>`, '  </os>');
+    lines.push(`    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`, `    <boot dev='hd'/>`);
+    // SeaBIOS prints to the serial port too, so a desktop that never reaches its bootloader says why.
+    if (spec.boot.firmware === 'bios' && spec.serialLog !== undefined) lines.push(`    <bios useserial='yes'/>`);
+    lines.push('  </os>');
   }
   lines.push('  <features>', '    <acpi/>', '    <apic/>', '  </features>');
   // Under KVM give the guest the host's CPU; under TCG QEMU's default model is the fast one.
