@@ -18,6 +18,7 @@ export type Ext4ErrorCode =
   | 'fs.not-ext'
   | 'fs.file-too-large'
   | 'fs.invalid-path'
+  | 'fs.not-a-symlink'
   | 'fs.partition-not-found'
   | 'fs.partition-ambiguous'
   | 'fs.partition-table-corrupt';

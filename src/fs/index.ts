@@ -162,7 +162,7 @@ class GuestExt4 implements GuestFilesystem {
 
   async readlink(path: string): Promise<string> {
     const inode = await this.fs.resolve(path, { follow: false });
-    if (inode.type !== 'symlink') throw new Ext4Error('fs.invalid-path', `${path} is not a symbolic link`);
+    if (inode.type !== 'symlink') throw new Ext4Error('fs.not-a-symlink', `${path} is not a symbolic link`);
     return this.fs.readLink(inode, path);
   }
 
