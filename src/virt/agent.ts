@@ -90,6 +90,19 @@ export class GuestAgent {
       throw new VirtError('virt.invalid-spec', `agent command ${execute} is ${Buffer.byteLength(message)} bytes, over the ${MAX_COMMAND_BYTES}-byte limit of one virsh argument`);
     }
     const timeoutS = options.timeoutS ?? this.commandTimeoutS;
+    // libvirt runs one agent command at a time per domain and answers "not available for now"
+    // (without sending anything) while another is in flight: retry those for a moment.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.commandOnce<T>(execute, message, timeoutS);
+      } catch (error) {
+        if (attempt >= 10 || !(error instanceof VirtError) || !/not available for now/i.test(error.message)) throw error;
+        await sleep(100 * (attempt + 1));
+      }
+    }
+  }
+
+  private async commandOnce<T>(execute: string, message: string, timeoutS: number): Promise<T> {
     let result;
     try {
       result = await execa(this.virsh, ['-c', this.uri, 'qemu-agent-command', this.domain, '--timeout', String(timeoutS), message], {

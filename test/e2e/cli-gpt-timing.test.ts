@@ -105,6 +105,26 @@ describe('qlayer vm / host CLI', () => {
     expect(await qlayerDomains()).not.toContain(`qlayer-cli-timeout-${process.pid}`);
   });
 
+  it('vm boot --keep leaves it running; vm list shows it with its owner; vm stop stops and removes it', async () => {
+    const overlay = await overlayOn(fixture.images.base.path, 'keep');
+    const name = `qlayer-cli-keep-${process.pid}`;
+    const boot = await cli(['vm', 'boot', overlay, '--accel', 'tcg', '--name', name, '--until', fixture.readyMarker, '--keep', '--json']);
+    expect(boot.code).toBe(0);
+    expect(JSON.parse(boot.stdout)).toMatchObject({ name, stop: 'left running' });
+    try {
+      const list = JSON.parse((await cli(['vm', 'list', '--json'])).stdout) as Array<{ name: string; state: string; owner?: { pid: number } }>;
+      expect(list.find((d) => d.name === name)).toMatchObject({ state: 'running', owner: { pid: process.pid } });
+      // Its owner (this process) is alive: cleanup leaves it alone.
+      expect((JSON.parse((await cli(['vm', 'cleanup', '--json'])).stdout) as { removed: string[] }).removed).not.toContain(name);
+      const stop = await cli(['vm', 'stop', name, '--json']);
+      expect(stop.code).toBe(0);
+      expect(JSON.parse(stop.stdout)).toMatchObject({ name, how: 'agent' });
+    } finally {
+      await cli(['vm', 'stop', name, '--timeout', '5']);
+    }
+    expect(await qlayerDomains()).not.toContain(name);
+  });
+
   it('vm check: the sha256 of each file as the guest reads it (serial and agent), exit 1 for a missing one', async () => {
     const overlay = await overlayOn(fixture.images.base.path, 'check');
     const serial = await cli(['vm', 'check', overlay, '--accel', 'tcg', '--file', '/etc/hostname', '/etc/passwd', '--json']);
