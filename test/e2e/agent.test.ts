@@ -71,6 +71,11 @@ describe('GuestAgent', () => {
     expect(killed.exitCode).toBe(128 + 9);
   });
 
+  it('exec: concurrent calls on one guest all complete with their own output', async () => {
+    const results = await Promise.all([1, 2, 3, 4, 5, 6].map((n) => guest.agent.exec('/bin/sh', ['-c', `sleep 0.$n; echo $((${n} * 7))`])));
+    expect(results.map((r) => r.stdout.trim())).toEqual(['7', '14', '21', '28', '35', '42']);
+  });
+
   it('exec: a program that does not exist is an agent error; a slow one times out', async () => {
     await expect(guest.agent.exec('/no/such/program')).rejects.toMatchObject({ code: 'virt.agent-error' });
     const started = Date.now();
