@@ -22,7 +22,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { Qcow2Error } from './errors.js';
-import { COMPRESSED_HI, COPIED_HI, decodeCompressed, entryOffset, getRefcount } from './layout.js';
+import { COMPRESSED_HI, COPIED_HI, decodeCompressed, entryOffset, getRefcount, L1_RESERVED_HI, L1_RESERVED_LO, L2_RESERVED_HI, L2_RESERVED_LO } from './layout.js';
 import { MAX_SNAPSHOT_EXTRA_DATA } from './snapshots.js';
 
 /** Most clusters check keeps counters for (1 GiB of counters; a 16 TiB file of 64 KiB clusters). */
@@ -144,11 +144,11 @@ export interface CheckState {
   fileLength: number;
   /** Clusters in the file (rounded up). */
   fileClusters: number;
-  /** Computed reference count per cluster (index < fileClusters). */
+  /** Computed reference count per cluster (index <= fileClusters: one slot past the end). */
   references: Uint32Array;
   /** References to the refcount table and blocks themselves (subset of `references`). */
   refcountStructureClusters: number[];
-  /** Refcount per cluster as stored in the image (index < fileClusters; clamped to 2^32-1). */
+  /** Refcount per cluster as stored in the image (same indexes; clamped to 2^32-1). */
   stored: Uint32Array;
   /** Refcount table entries (block offsets), and whether the refcount structure itself is damaged. */
   refcountTable: number[];
@@ -159,30 +159,29 @@ export interface CheckState {
 }
 
 class ReferenceCounter {
+  /** One slot past the last cluster of the file: a range may end inside the cluster after it. */
   readonly references: Uint32Array;
   constructor(
-    private readonly clusterBits: number,
-    private readonly fileClusters: number,
+    private readonly clusterSize: number,
+    private readonly fileLength: number,
     private readonly result: CheckResult,
   ) {
-    this.references = new Uint32Array(fileClusters);
+    this.references = new Uint32Array(Math.ceil(fileLength / clusterSize) + 1);
   }
 
   /** Count one reference to every cluster overlapping [offset, offset + length). */
   add(offset: number, length: number, what: string): void {
     if (length <= 0) return;
-    const first = Math.floor(offset / 2 ** this.clusterBits);
-    const last = Math.floor((offset + length - 1) / 2 ** this.clusterBits);
-    for (let cluster = first; cluster <= last; cluster += 1) {
-      if (cluster >= this.fileClusters) {
-        // The stored refcount of a cluster past the end cannot be right: qemu-img counts the
-        // same reference as a corruption (refcount 0, reference 1).
-        this.result.corruptions += 1;
-        this.result.messages.push(`ERROR ${what} at offset 0x${offset.toString(16)} points past the end of the file`);
-        continue;
-      }
-      this.references[cluster] = (this.references[cluster] ?? 0) + 1;
+    if (offset + length - this.fileLength >= this.clusterSize) {
+      // A whole cluster or more past the end: one corruption for the reference, as qemu-img
+      // counts it, and nothing counted (offsets from damaged entries can be huge).
+      this.result.corruptions += 1;
+      this.result.messages.push(`ERROR ${what} at offset 0x${offset.toString(16)} (+${length}) points past the end of the file`);
+      return;
     }
+    const first = Math.floor(offset / this.clusterSize);
+    const last = first + Math.floor(((offset % this.clusterSize) + length - 1) / this.clusterSize);
+    for (let cluster = first; cluster <= last; cluster += 1) this.references[cluster] = (this.references[cluster] ?? 0) + 1;
   }
 }
 
@@ -222,7 +221,8 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
     compressedClusters: 0,
     messages: [],
   };
-  const counter = new ReferenceCounter(clusterBits, fileClusters, result);
+  const counter = new ReferenceCounter(clusterSize, fileLength, result);
+  const tracked = fileClusters + 1;
   const extendedL2 = (header.incompatibleFeatures & Incompatible.extendedL2) !== 0n;
   const externalData = (header.incompatibleFeatures & Incompatible.externalDataFile) !== 0n || externalDataFileOf(header) !== null;
   const l2EntryBytes = extendedL2 ? 16 : 8;
@@ -253,13 +253,18 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
       const hi = l1View.getUint32(i * 8);
       const lo = l1View.getUint32(i * 8 + 4);
       const l2Offset = entryOffset(hi, lo);
-      if (l2Offset === 0) continue;
+      if (hi & L1_RESERVED_HI || lo & L1_RESERVED_LO) {
+        result.corruptions += 1;
+        result.messages.push(`ERROR ${label} L1 entry ${i} has reserved bits set`);
+      }
+      // Like qemu-img, any non-zero entry is followed, even one whose offset bits are zero or
+      // unaligned: the same damage then gets the same counts from both tools.
+      if (hi === 0 && lo === 0) continue;
+      counter.add(l2Offset, clusterSize, `${label} L2 table`);
       if (l2Offset % clusterSize !== 0) {
         result.corruptions += 1;
         result.messages.push(`ERROR ${label} L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
-        continue;
       }
-      counter.add(l2Offset, clusterSize, `${label} L2 table`);
       if (l2Offset >= fileLength) continue;
       await file.read(l2Buffer, l2Offset);
       walkL2(l2Buffer, walk, `${label} L2 table 0x${l2Offset.toString(16)}`);
@@ -297,6 +302,10 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
         continue;
       }
       const offset = entryOffset(hi, lo);
+      if (hi & L2_RESERVED_HI || lo & L2_RESERVED_LO || (extendedL2 && lo & 1)) {
+        result.corruptions += 1;
+        result.messages.push(`ERROR ${label} entry ${j} has reserved bits set`);
+      }
       if (extendedL2) {
         if ((zeroBits & allocBits) !== 0 || (offset === 0 && !externalData && allocBits !== 0)) {
           result.corruptions += 1;
@@ -306,9 +315,9 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
       }
       if (offset === 0 && !(externalData && (hi & COPIED_HI))) continue;
       if (offset % clusterSize !== 0) {
+        // Counted, and then treated like qemu-img does: as a cluster at that (wrong) offset.
         result.corruptions += 1;
         result.messages.push(`ERROR ${label} entry ${j}: data offset 0x${offset.toString(16)} is not cluster aligned`);
-        continue;
       }
       if (walk.active) {
         result.allocatedClusters += 1;
@@ -351,7 +360,10 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
       result.corruptions += 1;
       refcountStructureBroken = true;
       result.messages.push(`ERROR refcount block ${i} offset 0x${offset.toString(16)} is not cluster aligned; refcount table entry corrupted`);
-      refcountTable[i] = 0;
+      // Not counted as a reference; its refcounts are still read where the offset bits point
+      // (bits 9 and up), as qemu-img does, so one flipped low bit is not 1000 corruptions.
+      const masked = hi > 0x00ffffff ? 0 : offset - (offset % 512);
+      refcountTable[i] = masked < fileLength && masked % clusterSize === 0 ? masked : 0;
       continue;
     }
     if (offset >= fileLength) {
@@ -362,23 +374,29 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
       continue;
     }
     counter.add(offset, clusterSize, 'refcount block');
+    // A refcount block is used by nothing else: any other reference to it is a corruption.
+    const blockRefs = counter.references[offset / clusterSize] ?? 0;
+    if (blockRefs !== 1) {
+      result.corruptions += 1;
+      result.messages.push(`ERROR refcount block ${i} refcount=${blockRefs}`);
+    }
   }
   const refcountStructureClusters: number[] = [];
-  for (let c = 0; c < fileClusters; c += 1) {
+  for (let c = 0; c < tracked; c += 1) {
     const extra = (counter.references[c] ?? 0) - (before[c] ?? 0);
     for (let k = 0; k < extra; k += 1) refcountStructureClusters.push(c);
   }
 
   // Stored refcounts for every cluster of the file.
-  const stored = new Uint32Array(fileClusters);
+  const stored = new Uint32Array(tracked);
   const perBlock = (clusterSize * 8) >> header.refcountOrder;
   const block = new Uint8Array(clusterSize);
   const blockView = new DataView(block.buffer);
-  for (let i = 0; i < refcountTable.length && i * perBlock < fileClusters; i += 1) {
+  for (let i = 0; i < refcountTable.length && i * perBlock < tracked; i += 1) {
     const offset = refcountTable[i] ?? 0;
     if (offset === 0) continue;
     await file.read(block, offset);
-    const count = Math.min(perBlock, fileClusters - i * perBlock);
+    const count = Math.min(perBlock, tracked - i * perBlock);
     for (let k = 0; k < count; k += 1) {
       stored[i * perBlock + k] = Math.min(getRefcount(block, blockView, k, header.refcountOrder), 0xffffffff);
     }
@@ -386,7 +404,9 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
 
   const mismatched: number[] = [];
   let highest = -1;
-  for (let c = 0; c < fileClusters; c += 1) {
+  // The slot past the end only matters when something points into it (as in qemu-img).
+  const compared = (counter.references[fileClusters] ?? 0) > 0 ? tracked : fileClusters;
+  for (let c = 0; c < compared; c += 1) {
     const have = stored[c] ?? 0;
     const want = counter.references[c] ?? 0;
     if (have > 0 || want > 0) highest = c;
@@ -479,7 +499,7 @@ export async function checkCopiedFlags(state: CheckState, fix: boolean): Promise
     const hi = l1View.getUint32(i * 8);
     const lo = l1View.getUint32(i * 8 + 4);
     const l2Offset = entryOffset(hi, lo);
-    if (l2Offset === 0 || l2Offset % clusterSize !== 0) continue;
+    if (l2Offset === 0) continue;
     // Past the end of the file the refcount is 0 (qemu-img counts the flag too); no table to read.
     const wantCopied = refcountOf(l2Offset) === 1;
     if (wantCopied !== ((hi & COPIED_HI) !== 0)) {
@@ -500,7 +520,7 @@ export async function checkCopiedFlags(state: CheckState, fix: boolean): Promise
       const elo = l2View.getUint32(at + 4);
       if (ehi & COMPRESSED_HI) continue;
       const offset = entryOffset(ehi, elo);
-      if (offset === 0 || offset % clusterSize !== 0) continue;
+      if (offset === 0) continue;
       const refcount = externalData ? 1 : refcountOf(offset);
       const want = refcount === 1;
       if (want !== ((ehi & COPIED_HI) !== 0)) {

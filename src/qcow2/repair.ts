@@ -155,5 +155,5 @@ async function rebuildRefcountStructure(state: CheckState): Promise<void> {
   fv.setUint32(8, tableClusters);
   await file.write(fields, 48);
   await file.sync();
-  state.stored = all.subarray(0, state.fileClusters);
+  state.stored = all.subarray(0, state.stored.length);
 }

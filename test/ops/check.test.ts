@@ -11,7 +11,7 @@ import { checkExitCode, toQemuJson } from '../../src/qcow2/check.js';
 import { parseHeader } from '../../src/qcow2/header.js';
 import { entryOffset, geometry, getRefcount, setRefcount } from '../../src/qcow2/layout.js';
 import { checkImage } from '../../src/qcow2/repair.js';
-import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
+import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, randomInt, seededRandom, tempDir } from '../helpers/qemu.js';
 import { infoImage } from '../../src/chain/info.js';
 import { buildFixtures, type Fixture } from './fixtures.js';
 
@@ -210,5 +210,52 @@ describe('check and repair on damaged images', () => {
     expect((await infoImage(path))[0]!['dirty-flag']).toBe(false);
     expect((await qemuCheck(path)).exitCode).toBe(0);
     expect(await qemuCompare(path, raw, 'qcow2', 'raw')).toBe(true);
+  });
+});
+
+describe('check on randomly damaged metadata', () => {
+  it('gives the same JSON and exit code as qemu-img for 120 single-bit flips in the refcount table, refcount block, L1 and L2 tables', async () => {
+    const random = seededRandom(20261124);
+    const source = fixtures.find((f) => f.name === 'v3')!.path;
+    const { handle, header, g, block0, length } = await layoutOf(source);
+    await handle.close();
+    // Where the metadata is: refcount table, refcount block 0, L1 table and the L2 tables.
+    const l1 = Buffer.alloc(header.l1Size * 8);
+    const h = await open(source, 'r');
+    await h.read(l1, 0, l1.length, header.l1TableOffset);
+    await h.close();
+    const regions: Array<[number, number]> = [
+      [header.refcountTableOffset, 64 * 8],
+      [block0, Math.min(g.clusterSize, Math.ceil(length / g.clusterSize) * 2)],
+      [header.l1TableOffset, l1.length],
+    ];
+    for (let i = 0; i < header.l1Size; i += 1) {
+      const l2 = entryOffset(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
+      if (l2 !== 0) regions.push([l2, g.clusterSize]);
+    }
+    let compared = 0;
+    for (let round = 0; round < 120; round += 1) {
+      const [start, size] = regions[randomInt(random, 0, regions.length)]!;
+      const at = start + randomInt(random, 0, Math.floor(size / 8)) * 8;
+      const bit = randomInt(random, 0, 64);
+      const path = join(dir, 'fuzz.qcow2');
+      await copyFile(source, path);
+      const f = await open(path, 'r+');
+      const word = Buffer.alloc(8);
+      await f.read(word, 0, 8, at);
+      word.writeBigUInt64BE(word.readBigUInt64BE(0) ^ (1n << BigInt(bit)), 0);
+      await f.write(word, 0, 8, at);
+      await f.close();
+      const theirs = await qemuCheck(path).catch(() => null);
+      if (!theirs || theirs.exitCode === 1) {
+        await expect(checkImage(path), `flip 0x${at.toString(16)} bit ${bit}`).rejects.toThrow();
+        continue;
+      }
+      const ours = await checkImage(path);
+      expect(toQemuJson(ours), `flip 0x${at.toString(16)} bit ${bit}`).toEqual(theirs.raw);
+      expect(checkExitCode(ours)).toBe(theirs.exitCode);
+      compared += 1;
+    }
+    expect(compared).toBeGreaterThan(100);
   });
 });
