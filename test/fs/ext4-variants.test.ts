@@ -119,6 +119,7 @@ interface Variant {
   name: string;
   options: Omit<MkfsOptions, 'from' | 'size'>;
   expectInline?: boolean;
+  expectRevision0?: boolean;
 }
 
 const VARIANTS: Variant[] = [
@@ -134,6 +135,7 @@ const VARIANTS: Variant[] = [
   { name: 'ext3 1k indirect maps', options: { blockSize: 1024, type: 'ext3' } },
   { name: 'ext3 4k indirect maps', options: { blockSize: 4096, type: 'ext3' } },
   { name: 'ext2 2k', options: { blockSize: 2048, type: 'ext2' } },
+  { name: 'ext2 revision 0 (no features, no file types in entries)', options: { blockSize: 1024, type: 'ext2', extra: ['-r', '0'] }, expectRevision0: true },
   { name: 'ext4 4k inline_data', options: { blockSize: 4096, features: ['inline_data'] }, expectInline: true },
   { name: 'ext4 1k inline_data metadata_csum 64bit', options: { blockSize: 1024, features: ['inline_data', '64bit'] }, expectInline: true },
 ];
@@ -148,6 +150,12 @@ describe('ext4 reader vs debugfs', () => {
       expect(fs.partition).toMatchObject({ index: 0, offset: 0, scheme: 'none' });
       expect(fs.needsRecovery).toBe(false);
       await checkImage(image, fs);
+      if (variant.expectRevision0) {
+        expect(fs.superblock.revLevel).toBe(0);
+        expect(fs.superblock.inodeSize).toBe(128);
+        // No file types in the entries: readdir takes them from the inodes.
+        expect(Object.fromEntries((await fs.readdir('/dir')).map((e) => [e.name, e.type]))).toEqual({ '.': 'dir', '..': 'dir', small: 'file', sub: 'dir', exact4k: 'file' });
+      }
       const tiny = await fs.stat('/inl/tiny');
       if (variant.expectInline) {
         expect(tiny.inline).toBe(true);

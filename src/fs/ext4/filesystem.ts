@@ -289,7 +289,13 @@ export class Ext4Filesystem {
     const dir = await this.resolve(path);
     if (dir.type !== 'dir') throw new Ext4Error('fs.not-a-directory', `${path} is not a directory`);
     const parsed = await this.directory(dir, path);
-    return parsed.entries.map(({ name, inode, type }) => ({ name, inode, type }));
+    const entries = parsed.entries.map(({ name, inode, type }) => ({ name, inode, type }));
+    if (!hasIncompat(this.superblock, INCOMPAT.FILETYPE)) {
+      // Without the filetype feature, entries carry no type: take it from each inode (an
+      // unreadable inode leaves 'unknown'; lookups of it report the problem).
+      for (const entry of entries) entry.type = await this.inode(entry.inode).then((i) => i.type, () => 'unknown' as const);
+    }
+    return entries;
   }
 
   /**
