@@ -261,7 +261,12 @@ mv "$out.tmp" "$out"
 ln -sfn "$key" "$cache/current"
 # Keep the cache small, but not at the expense of a test that still runs on an older build (its
 # overlays name that build's base.qcow2): keep the three newest builds. The .debs stay too.
-ls -1dt "$cache"/*/manifest.json 2>/dev/null | while read -r manifest; do dirname "$manifest"; done |
-  grep -v -x -F "$out" | tail -n +3 | while read -r old; do [ -L "$old" ] || rm -rf "$old"; done
+kept=0
+for old in $(ls -1dt "$cache"/*/ 2>/dev/null); do
+  old="${old%/}"
+  [ -L "$old" ] || [ ! -f "$old/manifest.json" ] || [ "$old" = "$out" ] && continue
+  kept=$((kept + 1))
+  [ "$kept" -le 2 ] || rm -rf "$old"
+done
 log "built $out in $(($(date +%s) - started)) s (kernel $kernel_release, qemu-ga $agent_version)"
 [ "$print_dir" -eq 0 ] || echo "$out"
