@@ -377,6 +377,7 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
     // A refcount block is used by nothing else: any other reference to it is a corruption.
     const blockRefs = counter.references[offset / clusterSize] ?? 0;
     if (blockRefs !== 1) {
+      refcountStructureBroken = true;
       result.corruptions += 1;
       result.messages.push(`ERROR refcount block ${i} refcount=${blockRefs}`);
     }

@@ -72,12 +72,13 @@ async function repairRefcounts(state: CheckState, mode: RepairMode): Promise<voi
   const { header, clusterSize, stored, references } = state;
   const perBlock = (clusterSize * 8) >> header.refcountOrder;
   const toFix = state.mismatched.filter((c) => (stored[c] ?? 0) > (references[c] ?? 0) || mode === 'all');
-  if (toFix.length === 0) return;
   const max = maxRefcount(header.refcountOrder);
+  // A damaged refcount table or block is replaced whole, even if every count read right.
   const needsRebuild =
     mode === 'all' &&
     (state.refcountStructureBroken ||
       toFix.some((c) => (state.refcountTable[Math.floor(c / perBlock)] ?? 0) === 0 || (references[c] ?? 0) > max));
+  if (toFix.length === 0 && !needsRebuild) return;
   if (needsRebuild) {
     await rebuildRefcountStructure(state);
     return;
