@@ -235,6 +235,55 @@ describe('targeted corruption', () => {
   });
 });
 
+describe('partition table fuzz', () => {
+  it('flipped bytes in MBR, EBR and GPT sectors give a typed error or a readable filesystem', async () => {
+    const MiB = 1024 * 1024;
+    const images: string[] = [];
+    const gpt = join(dir, 'fuzz-gpt.img');
+    await mkfs(gpt, { size: 24 * MiB, blockSize: 1024 });
+    await execa('sgdisk', ['-o', '-n', '1:2048:+4M', '-t', '1:ef00', '-n', '2:0:+8M', '-t', '2:8300', gpt]);
+    await mkfs(gpt, { size: 24 * MiB, blockSize: 1024, from: tree, offset: 2048 * 512 + 4 * MiB, fsBytes: 8 * MiB });
+    images.push(gpt);
+    const mbr = join(dir, 'fuzz-mbr.img');
+    await mkfs(mbr, { size: 24 * MiB, blockSize: 1024 });
+    await execa('sfdisk', ['-q', mbr], { input: 'label: dos\nstart=2048, size=4096, type=c\nstart=8192, type=5\nstart=10240, size=16384, type=83\n' });
+    await mkfs(mbr, { size: 24 * MiB, blockSize: 1024, from: tree, offset: 10240 * 512, fsBytes: 16384 * 512 });
+    images.push(mbr);
+    const random = seededRandom(0xd15c);
+    const outcomes = { opened: 0, refused: 0 };
+    for (const image of images) {
+      const pristine = await readFile(image);
+      // Table sectors: MBR + primary GPT (0..33), the EBR at 8192, the backup GPT (last 33).
+      const sectors = [...Array(34).keys(), 8192, ...Array.from({ length: 33 }, (_, i) => pristine.length / 512 - 33 + i)];
+      for (let round = 0; round < 150; round += 1) {
+        const flips = new Map<number, number>();
+        for (let i = 0; i < 1 + Math.floor(random() * 3); i += 1) {
+          const sector = sectors[Math.floor(random() * sectors.length)]!;
+          const at = sector * 512 + Math.floor(random() * 512);
+          flips.set(at, pristine[at]! ^ (1 + Math.floor(random() * 255)));
+        }
+        const base = bufferSource(pristine);
+        try {
+          const fs = await openGuestFilesystem({
+            size: base.size,
+            async readAt(into, offset) {
+              await base.readAt(into, offset);
+              for (const [at, value] of flips) if (at >= offset && at < offset + into.length) into[at - offset] = value;
+            },
+          });
+          expect((await fs.readFile('/a.txt')).toString()).toBe('alpha\n');
+          outcomes.opened += 1;
+        } catch (error) {
+          if (!isQlayerError(error)) throw new Error(`${image} round ${round}: untyped error ${String(error)}`, { cause: error });
+          outcomes.refused += 1;
+        }
+      }
+    }
+    expect(outcomes.opened).toBeGreaterThan(50);
+    expect(outcomes.refused).toBeGreaterThan(5);
+  });
+});
+
 describe('htree index damage', () => {
   async function htreeImage(name: string, features: string[], count = 600): Promise<string> {
     const t = join(dir, `${name}-tree`);
