@@ -156,6 +156,8 @@ export interface CheckState {
   /** Clusters whose stored refcount is wrong. */
   mismatched: number[];
   result: CheckResult;
+  /** Active L2 tables read by the walk (bounded), reused by the COPIED check. */
+  activeL2: Map<number, Uint8Array>;
 }
 
 class ReferenceCounter {
@@ -233,6 +235,8 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
   // L2 tables are read once per visit; a table shared by a snapshot is visited again, which is
   // what makes its data clusters' references 2.
   const l2Buffer = new Uint8Array(clusterSize);
+  const activeL2 = new Map<number, Uint8Array>();
+  let activeL2Bytes = 0;
   const walkL1 = async (l1Offset: number, l1Size: number, walk: TableWalk, label: string) => {
     if (l1Size === 0) return;
     if (l1Offset % clusterSize !== 0) {
@@ -266,8 +270,15 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
         result.messages.push(`ERROR ${label} L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
       }
       if (l2Offset >= fileLength) continue;
-      await file.read(l2Buffer, l2Offset);
-      walkL2(l2Buffer, walk, `${label} L2 table 0x${l2Offset.toString(16)}`);
+      // Active tables are kept (up to 64 MiB) for the COPIED check instead of a second read.
+      const keep = walk.active && activeL2Bytes + clusterSize <= 64 * 1024 * 1024;
+      const table = keep ? new Uint8Array(clusterSize) : l2Buffer;
+      await file.read(table, l2Offset);
+      if (keep) {
+        activeL2.set(l2Offset, table);
+        activeL2Bytes += clusterSize;
+      }
+      walkL2(table, walk, `${label} L2 table 0x${l2Offset.toString(16)}`);
     }
   };
 
@@ -436,6 +447,7 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
     refcountStructureBroken,
     mismatched,
     result,
+    activeL2,
   };
   await checkCopiedFlags(state, false);
   return state;
@@ -494,8 +506,7 @@ export async function checkCopiedFlags(state: CheckState, fix: boolean): Promise
   await file.read(l1, header.l1TableOffset);
   const l1View = new DataView(l1.buffer);
   let l1Dirty = false;
-  const l2 = new Uint8Array(clusterSize);
-  const l2View = new DataView(l2.buffer);
+  const buffer = new Uint8Array(clusterSize);
   for (let i = 0; i < header.l1Size; i += 1) {
     const hi = l1View.getUint32(i * 8);
     const lo = l1View.getUint32(i * 8 + 4);
@@ -514,7 +525,11 @@ export async function checkCopiedFlags(state: CheckState, fix: boolean): Promise
       }
     }
     if (l2Offset >= state.fileLength) continue;
-    await file.read(l2, l2Offset);
+    // The walk's copy when it has one, unless we are about to rewrite flags (read fresh then).
+    const cached = fix ? undefined : state.activeL2.get(l2Offset);
+    const l2 = cached ?? buffer;
+    if (!cached) await file.read(l2, l2Offset);
+    const l2View = new DataView(l2.buffer, l2.byteOffset, l2.byteLength);
     let l2Dirty = false;
     for (let at = 0; at < clusterSize; at += l2EntryBytes) {
       const ehi = l2View.getUint32(at);
