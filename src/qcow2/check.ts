@@ -234,7 +234,6 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
 
   // L2 tables are read once per visit; a table shared by a snapshot is visited again, which is
   // what makes its data clusters' references 2.
-  const l2Buffer = new Uint8Array(clusterSize);
   const activeL2 = new Map<number, Uint8Array>();
   let activeL2Bytes = 0;
   const walkL1 = async (l1Offset: number, l1Size: number, walk: TableWalk, label: string) => {
@@ -253,6 +252,7 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
     const l1 = new Uint8Array(l1Size * 8);
     await file.read(l1, l1Offset);
     const l1View = new DataView(l1.buffer);
+    const tables: number[] = [];
     for (let i = 0; i < l1Size; i += 1) {
       const hi = l1View.getUint32(i * 8);
       const lo = l1View.getUint32(i * 8 + 4);
@@ -269,16 +269,25 @@ export async function analyzeImage(file: HostFile, filename: string): Promise<Ch
         result.corruptions += 1;
         result.messages.push(`ERROR ${label} L1 entry ${i}: L2 table offset 0x${l2Offset.toString(16)} is not cluster aligned`);
       }
-      if (l2Offset >= fileLength) continue;
-      // Active tables are kept (up to 64 MiB) for the COPIED check instead of a second read.
-      const keep = walk.active && activeL2Bytes + clusterSize <= 64 * 1024 * 1024;
-      const table = keep ? new Uint8Array(clusterSize) : l2Buffer;
-      await file.read(table, l2Offset);
-      if (keep) {
-        activeL2.set(l2Offset, table);
-        activeL2Bytes += clusterSize;
-      }
-      walkL2(table, walk, `${label} L2 table 0x${l2Offset.toString(16)}`);
+      if (l2Offset < fileLength) tables.push(l2Offset);
+    }
+    // Tables are read a batch at a time in parallel, then walked in L1 order.
+    const BATCH = 16;
+    const buffers = Array.from({ length: Math.min(BATCH, tables.length) }, () => new Uint8Array(clusterSize));
+    for (let b = 0; b < tables.length; b += BATCH) {
+      const batch = tables.slice(b, b + BATCH);
+      const read = await Promise.all(
+        batch.map(async (l2Offset, k) => {
+          // Active tables are kept (up to 64 MiB) for the COPIED check instead of a second read.
+          const keep = walk.active && activeL2Bytes + clusterSize <= 64 * 1024 * 1024 && !activeL2.has(l2Offset);
+          if (keep) activeL2Bytes += clusterSize;
+          const table = keep ? new Uint8Array(clusterSize) : buffers[k]!;
+          await file.read(table, l2Offset);
+          if (keep) activeL2.set(l2Offset, table);
+          return table;
+        }),
+      );
+      read.forEach((table, k) => walkL2(table, walk, `${label} L2 table 0x${batch[k]!.toString(16)}`));
     }
   };
 
