@@ -74,6 +74,8 @@ export async function resolveAccel(accel: Accel, options: { probe?: KvmProbe; pr
   if (result === undefined) {
     result = options.probe();
     probeResults.set(key, result);
+    // A probe that could not run (libvirt unreachable) is not an answer: let the next call retry.
+    result.catch(() => probeResults.delete(key));
   }
   const probed = await result;
   return probed.works ? { type: 'kvm', reason: `KVM probe: ${probed.detail}` } : { type: 'qemu', reason: `TCG: KVM probe failed (${probed.detail})` };
