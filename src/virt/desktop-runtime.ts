@@ -3,9 +3,9 @@ import type { DesktopHandle, DesktopRuntime } from '../layers/runtime.js';
 import type { GuestShell } from '../layers/guest-script.js';
 import type { Accel } from './accel.js';
 import { GuestAgent } from './agent.js';
-import { bootGuest, RunningGuest } from './boot.js';
+import { bootGuest, stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
-import { DEFAULT_URI, LibvirtConnection, withConnection } from './libvirt.js';
+import { DEFAULT_URI, withConnection } from './libvirt.js';
 
 export interface DesktopRuntimeOptions {
   uri?: string;
@@ -71,10 +71,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
   }
 
   async stop(desktop: DesktopHandle): Promise<void> {
-    const connection = await LibvirtConnection.open(this.uri);
-    // A handle on the running domain, so that the virt layer's clean-stop sequence applies.
-    const guest = new RunningGuest(desktopDomain(desktop), 'qemu', this.serialLogOf(desktop), false, connection, Date.now());
-    await guest.shutdown({ timeoutMs: this.options.shutdownTimeoutMs });
+    // The virt layer's clean stop: agent shutdown, ACPI without an agent, fsfreeze + destroy last.
+    await withConnection(this.uri, (connection) => stopDomain(connection, desktopDomain(desktop), this.options.shutdownTimeoutMs));
   }
 
   shell(desktop: DesktopHandle): GuestShell {

@@ -157,7 +157,10 @@ describe('boot failures', () => {
     const connection = await LibvirtConnection.open();
     try {
       // A qlayer domain "left behind" by a process that no longer exists.
-      const dead = await execa('true');
+      // A pid that existed and has exited: its domain is the leftover of a dead run.
+      const deadProcess = execa('true');
+      const deadPid = deadProcess.pid;
+      await deadProcess;
       const xml = buildDomainXml({
         name: `qlayer-stale-${process.pid}`,
         type: 'qemu',
@@ -165,7 +168,7 @@ describe('boot failures', () => {
         vcpus: 1,
         boot: { kind: 'kernel', kernel: fixture.kernel, initrd: fixture.initrd, cmdline: `${fixture.cmdline} qlayer.probe` },
         disks: [],
-        owner: { pid: dead.pid ?? 999_999, host: (await import('node:os')).hostname(), started: new Date().toISOString() },
+        owner: { pid: deadPid ?? 999_999, host: (await import('node:os')).hostname(), started: new Date().toISOString() },
       });
       await connection.defineAndStart(xml, `qlayer-stale-${process.pid}`);
       expect(await qlayerDomains()).toContain(`qlayer-stale-${process.pid}`);
