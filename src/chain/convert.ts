@@ -370,12 +370,16 @@ export async function convertImage(source: string, output: string, options: Conv
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
     const windowSize = Math.max(unit, Math.floor((options.windowSize ?? 4 * 1024 * 1024) / unit) * unit);
     let dataBytes = 0;
-    // A ring of window buffers: up to WRITE_DEPTH windows are being written while the next
-    // one is read (measured: several small windows in flight beat one big one).
-    const ring = Array.from({ length: WRITE_DEPTH + 1 }, () => new Uint8Array(windowSize));
-    const pending: Promise<void>[] = [];
-    let used = 0;
-    for (let offset = 0; offset < size; offset += windowSize) {
+    // Window w uses ring slot w % R. While window w is handed to the sink, window w + 1 is
+    // already being read (read-ahead) and up to WRITE_DEPTH earlier windows may still be
+    // written; before slot w + 1 is refilled, the write of window w + 1 - R must be done.
+    const R = WRITE_DEPTH + 2;
+    const ring = Array.from({ length: R }, () => new Uint8Array(windowSize));
+    const windows = Math.ceil(size / windowSize);
+    const pending: Array<{ window: number; write: Promise<void> }> = [];
+    let readBytes = 0;
+    const prepare = async (w: number): Promise<{ offset: number; buffer: Uint8Array; mayHaveData: boolean[] } | null> => {
+      const offset = w * windowSize;
       const length = Math.min(windowSize, size - offset);
       const entries = await chainStatus(layers, offset, offset + length);
       const units = Math.ceil(length / unit);
@@ -384,22 +388,29 @@ export async function convertImage(source: string, output: string, options: Conv
         if (!e.data) continue;
         for (let u = Math.floor((e.start - offset) / unit); u * unit < e.start - offset + e.length; u += 1) mayHaveData[u] = true;
       }
-      if (!mayHaveData.some(Boolean)) continue;
-      // This buffer's previous window must be written before it is refilled.
-      if (pending.length > WRITE_DEPTH - 1) await pending.shift();
-      // The last WRITE_DEPTH - 1 used buffers may still be in flight; this one is not.
-      const buffer = ring[used % ring.length]!.subarray(0, units * unit);
-      used += 1;
+      if (!mayHaveData.some(Boolean)) return null;
+      const buffer = ring[w % R]!.subarray(0, units * unit);
       buffer.fill(0, length);
       await readWindow(layers, entries, offset, buffer.subarray(0, length));
-      for (const e of entries) if (e.data) dataBytes += e.length;
-      const done = offset + length;
-      const write = sink.window(offset, buffer, mayHaveData).then(() => options.progress?.(done, size));
-      // Marked handled now: if the loop fails first, this rejection must not go unhandled.
+      for (const e of entries) if (e.data) readBytes += e.length;
+      return { offset, buffer, mayHaveData };
+    };
+    let next: ReturnType<typeof prepare> | null = windows > 0 ? prepare(0) : null;
+    // Marked handled: if the loop fails first, a read-ahead rejection must not go unhandled.
+    next?.catch(() => undefined);
+    for (let w = 0; w < windows; w += 1) {
+      const current = await next!;
+      while (pending.length > 0 && pending[0]!.window <= w + 1 - R) await pending.shift()!.write;
+      next = w + 1 < windows ? prepare(w + 1) : null;
+      next?.catch(() => undefined);
+      if (!current) continue;
+      const done = current.offset + current.buffer.length;
+      const write = sink.window(current.offset, current.buffer, current.mayHaveData).then(() => options.progress?.(Math.min(done, size), size));
       write.catch(() => undefined);
-      pending.push(write);
+      pending.push({ window: w, write });
     }
-    await Promise.all(pending);
+    await Promise.all(pending.map((p) => p.write));
+    dataBytes += readBytes;
     const outputLength = await sink.finish();
     if (options.sync) {
       await out.sync();
