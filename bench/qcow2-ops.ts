@@ -39,15 +39,20 @@ async function checkClean(path: string): Promise<void> {
   if (result.exitCode !== 0) throw new Error(`qemu-img check ${path} exited ${result.exitCode}: ${result.stdout}`);
 }
 
-/** A sparse raw file: `dataMiB` MiB of random data at every other MiB, holes between. */
-async function halfDataRaw(path: string, size: number): Promise<void> {
+/**
+ * Random data at every other MiB; between them holes (sparse, what dd and qemu-img leave) or,
+ * with `writeZeros`, zeros really written (a file copied without sparse detection).
+ */
+async function halfDataRaw(path: string, size: number, writeZeros = false): Promise<void> {
   const handle = await open(path, 'w');
   try {
     await handle.truncate(size);
     const chunk = randomBytes(MiB);
+    const zeros = Buffer.alloc(MiB);
     for (let at = 0; at < size; at += 2 * MiB) {
       chunk.writeUInt32LE(at / MiB, 0); // every MiB distinct
       await handle.write(chunk, 0, MiB, at);
+      if (writeZeros) await handle.write(zeros, 0, MiB, at + MiB);
     }
   } finally {
     await handle.close();
@@ -70,7 +75,7 @@ registerBenchSection({
   name: 'qcow2',
   cases: [
     {
-      name: 'convert 1 GiB raw (half data) -> qcow2',
+      name: 'convert 1 GiB raw (half data, holes) -> qcow2',
       async setup(ctx) {
         await halfDataRaw(f(ctx, 'half.raw'), GiB);
       },
@@ -88,6 +93,26 @@ registerBenchSection({
         await rm(f(ctx, 'half.raw'));
         await rm(f(ctx, 'ref.qcow2'));
         await rm(f(ctx, 'ours.qcow2'));
+      },
+    },
+    {
+      // Same data, no holes: qemu-img cannot skip anything with SEEK_DATA either.
+      name: 'convert 1 GiB raw (half data, zeros written) -> qcow2',
+      async setup(ctx) {
+        await halfDataRaw(f(ctx, 'half-dense.raw'), GiB, true);
+      },
+      async reference(ctx) {
+        await rm(f(ctx, 'ref-dense.qcow2'), { force: true });
+        await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', f(ctx, 'half-dense.raw'), f(ctx, 'ref-dense.qcow2')]);
+      },
+      async qlayer(ctx) {
+        await rm(f(ctx, 'ours-dense.qcow2'), { force: true });
+        await convertImage(f(ctx, 'half-dense.raw'), f(ctx, 'ours-dense.qcow2'), { sourceFormat: 'raw', outputFormat: 'qcow2' });
+      },
+      async verify(ctx) {
+        await compare(f(ctx, 'half-dense.raw'), 'raw', f(ctx, 'ours-dense.qcow2'), 'qcow2');
+        await checkClean(f(ctx, 'ours-dense.qcow2'));
+        for (const name of ['half-dense.raw', 'ref-dense.qcow2', 'ours-dense.qcow2']) await rm(f(ctx, name));
       },
     },
     {
