@@ -12,7 +12,7 @@ import { performance } from 'node:perf_hooks';
 import { execa } from 'execa';
 import { buildApp, type AppManifest } from '../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, importBase, verifyDesktop } from '../src/layers/desktops.js';
-import type { DesktopHandle, DesktopRuntime } from '../src/layers/runtime.js';
+import { DelegatingRuntime, type DesktopHandle } from '../src/layers/runtime.js';
 import { Store } from '../src/layers/store.js';
 import { bootGuest } from '../src/virt/boot.js';
 import { LibvirtDesktopRuntime } from '../src/virt/desktop-runtime.js';
@@ -43,19 +43,9 @@ async function allocatedBytes(dir: string): Promise<number> {
 }
 
 /** A runtime that times each phase of an assign. */
-class TimedRuntime implements DesktopRuntime {
+class TimedRuntime extends DelegatingRuntime {
   marks: Record<string, number> = {};
-  constructor(private readonly inner: DesktopRuntime) {}
-  isRunning(d: DesktopHandle) {
-    return this.inner.isRunning(d);
-  }
-  start(d: DesktopHandle) {
-    return this.inner.start(d);
-  }
-  shell(d: DesktopHandle) {
-    return this.inner.shell(d);
-  }
-  async stop(d: DesktopHandle) {
+  override async stop(d: DesktopHandle) {
     this.marks.stopStart = performance.now();
     await this.inner.stop(d);
     this.marks.stopEnd = performance.now();

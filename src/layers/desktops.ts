@@ -14,7 +14,7 @@ import { checkName } from './names.js';
 import { checkPathConflicts, planAssign, planUnassign } from './plan.js';
 import { appsLayerName, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime } from './runtime.js';
-import type { BaseRecord, DesktopRecord, StoreState } from './state.js';
+import { newDesktopRecord, type BaseRecord, type DesktopRecord, type StoreState } from './state.js';
 import type { Store } from './store.js';
 
 export type Log = (message: string) => void;
@@ -118,16 +118,7 @@ export async function createDesktop(store: Store, name: string, base: string): P
       await rm(dir, { recursive: true, force: true });
       throw error;
     }
-    const record: DesktopRecord = {
-      base,
-      dir: dirRelative,
-      appsGeneration: 0,
-      apps: [],
-      files: [],
-      domain: null,
-      recompose: null,
-      createdAt: new Date().toISOString(),
-    };
+    const record = newDesktopRecord(base, dirRelative);
     state.desktops[name] = record;
     await store.writeState(state);
     return record;

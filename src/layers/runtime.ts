@@ -22,3 +22,20 @@ export interface DesktopRuntime {
   /** A shell into the running guest (the guest agent). */
   shell(desktop: DesktopHandle): GuestShell;
 }
+
+/** Passes every call to another runtime; extend it to observe or change one step (tests, bench). */
+export class DelegatingRuntime implements DesktopRuntime {
+  constructor(protected readonly inner: DesktopRuntime) {}
+  isRunning(desktop: DesktopHandle): Promise<boolean> {
+    return this.inner.isRunning(desktop);
+  }
+  start(desktop: DesktopHandle): Promise<void> {
+    return this.inner.start(desktop);
+  }
+  stop(desktop: DesktopHandle): Promise<void> {
+    return this.inner.stop(desktop);
+  }
+  shell(desktop: DesktopHandle): GuestShell {
+    return this.inner.shell(desktop);
+  }
+}

@@ -64,12 +64,15 @@ export interface DesktopRecord {
   /** Composed apps with their located files, in assignment order. */
   apps: string[];
   files: LocatedFile[];
-  /** The libvirt domain while the desktop runs under qlayer's control. */
-  domain: string | null;
   recompose: RecomposePlan | null;
   createdAt: string;
 }
 
 export function emptyState(): StoreState {
   return { format: 'qlayer-store/1', bases: {}, desktops: {} };
+}
+
+/** A new desktop on `base`, with no apps yet: apps.0.qcow2 is an empty layer over the base. */
+export function newDesktopRecord(base: string, dir: string): DesktopRecord {
+  return { base, dir, appsGeneration: 0, apps: [], files: [], recompose: null, createdAt: new Date().toISOString() };
 }

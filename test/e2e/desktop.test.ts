@@ -23,7 +23,7 @@ import {
 } from '../../src/layers/desktops.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { planAssign } from '../../src/layers/plan.js';
-import type { DesktopHandle, DesktopRuntime } from '../../src/layers/runtime.js';
+import { DelegatingRuntime, type DesktopHandle } from '../../src/layers/runtime.js';
 import { Store } from '../../src/layers/store.js';
 import { LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
@@ -40,21 +40,11 @@ let basePath: string;
 const apps: Record<string, { manifest: AppManifest; source: string }> = {};
 
 /** A runtime that runs a guest script just before each stop: how the tests play the user. */
-class ScriptedRuntime implements DesktopRuntime {
+class ScriptedRuntime extends DelegatingRuntime {
   beforeStop: string | null = null;
   /** Raw export of the disk right after each stop (the offline state recompose starts from). */
   afterStop: ((handle: DesktopHandle) => Promise<void>) | null = null;
-  constructor(private readonly inner: DesktopRuntime) {}
-  isRunning(d: DesktopHandle) {
-    return this.inner.isRunning(d);
-  }
-  start(d: DesktopHandle) {
-    return this.inner.start(d);
-  }
-  shell(d: DesktopHandle) {
-    return this.inner.shell(d);
-  }
-  async stop(d: DesktopHandle) {
+  override async stop(d: DesktopHandle) {
     if (this.beforeStop) await runGuestScript(this.inner.shell(d), this.beforeStop, 'test user action');
     await this.inner.stop(d);
     if (this.afterStop) await this.afterStop(d);

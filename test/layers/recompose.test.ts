@@ -12,7 +12,7 @@ import { buildApp, type AppManifest } from '../../src/layers/app.js';
 import { locatePlaceholders } from '../../src/layers/locate.js';
 import { planAssign, planUnassign } from '../../src/layers/plan.js';
 import { runRecompose, type RecomposeContext } from '../../src/layers/recompose.js';
-import type { DesktopRecord, LocatedFile } from '../../src/layers/state.js';
+import { newDesktopRecord, type DesktopRecord, type LocatedFile } from '../../src/layers/state.js';
 import { Store } from '../../src/layers/store.js';
 import { debugfsExtents, debugfsRead, guestChange } from '../helpers/offline-guest.js';
 import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, seededRandom, sha256, tempDir } from '../helpers/qemu.js';
@@ -65,16 +65,7 @@ async function makeDesktop(root: string): Promise<Desktop> {
   await writeFile(join(appSource, 'data.bin'), randomContent(4, 100_000));
   await writeFile(join(appSource, 'README'), randomContent(5, 5_000));
   const manifest = await buildApp(store, { name: 'app', sourceDir: appSource, version: '1' });
-  const record: DesktopRecord = {
-    base: 'base',
-    dir: 'desktops/alice',
-    appsGeneration: 0,
-    apps: [],
-    files: [],
-    domain: null,
-    recompose: null,
-    createdAt: new Date().toISOString(),
-  };
+  const record = newDesktopRecord('base', 'desktops/alice');
   return { store, desktopDir, basePath, userPath, record, appSource, manifest };
 }
 
