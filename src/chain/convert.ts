@@ -4,7 +4,10 @@
  *
  * Speed comes from three choices:
  * - the source is read by block status (map.ts): zero and unallocated ranges are never read,
- *   data ranges are read with large coalesced reads straight from the layer that holds them;
+ *   data ranges are read with large coalesced reads straight from the layer that holds them.
+ *   The holes of a raw source (or raw backing file) are zero ranges too, found with
+ *   lseek(SEEK_DATA/SEEK_HOLE) through the optional native helper (io/sparse.ts); without it
+ *   a raw file is all data and its holes are read and zero-checked;
  * - a qcow2 output is written sequentially, not through a general image writer: header in
  *   cluster 0, then the non-zero data clusters back to back as they stream in, then the L2
  *   tables, the L1 table and the refcount structures laid out once at the end. Every cluster

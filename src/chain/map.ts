@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { constants as zlibConstants, inflateRaw } from 'node:zlib';
 import type { FileSystemAccess, HostFile } from '../io/host-file.js';
 import { nodeFileSystem } from '../io/host-file.js';
+import { dataRanges } from '../io/sparse.js';
 import { decompressCluster } from '../qcow2/compression.js';
 import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import {
@@ -162,7 +163,20 @@ export class MapLayer {
     const limit = Math.min(end, this.size);
     if (this.format === 'raw' || !this.header || !this.geometry) {
       const dataEnd = Math.max(start, Math.min(limit, this.rawLength));
-      push(start, dataEnd - start, 'data', start);
+      // Holes of the host file read as zeros: qemu-img (file-posix, SEEK_DATA) reports them
+      // so, and convert need not read them. Without the native helper: all data.
+      const ranges = dataEnd > start ? await dataRanges(this.file, start, dataEnd) : null;
+      if (ranges === null) {
+        push(start, dataEnd - start, 'data', start);
+      } else {
+        let pos = start;
+        for (const r of ranges) {
+          push(pos, r.offset - pos, 'zero', pos);
+          push(r.offset, r.length, 'data', r.offset);
+          pos = r.offset + r.length;
+        }
+        push(pos, dataEnd - pos, 'zero', pos);
+      }
       push(dataEnd, limit - dataEnd, 'zero', dataEnd);
       if (end > limit) push(Math.max(start, limit), end - Math.max(start, limit), 'unallocated', null);
       return out;

@@ -11,6 +11,8 @@ import type { ByteSource } from './byte-source.js';
 export interface HostFile {
   readonly path: string;
   readonly writable: boolean;
+  /** The OS file descriptor, when there is one (lets src/io/sparse.ts ask where the holes are). */
+  readonly fd?: number;
   /** Current length of the host file in bytes. */
   length(): Promise<number>;
   /** Read up to into.length bytes at `position`; bytes past end of file are zero-filled. Returns the bytes that existed. */
@@ -38,6 +40,10 @@ class NodeHostFile implements HostFile {
     readonly writable: boolean,
     private readonly handle: FileHandle,
   ) {}
+
+  get fd(): number {
+    return this.handle.fd;
+  }
 
   async length(): Promise<number> {
     return (await this.handle.stat()).size;

@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "qlayer_seek",
+      "sources": ["seek.c"],
+      "cflags": ["-O2", "-Wall"]
+    }
+  ]
+}
