@@ -15,7 +15,7 @@ import { assignApps, createDesktop, desktopHandle, importBase, verifyDesktop } f
 import { DelegatingRuntime, type DesktopHandle } from '../src/layers/runtime.js';
 import { Store } from '../src/layers/store.js';
 import { bootGuest } from '../src/virt/boot.js';
-import { LibvirtDesktopRuntime } from '../src/virt/desktop-runtime.js';
+import { testGuestRuntime } from '../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../src/virt/fixture.js';
 
 const MIB = 1 << 20;
@@ -85,15 +85,9 @@ export async function runRecomposeBench(options: { sizes?: number[]; log?: (line
   const baseSize = Math.max(...sizes) * 2 + 512 * MIB;
   log(`recompose: preparing a ${Math.round(baseSize / MIB)} MiB base from the test guest`);
   await importBase(store, 'bench', await grownBase(fixture.images.base.path, options.workDir, baseSize), { format: 'raw' });
-  const runtime = new LibvirtDesktopRuntime({
+  const runtime = testGuestRuntime({
     accel: (process.env.QLAYER_BENCH_ACCEL as 'kvm' | 'tcg' | 'auto' | undefined) ?? 'tcg',
     memoryMiB: 512,
-    vcpus: 1,
-    mode: 'test-guest',
-    kernel: null,
-    initrd: null,
-    cmdline: null,
-    firmware: 'bios',
     bootTimeoutMs: 120_000,
     agentTimeoutMs: 1_800_000,
     shutdownTimeoutMs: 120_000,

@@ -381,28 +381,20 @@ export class Qcow2Image implements ByteSource {
 
   /** ByteSource: read the virtual disk (through `backing` for unallocated ranges). Past size reads zero. */
   readAt(into: Uint8Array, offset: number): Promise<void> {
-    return this.lock.read(() => this.readAtUnlocked(into, offset));
-  }
-
-  private async readAtUnlocked(into: Uint8Array, offset: number): Promise<void> {
-    this.assertOpen();
-    this.checkReadOffset(offset);
-    const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
-    if (inside < into.length) into.fill(0, inside);
-    if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, this.backing);
+    return this.lock.read(() => this.readUnlocked(into, offset, this.backing));
   }
 
   /** Read this layer alone: unallocated ranges read as zeros whatever the backing chain holds. */
   readLayerAt(into: Uint8Array, offset: number): Promise<void> {
-    return this.lock.read(() => this.readLayerAtUnlocked(into, offset));
+    return this.lock.read(() => this.readUnlocked(into, offset, null));
   }
 
-  private async readLayerAtUnlocked(into: Uint8Array, offset: number): Promise<void> {
+  private async readUnlocked(into: Uint8Array, offset: number, backing: ByteSource | null): Promise<void> {
     this.assertOpen();
     this.checkReadOffset(offset);
     const inside = Math.max(0, Math.min(into.length, this.hdr.size - offset));
     if (inside < into.length) into.fill(0, inside);
-    if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, null);
+    if (inside > 0) await this.readView(this.l1, into.subarray(0, inside), offset, backing);
   }
 
   private async readView(l1: L1View, into: Uint8Array, offset: number, backing: ByteSource | null): Promise<void> {

@@ -97,3 +97,24 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
     }
   }
 }
+
+/**
+ * A runtime for the vm-fixtures test guest under TCG, for tests and the benchmark: the config's
+ * defaults for everything not given.
+ */
+export function testGuestRuntime(options: Partial<DesktopRuntimeOptions> & { logDir: string }): LibvirtDesktopRuntime {
+  return new LibvirtDesktopRuntime({
+    accel: 'tcg',
+    memoryMiB: 256,
+    vcpus: 1,
+    mode: 'test-guest',
+    kernel: null,
+    initrd: null,
+    cmdline: null,
+    firmware: 'bios',
+    bootTimeoutMs: 90_000,
+    agentTimeoutMs: 120_000,
+    shutdownTimeoutMs: 30_000,
+    ...options,
+  });
+}

@@ -25,7 +25,7 @@ import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { planAssign } from '../../src/layers/plan.js';
 import { DelegatingRuntime, type DesktopHandle } from '../../src/layers/runtime.js';
 import { Store } from '../../src/layers/store.js';
-import { LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
 import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
 import { debugfsCat, fileSha256, fsckClean, qlayerDomains, rawExport } from './guest-helpers.js';
@@ -68,20 +68,7 @@ beforeAll(async () => {
   await importBase(store, 'guest', fixture.images.base.path, { format: 'qcow2' });
   basePath = store.path('bases', 'guest.qcow2');
   baseSha = await fileSha256(basePath);
-  libvirtRuntime = new LibvirtDesktopRuntime({
-    accel: 'tcg',
-    memoryMiB: 256,
-    vcpus: 1,
-    mode: 'test-guest',
-    kernel: null,
-    initrd: null,
-    cmdline: null,
-    firmware: 'bios',
-    bootTimeoutMs: 90_000,
-    agentTimeoutMs: 120_000,
-    shutdownTimeoutMs: 30_000,
-    logDir: join(dir, 'logs'),
-  });
+  libvirtRuntime = testGuestRuntime({ logDir: join(dir, 'logs') });
   // Sizes that are not multiples of a block or a cluster, so placeholders share clusters.
   await makeApp('editor', { 'bin/editor': randomBytes(1_234_567), 'share/dict.txt': randomBytes(33_333), 'etc/editor.conf': Buffer.from('theme=dark\n') });
   await makeApp('viewer', { 'bin/viewer': randomBytes(2_500_001), 'lib/libview.so': randomBytes(98_765) });
