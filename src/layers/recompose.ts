@@ -159,7 +159,8 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
     chain = await openChain(userPath, { writableTop: true, allowedDirectories: ctx.allowedDirectories, fs });
     const userImage = chain.topImage;
 
-    const newFiles = plan.files.filter((f) => plan.newlyAssigned.includes(f.path));
+    const newlyAssigned = new Set(plan.newlyAssigned);
+    const newFiles = plan.files.filter((f) => newlyAssigned.has(f.path));
     const newBytes = new AppBytes(newFiles, payloadOf);
     const coverage = classifyClusters(newBytes.ranges(), userImage.clusterSize);
 
