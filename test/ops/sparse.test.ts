@@ -148,6 +148,25 @@ describe('map and convert of a sparse raw file', () => {
     });
   }
 
+  it.runIf(nativeWanted)('holes that share a cluster with data read as zeros when window buffers are reused', async () => {
+    // 64 one-cluster windows through the ring of window buffers: every fifth window is all
+    // data, the others hold 4 KiB of data after a 60 KiB hole in the same cluster, so a reused
+    // buffer still holds the data of an earlier window where this one has its hole.
+    const reuse = join(dir, 'reuse.raw');
+    const runs: Array<{ offset: number; length: number }> = [];
+    for (let w = 0; w < 64; w += 1) {
+      runs.push(w % 5 === 0 ? { offset: w * 64 * KiB, length: 64 * KiB } : { offset: w * 64 * KiB + 60 * KiB, length: 4 * KiB });
+    }
+    await makeSparse(reuse, 4 * MiB, runs);
+    const out = join(dir, 'reuse.qcow2');
+    await convertImage(reuse, out, { sourceFormat: 'raw', windowSize: 64 * KiB });
+    expect(await qemuCompare(reuse, out, 'raw', 'qcow2')).toBe(true);
+    await expectClean(out);
+    const raw = join(dir, 'reuse-out.raw');
+    await convertImage(reuse, raw, { sourceFormat: 'raw', outputFormat: 'raw', windowSize: 64 * KiB });
+    expect(await qemuCompare(reuse, raw, 'raw', 'raw')).toBe(true);
+  });
+
   it.runIf(nativeWanted)('a qcow2 over a sparse raw backing file converts and maps like qemu-img', async () => {
     const top = join(dir, 'over-sparse.qcow2');
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', sparse, '-F', 'raw', top]);
