@@ -116,7 +116,6 @@ export class Qcow2Image implements ByteSource {
     private readonly dataFile: HostFile | null,
     private hdr: Qcow2Header,
     readonly writable: boolean,
-    private readonly fs: FileSystemAccess,
     l1: L1View,
     reftable: Uint8Array,
     fileLength: number,
@@ -186,7 +185,6 @@ export class Qcow2Image implements ByteSource {
         dataFile,
         header,
         writable,
-        fs,
         { table: l1Bytes, view: new DataView(l1Bytes.buffer), size: header.size, entries: header.l1Size },
         reftable,
         fileLength,
@@ -696,13 +694,7 @@ export class Qcow2Image implements ByteSource {
 
   /** Make [offset, offset+length) read as zeros, with the zero flag where the format allows. */
   writeZeroes(offset: number, length: number): Promise<void> {
-    return this.lock.write(() => this.writeZeroesUnlocked(offset, length));
-  }
-
-  private async writeZeroesUnlocked(offset: number, length: number): Promise<void> {
-    this.assertWritable();
-    this.checkGuestRange(offset, length, this.hdr.size);
-    await this.zeroOrDiscard(offset, length, 'zero');
+    return this.lock.write(() => this.checkedZeroOrDiscard(offset, length, 'zero'));
   }
 
   /**
@@ -712,13 +704,13 @@ export class Qcow2Image implements ByteSource {
    * their data.
    */
   discard(offset: number, length: number): Promise<void> {
-    return this.lock.write(() => this.discardUnlocked(offset, length));
+    return this.lock.write(() => this.checkedZeroOrDiscard(offset, length, 'discard'));
   }
 
-  private async discardUnlocked(offset: number, length: number): Promise<void> {
+  private async checkedZeroOrDiscard(offset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
     this.assertWritable();
     this.checkGuestRange(offset, length, this.hdr.size);
-    await this.zeroOrDiscard(offset, length, 'discard');
+    await this.zeroOrDiscard(offset, length, mode);
   }
 
   private async zeroOrDiscard(offset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {

@@ -4,14 +4,13 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createImage } from '../../src/qcow2/create.js';
-import { bootGuest, stopDomain, type RunningGuest } from '../../src/virt/boot.js';
+import { stopDomain, type RunningGuest } from '../../src/virt/boot.js';
 import { VirtError } from '../../src/virt/errors.js';
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
 import { LibvirtConnection } from '../../src/virt/libvirt.js';
 import { GuestAgent } from '../../src/virt/agent.js';
 import { tempDir } from '../helpers/qemu.js';
-import { debugfsCat, fsckClean, qlayerDomains, rawExport, superblock } from './guest-helpers.js';
+import { bootFixtureOverlay, debugfsCat, fsckClean, qlayerDomains, rawExport, superblock } from './guest-helpers.js';
 
 let fixture: Fixture;
 let dir: string;
@@ -22,19 +21,7 @@ let overlay: string;
 beforeAll(async () => {
   fixture = await ensureFixture();
   ({ dir, cleanup } = await tempDir('qlayer-e2e-agent-'));
-  overlay = `${dir}/user.qcow2`;
-  await createImage({ path: overlay, backing: { path: fixture.images.base.path, format: 'qcow2' } });
-  guest = await bootGuest({
-    name: `e2e-agent-${process.pid}`,
-    disk: overlay,
-    kernel: fixture.kernel,
-    initrd: fixture.initrd,
-    cmdline: fixture.cmdline,
-    accel: 'tcg',
-    until: fixture.readyMarker,
-    waitForAgent: true,
-    serialLog: `${dir}/serial.log`,
-  });
+  ({ guest, overlay } = await bootFixtureOverlay(fixture, dir, `e2e-agent-${process.pid}`));
 });
 
 afterAll(async () => {

@@ -9,6 +9,9 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { qemuImg } from '../helpers/qemu.js';
 import { LibvirtConnection } from '../../src/virt/libvirt.js';
+import { createImage } from '../../src/qcow2/create.js';
+import { bootGuest, type RunningGuest } from '../../src/virt/boot.js';
+import type { Fixture } from '../../src/virt/fixture.js';
 
 export async function fileSha256(path: string): Promise<string> {
   const hash = createHash('sha256');
@@ -82,4 +85,25 @@ export async function qlayerDomains(uri = 'qemu:///system'): Promise<string[]> {
 
 export function scratch(dir: string, name: string): string {
   return join(dir, name);
+}
+
+/**
+ * Boot the test guest (TCG) on a fresh overlay made by our engine in `dir`, and return once its
+ * agent answers. The caller stops it.
+ */
+export async function bootFixtureOverlay(fixture: Fixture, dir: string, name: string): Promise<{ guest: RunningGuest; overlay: string }> {
+  const overlay = join(dir, 'user.qcow2');
+  await createImage({ path: overlay, backing: { path: fixture.images.base.path, format: 'qcow2' } });
+  const guest = await bootGuest({
+    name,
+    disk: overlay,
+    kernel: fixture.kernel,
+    initrd: fixture.initrd,
+    cmdline: fixture.cmdline,
+    accel: 'tcg',
+    until: fixture.readyMarker,
+    waitForAgent: true,
+    serialLog: join(dir, 'serial.log'),
+  });
+  return { guest, overlay };
 }

@@ -8,14 +8,13 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
-import { createImage } from '../../src/qcow2/create.js';
-import { bootGuest } from '../../src/virt/boot.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { openChain, type Chain } from '../../src/chain/index.js';
 import { openGuestFilesystem, type GuestFilesystem } from '../../src/fs/index.js';
 import { Ext4Filesystem } from '../../src/fs/ext4/filesystem.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
 import { debugfsOne, oracleDump, oracleExtents, oracleLs } from './e2fs.js';
+import { bootFixtureOverlay } from '../e2e/guest-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -49,19 +48,7 @@ mount -o remount,ro /
 beforeAll(async () => {
   const fixture = await ensureFixture();
   ({ dir, cleanup } = await tempDir('qlayer-fs-kernel-'));
-  const overlay = join(dir, 'user.qcow2');
-  await createImage({ path: overlay, backing: { path: fixture.images.base.path, format: 'qcow2' } });
-  const guest = await bootGuest({
-    name: `fs-kernel-${process.pid}`,
-    disk: overlay,
-    kernel: fixture.kernel,
-    initrd: fixture.initrd,
-    cmdline: fixture.cmdline,
-    accel: 'tcg',
-    until: fixture.readyMarker,
-    waitForAgent: true,
-    serialLog: join(dir, 'serial.log'),
-  });
+  const { guest, overlay } = await bootFixtureOverlay(fixture, dir, `fs-kernel-${process.pid}`);
   try {
     const result = await guest.agent.exec('/bin/sh', ['-c', SCRIPT], { timeoutMs: 240_000 });
     expect(result, result.stderr).toMatchObject({ exitCode: 0 });
