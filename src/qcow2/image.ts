@@ -846,19 +846,14 @@ export class Qcow2Image implements ByteSource {
       else if (data) span.set(data.subarray(pos - offset, stop - offset), pos - spanStart);
       else span.fill(0, pos - spanStart, stop - spanStart);
 
-      if (this.dataFile) {
-        // External data file: guest cluster N lives at host offset N (offset 0 is valid with
-        // COPIED), nothing is refcounted, and a cluster is "allocated" by pointing at it.
-        if (compressed) throw new Qcow2Error('qcow2.corrupt', `${this.path}: compressed cluster in an image with an external data file`);
-        if (host === 0 && (raw.hi & COPIED_HI) === 0) host = clusterStart;
-        let alloc = raw.allocBits;
-        let zero = raw.zeroBits;
-        if (g.extendedL2) {
-          for (let s = firstSub; s <= lastSub; s++) alloc |= 1 << s;
-          for (let s = firstSub; s <= lastSub; s++) zero &= ~(1 << s);
+      if (this.dataFile || owned) {
+        if (this.dataFile) {
+          // External data file: guest cluster N lives at host offset N (offset 0 is valid with
+          // COPIED), nothing is refcounted, and a cluster is "allocated" by pointing at it.
+          if (compressed) throw new Qcow2Error('qcow2.corrupt', `${this.path}: compressed cluster in an image with an external data file`);
+          if (host === 0 && (raw.hi & COPIED_HI) === 0) host = clusterStart;
         }
-        newEntry = { hi: (Math.floor(host / TWO32) | COPIED_HI) >>> 0, lo: host >>> 0, zeroBits: zero >>> 0, allocBits: alloc >>> 0 };
-      } else if (owned) {
+        // Written in place: the written subclusters become allocated and stop reading as zero.
         let alloc = raw.allocBits;
         let zero = raw.zeroBits;
         if (g.extendedL2) {
