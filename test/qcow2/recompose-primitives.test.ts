@@ -39,6 +39,32 @@ async function setup(name: string, extendedL2 = false): Promise<{ apps: string; 
   return { apps, user, expectedBefore };
 }
 
+
+/**
+ * Count the durable operations of `run` on `path`, then for about `samples` of them: restore
+ * `pristine`, run again crashing at that operation, and call `after` to judge the stopped image.
+ */
+async function atSampledCrashPoints(
+  path: string,
+  pristine: string,
+  run: (fs: FaultInjectingFileSystem) => Promise<void>,
+  samples: number,
+  after: (n: number, total: number) => Promise<void>,
+): Promise<void> {
+  await copyFile(pristine, path);
+  const counter = new FaultInjectingFileSystem(nodeFileSystem);
+  await run(counter);
+  const total = counter.operations;
+  const step = Math.max(1, Math.floor(total / samples));
+  for (let n = 1; n <= total; n += step) {
+    await copyFile(pristine, path);
+    await run(new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n })).catch((e: unknown) => {
+      if (!(e instanceof InjectedCrash)) throw e;
+    });
+    await after(n, total);
+  }
+}
+
 describe('detachClusters / releaseHostClusters', () => {
   for (const extendedL2 of [false, true]) {
     it(`detached clusters fall through to the backing file, leak until released (extended L2: ${extendedL2})`, async () => {
@@ -203,20 +229,12 @@ describe('crash at every write/fsync', () => {
           await image.close().catch(() => undefined);
         }
       };
-      const counter = new FaultInjectingFileSystem(nodeFileSystem);
-      await run(counter);
-      const total = counter.operations;
-      const step = Math.max(1, Math.floor(total / 30));
-      for (let n = 1; n <= total; n += step) {
-        await copyFile(pristine, path);
-        await run(new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n })).catch((e: unknown) => {
-          if (!(e instanceof InjectedCrash)) throw e;
-        });
+      await atSampledCrashPoints(path, pristine, run, 30, async (n, total) => {
         const check = await qemuCheck(path);
         expect(check.corruptions, `${name}: crash at ${n} of ${total}`).toBe(0);
         await qemuImg(['convert', '-O', 'raw', '-l', 'snapshot.name=keep', path, snapshotOut]);
         expect(sha256(await readFile(snapshotOut)), `${name}: snapshot after crash at ${n}`).toBe(snapshotHash);
-      }
+      });
     }
   });
 
@@ -240,20 +258,12 @@ describe('crash at every write/fsync', () => {
         await image.close().catch(() => undefined);
       }
     };
-    const counter = new FaultInjectingFileSystem(nodeFileSystem);
-    await run(counter);
-    const total = counter.operations;
-    const step = Math.max(1, Math.floor(total / 60));
-    for (let n = 1; n <= total; n += step) {
-      await copyFile(pristine, path);
-      await run(new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n })).catch((e: unknown) => {
-        if (!(e instanceof InjectedCrash)) throw e;
-      });
+    await atSampledCrashPoints(path, pristine, run, 60, async (n, total) => {
       const check = await qemuCheck(path);
       expect(check.corruptions, `crash at ${n} of ${total}`).toBe(0);
       const image = await Qcow2Image.open(path);
       await image.readAt(Buffer.alloc(4 * MiB), 0);
       await image.close();
-    }
+    });
   });
 });
