@@ -5,7 +5,7 @@ import { dirname, join, resolve } from 'node:path';
 import { kvmNoProgressMessage, kvmStatus, resolveAccel, type Accel, type KvmProbe } from './accel.js';
 import { GuestAgent } from './agent.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
-import { buildDomainXml, DOMAIN_NAME_PATTERN, type DiskLayer, type DiskSpec, type DomainSpec, type DomainType } from './domain-xml.js';
+import { buildDomainXml, DOMAIN_NAME_PATTERN, hasAgentChannel, type DiskLayer, type DiskSpec, type DomainSpec, type DomainType } from './domain-xml.js';
 import { VirtError, messageOf } from './errors.js';
 import { DEFAULT_URI, DOMAIN_PREFIX, LibvirtConnection, processAlive, type DomainRunState } from './libvirt.js';
 import { SerialLog, parseSerialEvents, tail, type SerialEvent } from './serial.js';
@@ -213,12 +213,7 @@ export async function stopDomain(connection: LibvirtConnection, name: string, ti
   };
   if (await off()) return result('already-off');
   const agent = new GuestAgent(name, { uri: connection.uri });
-  let agentUp = true;
-  try {
-    await agent.ping(2);
-  } catch {
-    agentUp = false;
-  }
+  const agentUp = await agentAnswers(connection, agent, name, timeoutMs);
   if (agentUp) {
     await agent.shutdown().catch(() => undefined);
     if (await waitOff(timeoutMs)) return result('agent');
@@ -230,6 +225,22 @@ export async function stopDomain(connection: LibvirtConnection, name: string, ti
   await agent.fsfreeze().catch(() => undefined);
   await connection.destroy(name);
   return result('destroyed');
+}
+
+/**
+ * Whether to stop through the agent: when the domain has an agent channel, give the agent time
+ * to answer (a loaded TCG host can take seconds per virsh round trip, and one short ping made CI
+ * fall back to ACPI); without a channel, go straight to ACPI.
+ */
+async function agentAnswers(connection: LibvirtConnection, agent: GuestAgent, name: string, timeoutMs: number): Promise<boolean> {
+  const xml = await connection.xml(name).catch(() => undefined);
+  if (xml !== undefined && !hasAgentChannel(xml)) return false;
+  try {
+    await agent.waitReady(Math.min(10_000, Math.max(3000, timeoutMs / 3)));
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Destroy every guest this process started and has not stopped (for signal handlers). */

@@ -218,3 +218,12 @@ export function parseOwner(xml: string): { pid: number; host: string; started: s
   const unescape = (s: string): string => s.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
   return { pid, host: unescape(host), started: unescape(started) };
 }
+
+/**
+ * Whether a domain's XML has the guest-agent channel. Without it no agent can answer, so a stop
+ * goes straight to ACPI. (The target's live state='connected|disconnected' attribute is not used:
+ * libvirt 9 here still showed 'disconnected' while the fixture's agent answered pings.)
+ */
+export function hasAgentChannel(xml: string): boolean {
+  return /<target\b[^>]*\bname=['"]org\.qemu\.guest_agent\.0['"]/.test(xml);
+}

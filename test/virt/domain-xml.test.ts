@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildDomainXml, parseOwner, xmlEscape, type DomainSpec } from '../../src/virt/domain-xml.js';
+import { buildDomainXml, hasAgentChannel, parseOwner, xmlEscape, type DomainSpec } from '../../src/virt/domain-xml.js';
 import { VirtError } from '../../src/virt/errors.js';
 import { LibvirtConnection } from '../../src/virt/libvirt.js';
 
@@ -115,6 +115,15 @@ describe('buildDomainXml', () => {
     const dumped = `<metadata>\n    <qlayer:owner xmlns:qlayer="https://qlayer.invalid/xmlns/domain/1" started="x&amp;y" host="h" pid="42"/>\n  </metadata>`;
     expect(parseOwner(dumped)).toEqual({ pid: 42, host: 'h', started: 'x&y' });
     expect(parseOwner('<domain/>')).toBeUndefined();
+  });
+
+  it('tells a domain with the guest-agent channel from one without (stop picks agent or ACPI by it)', () => {
+    expect(hasAgentChannel(buildDomainXml(kernelSpec))).toBe(true);
+    expect(hasAgentChannel(buildDomainXml({ ...kernelSpec, guestAgent: false }))).toBe(false);
+    // libvirt's live XML: double quotes, a state attribute, other channels beside it.
+    const live = `<channel type="spicevmc"><target type="virtio" name="com.redhat.spice.0"/></channel>\n<channel type="unix"><target type="virtio" name="org.qemu.guest_agent.0" state="disconnected"/></channel>`;
+    expect(hasAgentChannel(live)).toBe(true);
+    expect(hasAgentChannel(live.split('\n')[0]!)).toBe(false);
   });
 
   const bad: Array<[string, Partial<DomainSpec>, RegExp]> = [
