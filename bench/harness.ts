@@ -19,6 +19,11 @@ export interface BenchCase {
   qlayer(ctx: BenchContext): Promise<void>;
   /** Timed: qemu-img (or another reference) doing the same job. Omit when there is none. */
   reference?(ctx: BenchContext): Promise<void>;
+  /**
+   * Not timed: called before every timed run of either tool (e.g. remove the previous outputs,
+   * so that unlinking 512 MiB of page cache is not counted as part of a convert).
+   */
+  reset?(ctx: BenchContext): Promise<void>;
   /** Not timed: throw if qlayer's output is wrong (e.g. `qemu-img compare` against the reference). */
   verify?(ctx: BenchContext): Promise<void>;
 }
@@ -65,7 +70,8 @@ async function settle(): Promise<void> {
   await new Promise<void>((resolve) => execFile('sync', () => resolve()));
 }
 
-async function timed(job: () => Promise<void>): Promise<number> {
+async function timed(job: () => Promise<void>, reset?: () => Promise<void>): Promise<number> {
+  await reset?.();
   await settle();
   const start = performance.now();
   await job();
@@ -100,8 +106,9 @@ export async function runBench(options: RunOptions = {}): Promise<BenchRow[]> {
           let bestReference = Number.POSITIVE_INFINITY;
           let bestQlayer = Number.POSITIVE_INFINITY;
           for (let i = 0; i < runs; i += 1) {
-            if (benchCase.reference) bestReference = Math.min(bestReference, await timed(() => benchCase.reference!(ctx)));
-            bestQlayer = Math.min(bestQlayer, await timed(() => benchCase.qlayer(ctx)));
+            const reset = benchCase.reset && (() => benchCase.reset!(ctx));
+            if (benchCase.reference) bestReference = Math.min(bestReference, await timed(() => benchCase.reference!(ctx), reset));
+            bestQlayer = Math.min(bestQlayer, await timed(() => benchCase.qlayer(ctx), reset));
           }
           if (benchCase.reference) row.referenceMs = bestReference;
           row.qlayerMs = bestQlayer;

@@ -61,6 +61,13 @@ async function halfDataRaw(path: string, size: number, writeZeros = false): Prom
 
 const f = (ctx: BenchContext, name: string) => join(ctx.dir, name);
 
+/** A case's untimed reset: both tools' previous outputs go before each run (unlinking is not converting). */
+function removeOutputs(...names: string[]): (ctx: BenchContext) => Promise<void> {
+  return async (ctx) => {
+    for (const name of names) await rm(f(ctx, name), { force: true });
+  };
+}
+
 /** A 64 GiB image with 20k clusters written in scattered order (host order != guest order); built once per section. */
 async function fragmentedImage(ctx: BenchContext): Promise<void> {
   const path = f(ctx, 'frag.qcow2');
@@ -79,20 +86,17 @@ registerBenchSection({
       async setup(ctx) {
         await halfDataRaw(f(ctx, 'half.raw'), GiB);
       },
+      reset: removeOutputs('ref.qcow2', 'ours.qcow2'),
       async reference(ctx) {
-        await rm(f(ctx, 'ref.qcow2'), { force: true });
         await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', f(ctx, 'half.raw'), f(ctx, 'ref.qcow2')]);
       },
       async qlayer(ctx) {
-        await rm(f(ctx, 'ours.qcow2'), { force: true });
         await convertImage(f(ctx, 'half.raw'), f(ctx, 'ours.qcow2'), { sourceFormat: 'raw', outputFormat: 'qcow2' });
       },
       async verify(ctx) {
         await compare(f(ctx, 'half.raw'), 'raw', f(ctx, 'ours.qcow2'), 'qcow2');
         await checkClean(f(ctx, 'ours.qcow2'));
-        await rm(f(ctx, 'half.raw'));
-        await rm(f(ctx, 'ref.qcow2'));
-        await rm(f(ctx, 'ours.qcow2'));
+        for (const name of ['half.raw', 'ref.qcow2', 'ours.qcow2']) await rm(f(ctx, name), { force: true });
       },
     },
     {
@@ -101,18 +105,17 @@ registerBenchSection({
       async setup(ctx) {
         await halfDataRaw(f(ctx, 'half-dense.raw'), GiB, true);
       },
+      reset: removeOutputs('ref-dense.qcow2', 'ours-dense.qcow2'),
       async reference(ctx) {
-        await rm(f(ctx, 'ref-dense.qcow2'), { force: true });
         await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', f(ctx, 'half-dense.raw'), f(ctx, 'ref-dense.qcow2')]);
       },
       async qlayer(ctx) {
-        await rm(f(ctx, 'ours-dense.qcow2'), { force: true });
         await convertImage(f(ctx, 'half-dense.raw'), f(ctx, 'ours-dense.qcow2'), { sourceFormat: 'raw', outputFormat: 'qcow2' });
       },
       async verify(ctx) {
         await compare(f(ctx, 'half-dense.raw'), 'raw', f(ctx, 'ours-dense.qcow2'), 'qcow2');
         await checkClean(f(ctx, 'ours-dense.qcow2'));
-        for (const name of ['half-dense.raw', 'ref-dense.qcow2', 'ours-dense.qcow2']) await rm(f(ctx, name));
+        for (const name of ['half-dense.raw', 'ref-dense.qcow2', 'ours-dense.qcow2']) await rm(f(ctx, name), { force: true });
       },
     },
     {
@@ -121,18 +124,17 @@ registerBenchSection({
         // base64 of random bytes: compressible to about 3/4, like text and binaries.
         await writeFile(f(ctx, 'text.raw'), randomBytes(96 * MiB).toString('base64'));
       },
+      reset: removeOutputs('ref-c.qcow2', 'ours-c.qcow2'),
       async reference(ctx) {
-        await rm(f(ctx, 'ref-c.qcow2'), { force: true });
         await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', f(ctx, 'text.raw'), f(ctx, 'ref-c.qcow2')]);
       },
       async qlayer(ctx) {
-        await rm(f(ctx, 'ours-c.qcow2'), { force: true });
         await convertImage(f(ctx, 'text.raw'), f(ctx, 'ours-c.qcow2'), { sourceFormat: 'raw', compress: true });
       },
       async verify(ctx) {
         await compare(f(ctx, 'text.raw'), 'raw', f(ctx, 'ours-c.qcow2'), 'qcow2');
         await checkClean(f(ctx, 'ours-c.qcow2'));
-        for (const name of ['text.raw', 'ref-c.qcow2', 'ours-c.qcow2']) await rm(f(ctx, name));
+        for (const name of ['text.raw', 'ref-c.qcow2', 'ours-c.qcow2']) await rm(f(ctx, name), { force: true });
       },
     },
     {
@@ -150,17 +152,16 @@ registerBenchSection({
         for (let i = 0; i < 2000; i += 1) top.push(`write -P ${(i + 7) % 250} ${((i * 104729) % 65536) * 16}k 4k`);
         await qemuIoScript(f(ctx, 'top.qcow2'), top);
       },
+      reset: removeOutputs('ref.raw', 'ours.raw'),
       async reference(ctx) {
-        await rm(f(ctx, 'ref.raw'), { force: true });
         await qemuImg(['convert', '-O', 'raw', f(ctx, 'top.qcow2'), f(ctx, 'ref.raw')]);
       },
       async qlayer(ctx) {
-        await rm(f(ctx, 'ours.raw'), { force: true });
         await convertImage(f(ctx, 'top.qcow2'), f(ctx, 'ours.raw'), { outputFormat: 'raw' });
       },
       async verify(ctx) {
         await compare(f(ctx, 'top.qcow2'), 'qcow2', f(ctx, 'ours.raw'), 'raw');
-        for (const name of ['ref.raw', 'ours.raw']) await rm(f(ctx, name));
+        for (const name of ['ref.raw', 'ours.raw']) await rm(f(ctx, name), { force: true });
       },
     },
     {

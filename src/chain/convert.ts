@@ -13,19 +13,23 @@
  *   tables, the L1 table and the refcount structures laid out once at the end. Every cluster
  *   up to the end is used exactly once (refcount 1), except compressed clusters, which share
  *   host clusters and are counted per overlap;
- * - plain files are copied with synchronous pread/pwrite through 1 MiB windows that stay in the
- *   CPU caches (no thread-pool round trip per piece); zero ranges are not even cleared in
- *   memory unless they share a cluster with data. For files without a descriptor (wrappers)
- *   and for compression, reading the next window overlaps writing the previous one.
+ * - plain files are read with synchronous pread on the main thread (no thread-pool round trip
+ *   per piece) into page-aligned 2 MiB windows (io/aligned-buffer.ts), while earlier windows are
+ *   written by pwrite on libuv's thread pool, so reading and writing overlap on two cores; zero
+ *   ranges are not even cleared in memory unless they share a cluster with data. Files
+ *   without a descriptor (test wrappers, fault injection) go through the HostFile.
  * Like qemu-img convert (whose output cache mode defaults to "unsafe"), the output is not
  * fsynced unless `sync` is set; callers that need it durable (the layers code) set it.
  */
 import { constants as zlibConstants, deflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
-import { readSync, writeSync } from 'node:fs';
+import { readSync, write } from 'node:fs';
+import { stat } from 'node:fs/promises';
 import type { FileSystemAccess, HostFile } from '../io/host-file.js';
-import { nodeFileSystem, syncParentDirectory } from '../io/host-file.js';
-import { Qcow2Error } from '../qcow2/errors.js';
+import { nodeFileSystem, syncParentDirectory, withPath } from '../io/host-file.js';
+import { allocateAligned } from '../io/aligned-buffer.js';
+import { ChainError, Qcow2Error } from '../qcow2/errors.js';
+import { assertNotLocked } from '../io/in-use.js';
 import {
   ExtensionType,
   HEADER_V3_LENGTH,
@@ -54,7 +58,7 @@ export interface ConvertOptions {
   progress?: (done: number, total: number) => void;
   /** fsync the output (and its folder) before returning. */
   sync?: boolean;
-  /** Bytes processed per window (default 1 MiB: the buffers stay in the CPU caches). */
+  /** Bytes processed per window (default 2 MiB: measured best of 1, 2 and 4 MiB on a half-holes 1 GiB input). */
   windowSize?: number;
 }
 
@@ -110,7 +114,7 @@ async function readWindow(
       reads.push(layer.readExtent({ start: e.start, length: e.length, kind: 'compressed', hostOffset: null }, target));
     }
   }
-  await Promise.all(reads);
+  await settleAll(reads);
 }
 
 const ZERO_CHUNK = Buffer.alloc(2 * 1024 * 1024);
@@ -118,12 +122,14 @@ const ZERO_CHUNK = Buffer.alloc(2 * 1024 * 1024);
 const WRITE_DEPTH = 4;
 /** Size of the parallel pieces big reads and writes are split into. */
 const IO_PIECE = 1024 * 1024;
+/** Default window: large enough that per-window work is small, small enough to stay in cache. */
+const DEFAULT_WINDOW = 2 * 1024 * 1024;
 
 /**
- * Files with a descriptor are read and written with synchronous pread/pwrite on it: for
- * page-cache copies a thread-pool round trip per piece (and the buffer moving between cores)
- * cost more than the copy itself. The event loop still turns once per window. Files without
- * an fd (test wrappers, fault injection) and positions past 2^53 go through the HostFile.
+ * Files with a descriptor are read with synchronous pread and written with callback pwrite on
+ * it (a FileHandle promise per piece cost more than a page-cache copy). The event loop still
+ * turns once per window. Files without an fd (test wrappers, fault injection) and positions
+ * past 2^53 go through the HostFile.
  */
 function directFd(file: HostFile, position: number, length: number): number | undefined {
   const fd = file.fd;
@@ -136,27 +142,52 @@ function readDirect(file: HostFile, into: Uint8Array, position: number): boolean
   const fd = directFd(file, position, into.length);
   if (fd === undefined) return false;
   let done = 0;
-  while (done < into.length) {
-    const n = readSync(fd, into, done, into.length - done, position + done);
-    if (n === 0) break;
-    done += n;
+  try {
+    while (done < into.length) {
+      const n = readSync(fd, into, done, into.length - done, position + done);
+      if (n === 0) break;
+      done += n;
+    }
+  } catch (error) {
+    throw withPath(error, file.path);
   }
   if (done < into.length) into.fill(0, done);
   return true;
 }
 
-/** Write `data` at `position` as parallel pieces (or one direct write). */
-function writePieces(out: HostFile, data: Uint8Array, position: number): Promise<void>[] {
-  const writes: Promise<void>[] = [];
+/**
+ * Write `data` at `position`. With a descriptor it is one pwrite on libuv's thread pool through
+ * the callback API (no FileHandle promise per call): the kernel copies this window on a pool
+ * thread while the main thread reads the next one, which is how qemu-img overlaps them too
+ * (measured: the zeros-written convert went from 250 to 183 ms median against synchronous
+ * writes). Without one, parallel pieces through the HostFile.
+ */
+function writeAt(out: HostFile, data: Uint8Array, position: number): Promise<void> {
   const fd = directFd(out, position, data.length);
-  if (fd !== undefined) {
-    for (let done = 0; done < data.length; ) done += writeSync(fd, data, done, data.length - done, position + done);
-    return writes;
-  }
+  if (fd !== undefined) return new Promise<void>((resolve, reject) => writeAll(fd, data, position, resolve, (error) => reject(withPath(error, out.path))));
+  const pieces: Promise<void>[] = [];
   for (let at = 0; at < data.length; at += IO_PIECE) {
-    writes.push(out.write(data.subarray(at, Math.min(data.length, at + IO_PIECE)), position + at));
+    pieces.push(out.write(data.subarray(at, Math.min(data.length, at + IO_PIECE)), position + at));
   }
-  return writes;
+  return settleAll(pieces);
+}
+
+/**
+ * Wait for every operation, then fail with the first error. Writes on a raw descriptor are not
+ * tracked by a FileHandle, so none may still be running when the file is closed (its number
+ * could be reused by the next open).
+ */
+async function settleAll(operations: Promise<void>[]): Promise<void> {
+  const failed = (await Promise.allSettled(operations)).find((result) => result.status === 'rejected');
+  if (failed) throw failed.reason;
+}
+
+function writeAll(fd: number, data: Uint8Array, position: number, resolve: () => void, reject: (error: Error) => void): void {
+  write(fd, data, 0, data.length, position, (error, written) => {
+    if (error) reject(error);
+    else if (written < data.length) writeAll(fd, data.subarray(written), position + written, resolve, reject);
+    else resolve();
+  });
 }
 
 /** True when every byte is zero (memcmp against a zero page, in native code). */
@@ -184,11 +215,11 @@ class RawSink implements Sink {
       const nonZero = i < mayHaveData.length && mayHaveData[i] && !isAllZero(data.subarray(i * chunk, (i + 1) * chunk));
       if (nonZero && runStart < 0) runStart = i;
       if (!nonZero && runStart >= 0) {
-        writes.push(...writePieces(this.out, data.subarray(runStart * chunk, i * chunk), offset + runStart * chunk));
+        writes.push(writeAt(this.out, data.subarray(runStart * chunk, i * chunk), offset + runStart * chunk));
         runStart = -1;
       }
     }
-    await Promise.all(writes);
+    await settleAll(writes);
   }
 
   async finish(): Promise<number> {
@@ -274,13 +305,13 @@ class Qcow2Sink implements Sink {
       if (endsRun) {
         // keep[runFrom..k] are adjacent in the source window and land adjacent in the file.
         const src = data.subarray(keep[runFrom]! * cs, (keep[k]! + 1) * cs);
-        writes.push(...writePieces(this.out, src, start + runFrom * cs));
+        writes.push(writeAt(this.out, src, start + runFrom * cs));
         runFrom = k + 1;
       }
     }
     this.next = start + keep.length * cs;
     this.dataBytes += keep.length * cs;
-    await Promise.all(writes);
+    await settleAll(writes);
   }
 
   private async compressedWindow(firstCluster: number, data: Uint8Array, mayHaveData: boolean[]): Promise<void> {
@@ -402,6 +433,25 @@ class Qcow2Sink implements Sink {
   }
 }
 
+/**
+ * The output is opened with truncation, so it must not be a file the conversion reads (the
+ * source, a backing file, an external data file: the same inode under any name), and not an
+ * image some process holds QEMU's locks on. qemu-img refuses both through its own locks.
+ */
+async function assertSafeOutput(output: string, layers: MapLayer[]): Promise<void> {
+  const target = await stat(output).catch(() => undefined);
+  if (target === undefined) return;
+  for (const [depth, layer] of layers.entries()) {
+    for (const path of new Set([layer.path, layer.dataFile.path])) {
+      const input = await stat(path).catch(() => undefined);
+      if (input === undefined || input.dev !== target.dev || input.ino !== target.ino) continue;
+      const role = depth === 0 && path === layer.path ? 'the source image' : `${path}, which the source's chain reads`;
+      throw new ChainError('chain.output-is-input', `output ${output} is ${role}: converting would overwrite it while reading it`);
+    }
+  }
+  await assertNotLocked(output);
+}
+
 /** Convert `source` (and its backing chain) into a new file at `output`. */
 export async function convertImage(source: string, output: string, options: ConvertOptions = {}): Promise<ConvertResult> {
   const fs = options.fs ?? nodeFileSystem;
@@ -413,7 +463,9 @@ export async function convertImage(source: string, output: string, options: Conv
   if (options.compress && outputFormat !== 'qcow2') throw new Qcow2Error('qcow2.bad-argument', 'compression (-c) needs a qcow2 output');
   const layers = await openLayers(source, { fs, format: options.sourceFormat ?? 'qcow2', allowedDirectories: options.allowedDirectories });
   let out: HostFile | null = null;
+  let completed = false;
   try {
+    await assertSafeOutput(output, layers);
     const size = layers[0]!.size;
     out = await fs.open(output, 'create');
     // QEMU sees a qcow2 disk in whole 512-byte sectors: round up, as qemu-img convert does.
@@ -422,13 +474,15 @@ export async function convertImage(source: string, output: string, options: Conv
     const sink: Sink =
       outputFormat === 'raw' ? new RawSink(out, size) : new Qcow2Sink(out, Math.ceil(size / 512) * 512, clusterSize, options.compress === true);
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
-    const windowSize = Math.max(unit, Math.floor((options.windowSize ?? 1024 * 1024) / unit) * unit);
+    const windowSize = Math.max(unit, Math.floor((options.windowSize ?? DEFAULT_WINDOW) / unit) * unit);
     let dataBytes = 0;
     // Window w uses ring slot w % R. While window w is handed to the sink, window w + 1 is
     // already being read (read-ahead) and up to WRITE_DEPTH earlier windows may still be
     // written; before slot w + 1 is refilled, the write of window w + 1 - R must be done.
     const R = WRITE_DEPTH + 2;
-    const ring = Array.from({ length: R }, () => new Uint8Array(windowSize));
+    // One page-aligned block for all slots (see io/aligned-buffer.ts: unaligned reads cost 2x).
+    const ringMemory = allocateAligned(R * windowSize);
+    const ring = Array.from({ length: R }, (_, slot) => ringMemory.subarray(slot * windowSize, (slot + 1) * windowSize));
     const windows = Math.ceil(size / windowSize);
     const pending: Array<{ window: number; write: Promise<void> }> = [];
     let readBytes = 0;
@@ -452,20 +506,26 @@ export async function convertImage(source: string, output: string, options: Conv
     let next: ReturnType<typeof prepare> | null = windows > 0 ? prepare(0) : null;
     // Marked handled: if the loop fails first, a read-ahead rejection must not go unhandled.
     next?.catch(() => undefined);
-    for (let w = 0; w < windows; w += 1) {
-      const current = await next!;
-      // Direct I/O is synchronous: let the event loop turn once per window.
-      await new Promise<void>((resolve) => setImmediate(resolve));
-      while (pending.length > 0 && pending[0]!.window <= w + 1 - R) await pending.shift()!.write;
-      next = w + 1 < windows ? prepare(w + 1) : null;
-      next?.catch(() => undefined);
-      if (!current) continue;
-      const done = current.offset + current.buffer.length;
-      const write = sink.window(current.offset, current.buffer, current.mayHaveData).then(() => options.progress?.(Math.min(done, size), size));
-      write.catch(() => undefined);
-      pending.push({ window: w, write });
+    try {
+      for (let w = 0; w < windows; w += 1) {
+        const current = await next!;
+        // Reads are synchronous: let the event loop turn once per window.
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        while (pending.length > 0 && pending[0]!.window <= w + 1 - R) await pending.shift()!.write;
+        next = w + 1 < windows ? prepare(w + 1) : null;
+        next?.catch(() => undefined);
+        if (!current) continue;
+        const done = current.offset + current.buffer.length;
+        const write = sink.window(current.offset, current.buffer, current.mayHaveData).then(() => options.progress?.(Math.min(done, size), size));
+        write.catch(() => undefined);
+        pending.push({ window: w, write });
+      }
+    } catch (error) {
+      // Let the writes already running finish before the output is closed.
+      await Promise.allSettled([...pending.map((p) => p.write), next]);
+      throw error;
     }
-    await Promise.all(pending.map((p) => p.write));
+    await settleAll(pending.map((p) => p.write));
     dataBytes += readBytes;
     const outputLength = await sink.finish();
     if (options.sync) {
@@ -473,9 +533,12 @@ export async function convertImage(source: string, output: string, options: Conv
       await syncParentDirectory(fs, output);
     }
     options.progress?.(size, size);
+    completed = true;
     return { virtualSize: size, dataBytes, outputLength };
   } finally {
     if (out) await out.close();
+    // A half-written output is not an image (its header comes last): do not leave it behind.
+    if (out && !completed) await fs.remove(output).catch(() => undefined);
     await closeLayers(layers);
   }
 }

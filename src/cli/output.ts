@@ -27,6 +27,12 @@ export function reportError(error: unknown, json: boolean): number {
     process.stderr.write(`qlayer: ${error.message}\n`);
     return error.exitCode;
   }
+  const system = systemErrorText(error);
+  if (system !== undefined) {
+    if (json) process.stdout.write(`${JSON.stringify({ error: { code: system.code, message: system.message } }, null, 2)}\n`);
+    process.stderr.write(`qlayer: ${system.message}\n`);
+    return 1;
+  }
   const message = error instanceof Error ? (error.stack ?? error.message) : String(error);
   if (json) process.stdout.write(`${JSON.stringify({ error: { code: 'internal', message: String(error) } }, null, 2)}\n`);
   process.stderr.write(`qlayer: internal error: ${message}\n`);
@@ -43,4 +49,18 @@ export function progressReporter(options: CommonOptions, label: string): (done: 
     lastShown = percent;
     process.stderr.write(`\r${label} ${percent}%${percent >= 100 ? '\n' : ''}`);
   };
+}
+
+/**
+ * An operating-system error (no space, file too large, permission, missing file) is the host's
+ * answer, not a qlayer bug: say which call on which file failed, like qemu-img does, without a
+ * stack trace. Code 'os.ENOSPC' and the like in JSON.
+ */
+function systemErrorText(error: unknown): { code: string; message: string } | undefined {
+  if (!(error instanceof Error)) return undefined;
+  const { code, syscall, path } = error as NodeJS.ErrnoException;
+  if (typeof code !== 'string' || !/^E[A-Z0-9]+$/.test(code) || typeof syscall !== 'string') return undefined;
+  // Node's message is "EFBIG: file too large, write": keep the description.
+  const description = /^E[A-Z0-9]+: ([^,]+)/.exec(error.message)?.[1] ?? code;
+  return { code: `os.${code}`, message: `${syscall}${path === undefined ? '' : ` ${path}`} failed: ${description} (${code})` };
 }

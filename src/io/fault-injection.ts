@@ -88,6 +88,12 @@ export class FaultInjectingFileSystem implements FileSystemAccess {
     await this.step();
     await this.inner.syncDirectory(path);
   }
+
+  /** Cleanup after a failure: a crashed process runs none, so its partial files stay for the test to inspect. */
+  async remove(path: string): Promise<void> {
+    if (this.crashed) throw new InjectedCrash(this.operations);
+    await this.inner.remove(path);
+  }
 }
 
 class FaultInjectingFile implements HostFile {

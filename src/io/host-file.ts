@@ -1,5 +1,5 @@
 import { constants as fsConstants } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { ByteSource } from './byte-source.js';
 
@@ -32,6 +32,8 @@ export interface FileSystemAccess {
   open(path: string, mode: OpenMode): Promise<HostFile>;
   /** fsync a directory, so that a create or rename inside it is durable. */
   syncDirectory(path: string): Promise<void>;
+  /** Delete a file (a missing one is not an error): cleanup of an output that failed half-way. */
+  remove(path: string): Promise<void>;
 }
 
 class NodeHostFile implements HostFile {
@@ -57,10 +59,14 @@ class NodeHostFile implements HostFile {
       return 0;
     }
     let done = 0;
-    while (done < into.length) {
-      const { bytesRead } = await this.handle.read(into, done, into.length - done, position + done);
-      if (bytesRead === 0) break;
-      done += bytesRead;
+    try {
+      while (done < into.length) {
+        const { bytesRead } = await this.handle.read(into, done, into.length - done, position + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (error) {
+      throw withPath(error, this.path);
     }
     if (done < into.length) into.fill(0, done);
     return done;
@@ -68,9 +74,13 @@ class NodeHostFile implements HostFile {
 
   async write(data: Uint8Array, position: number): Promise<void> {
     let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.handle.write(data, done, data.length - done, position + done);
-      done += bytesWritten;
+    try {
+      while (done < data.length) {
+        const { bytesWritten } = await this.handle.write(data, done, data.length - done, position + done);
+        done += bytesWritten;
+      }
+    } catch (error) {
+      throw withPath(error, this.path);
     }
   }
 
@@ -85,6 +95,14 @@ class NodeHostFile implements HostFile {
   async close(): Promise<void> {
     await this.handle.close();
   }
+}
+
+/** Name the file in an OS error raised through a descriptor (Node leaves `path` unset there). */
+export function withPath(error: unknown, path: string): unknown {
+  if (error instanceof Error && typeof (error as NodeJS.ErrnoException).code === 'string' && (error as NodeJS.ErrnoException).path === undefined) {
+    (error as NodeJS.ErrnoException).path = path;
+  }
+  return error;
 }
 
 const openFlags: Record<OpenMode, number> = {
@@ -107,6 +125,9 @@ export const nodeFileSystem: FileSystemAccess = {
     } finally {
       await handle.close();
     }
+  },
+  async remove(path) {
+    await rm(path, { force: true });
   },
 };
 

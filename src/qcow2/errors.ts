@@ -42,7 +42,8 @@ export type ChainErrorCode =
   | 'chain.outside-allowed'
   | 'chain.missing-backing-format'
   | 'chain.unsupported-format'
-  | 'chain.backing-not-found';
+  | 'chain.backing-not-found'
+  | 'chain.output-is-input';
 
 /** A chain problem is a Qcow2Error too, so callers can catch one class for "this image set is unusable". */
 export class ChainError extends Qcow2Error {

@@ -1,8 +1,9 @@
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { describe, expect, it } from 'vitest';
+import { convertImage } from '../../src/chain/convert.js';
 import { locksOn } from '../../src/io/in-use.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
 import { checkImage } from '../../src/qcow2/repair.js';
@@ -29,6 +30,10 @@ describe('locksOn', () => {
       const bytes = readFileSync(image);
       await expect(Qcow2Image.open(image, { writable: true })).rejects.toMatchObject({ code: 'image.in-use' });
       await expect(checkImage(image, { repair: 'all' })).rejects.toMatchObject({ code: 'image.in-use' });
+      // Nor is it a convert's output (opening it would truncate it under the running guest).
+      const source = join(dirname(image), 'source.raw');
+      writeFileSync(source, Buffer.alloc(65536, 1));
+      await expect(convertImage(source, image, { sourceFormat: 'raw' })).rejects.toMatchObject({ code: 'image.in-use' });
       const reader = await Qcow2Image.open(image);
       expect(reader.size).toBe(16 << 20);
       await reader.close();

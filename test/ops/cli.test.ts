@@ -2,13 +2,13 @@
  * The `qlayer image` commands run as a user runs them: bin/qlayer.js (compiled with tsc) in a
  * child process, checked against qemu-img on the same files.
  */
-import { copyFile, open, truncate } from 'node:fs/promises';
+import { copyFile, link, open, readFile, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseHeader } from '../../src/qcow2/header.js';
 import { entryOffset, geometry, setRefcount } from '../../src/qcow2/layout.js';
-import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
+import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, sha256, tempDir } from '../helpers/qemu.js';
 import { writeRandomRaw } from './fixtures.js';
 
 const root = join(import.meta.dirname, '..', '..');
@@ -139,6 +139,27 @@ describe('qlayer image (CLI)', () => {
     const shrink = await qlayer(['resize', '--json', p('top.qcow2'), '1M']);
     expect(shrink.exitCode).toBe(1);
     expect(JSON.parse(shrink.stdout).error.message).toMatch(/shrinking is not supported/);
+  });
+
+  it('convert refuses an output it would read from, and a failed write leaves no output and a clear error', async () => {
+    await writeRandomRaw(p('keep.raw'), 1024 * 1024, 8);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'keep.raw', '-F', 'raw', p('keep-top.qcow2')]);
+    const before = sha256(await readFile(p('keep.raw')));
+    // The source itself, and its backing file under another name (a hard link is the same inode).
+    await link(p('keep.raw'), p('keep-alias.raw'));
+    for (const [format, source, output] of [['raw', p('keep.raw'), p('keep.raw')], ['qcow2', p('keep-top.qcow2'), p('keep-alias.raw')]] as const) {
+      const refused = await qlayer(['convert', '-f', format, '-O', 'raw', '--json', source, output]);
+      expect(refused.exitCode, refused.stderr).toBe(1);
+      expect(JSON.parse(refused.stdout).error.code).toBe('chain.output-is-input');
+    }
+    expect(sha256(await readFile(p('keep.raw')))).toBe(before);
+
+    // The output file may not grow past 256 KiB: the write fails with EFBIG (Node ignores SIGXFSZ).
+    const limited = await execa('prlimit', ['--fsize=262144', 'node', join(root, 'bin', 'qlayer.js'), 'image', 'convert', '-f', 'raw', '-O', 'qcow2', '--json', p('keep.raw'), p('too-big.qcow2')], { reject: false });
+    expect(limited.exitCode, limited.stderr).toBe(1);
+    expect(JSON.parse(limited.stdout).error).toEqual({ code: 'os.EFBIG', message: `write ${p('too-big.qcow2')} failed: file too large (EFBIG)` });
+    expect(limited.stderr).not.toMatch(/internal error|    at /);
+    await expect(stat(p('too-big.qcow2'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
 
   it('every image command has --help text', async () => {
