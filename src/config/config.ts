@@ -1,7 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
-import { parse as parseYaml } from 'yaml';
+import { createRequire } from 'node:module';
 import { QlayerError } from '../errors.js';
 
 export type Accel = 'auto' | 'kvm' | 'tcg';
@@ -99,6 +99,16 @@ export interface LoadConfigOptions {
   store?: string;
   env?: NodeJS.ProcessEnv;
   cwd?: string;
+}
+
+/**
+ * The YAML parser, loaded when a config file is actually read: importing it costs ~35 ms, which
+ * every command without a config file would pay at start-up. (`yaml` ships a CommonJS build, so
+ * it loads synchronously here and loadConfig stays synchronous.)
+ */
+function parseYaml(text: string): unknown {
+  const yaml = createRequire(import.meta.url)('yaml') as typeof import('yaml');
+  return yaml.parse(text);
 }
 
 /** Parse and validate a config document; `baseDir` anchors relative paths. */

@@ -1,4 +1,4 @@
-import { execa } from 'execa';
+import { loadExeca } from './external-program.js';
 
 /** A byte range of a host file. */
 export interface HostRange {
@@ -26,6 +26,7 @@ export function coalesceRanges(ranges: HostRange[]): HostRange[] {
  * returned, which is never wrong.
  */
 export async function punchHoles(path: string, ranges: HostRange[]): Promise<boolean> {
+  const { execa } = await loadExeca();
   for (const range of coalesceRanges(ranges)) {
     const result = await execa('fallocate', ['--punch-hole', '--offset', String(range.offset), '--length', String(range.length), path], { reject: false });
     if (result.exitCode !== 0) return false;

@@ -1,4 +1,4 @@
-import { execa } from 'execa';
+import { loadExeca } from '../io/external-program.js';
 import { DEFAULT_URI } from './libvirt.js';
 import { VirtError } from './errors.js';
 
@@ -105,6 +105,7 @@ export class GuestAgent {
   private async commandOnce<T>(execute: string, message: string, timeoutS: number): Promise<T> {
     let result;
     try {
+      const { execa } = await loadExeca();
       result = await execa(this.virsh, ['-c', this.uri, 'qemu-agent-command', this.domain, '--timeout', String(timeoutS), message], {
         reject: false,
         timeout: (timeoutS + 10) * 1000,

@@ -1,7 +1,7 @@
 import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { execa } from 'execa';
+import { loadExeca } from '../io/external-program.js';
 import { VirtError } from './errors.js';
 
 /** The test guest built by vm-fixtures/build.sh, with every path made absolute. */
@@ -96,6 +96,7 @@ export function loadFixture(cacheDir: string = fixtureCacheDir()): Fixture {
 export async function ensureFixture(options: { cacheDir?: string; force?: boolean } = {}): Promise<Fixture> {
   const cacheDir = options.cacheDir ?? fixtureCacheDir();
   const script = join(repoRoot(), 'vm-fixtures', 'build.sh');
+  const { execa } = await loadExeca();
   const result = await execa('bash', [script, ...(options.force ? ['--force'] : [])], {
     reject: false,
     env: { QLAYER_FIXTURES_CACHE: cacheDir },

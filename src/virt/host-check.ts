@@ -1,5 +1,5 @@
 import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs';
-import { execa } from 'execa';
+import { loadExeca } from '../io/external-program.js';
 import { kvmStatus, type KvmProbe } from './accel.js';
 import { messageOf } from './errors.js';
 import { DEFAULT_URI, LibvirtConnection } from './libvirt.js';
@@ -31,6 +31,7 @@ export interface HostCheckOptions {
 }
 
 async function which(tool: string): Promise<string | undefined> {
+  const { execa } = await loadExeca();
   const result = await execa('sh', ['-c', `command -v ${tool}`], { reject: false });
   return result.exitCode === 0 ? result.stdout.trim() : undefined;
 }
@@ -93,6 +94,7 @@ export async function checkHost(options: HostCheckOptions = {}): Promise<HostChe
     checks.push(path ? { name: tool, ok: true, detail: path } : { name: tool, ok: false, detail: `${tool} is not installed`, fix: `apt-get install ${pkg} (scripts/setup-host.sh)` });
   }
 
+  const { execa } = await loadExeca();
   const daemons = await execa('ps', ['-eo', 'comm'], { reject: false });
   const running = new Set(daemons.stdout.split('\n').map((l) => l.trim()));
   for (const daemon of ['libvirtd', 'virtlogd']) {
