@@ -15,6 +15,8 @@ import { checkImage } from '../src/qcow2/repair.js';
 import { registerBenchSection, type BenchContext } from './harness.js';
 
 const MiB = 1024 * 1024;
+/** The launcher a user runs (this file is compiled to dist/bench/). */
+const QLAYER_BIN = join(import.meta.dirname, '..', '..', 'bin', 'qlayer.js');
 const GiB = 1024 * MiB;
 
 async function qemuImg(args: string[]): Promise<string> {
@@ -206,6 +208,27 @@ registerBenchSection({
       async verify(ctx) {
         await checkClean(f(ctx, 'overlay.qcow2'));
         await compare(f(ctx, 'overlay.qcow2'), 'qcow2', f(ctx, 'ref-overlay.qcow2'), 'qcow2');
+      },
+    },
+    {
+      // The rows above time the engine in-process; this one times what a user types, process
+      // start-up included, where Node's start-up is most of qlayer's time.
+      name: 'CLI: image info --json of the same image (process start-up included)',
+      setup: fragmentedImage,
+      async reference(ctx) {
+        await qemuImg(['info', '--output=json', f(ctx, 'frag.qcow2')]);
+      },
+      async qlayer(ctx) {
+        const result = await execa(process.execPath, [QLAYER_BIN, 'image', 'info', '--json', f(ctx, 'frag.qcow2')], { reject: false });
+        if (result.exitCode !== 0) throw new Error(`qlayer image info exited ${result.exitCode}: ${result.stderr}`);
+        ctx.state.set('info', JSON.parse(result.stdout));
+      },
+      async verify(ctx) {
+        const ours = ctx.state.get('info') as Record<string, unknown>;
+        const theirs = JSON.parse(await qemuImg(['info', '--output=json', f(ctx, 'frag.qcow2')])) as Record<string, unknown>;
+        for (const key of ['virtual-size', 'cluster-size', 'format', 'dirty-flag']) {
+          if (JSON.stringify(ours[key]) !== JSON.stringify(theirs[key])) throw new Error(`info ${key}: ours ${JSON.stringify(ours[key])}, qemu-img ${JSON.stringify(theirs[key])}`);
+        }
       },
     },
   ],
