@@ -98,7 +98,7 @@ describe('qlayer vm / host CLI', () => {
 
   it('vm boot: non-zero on timeout, with the serial log so far', async () => {
     const overlay = await overlayOn(fixture.images.base.path, 'timeout');
-    const { code, stderr } = await cli(['vm', 'boot', overlay, '--accel', 'tcg', '--until', 'QLAYER: never', '--timeout', '6', '--name', `cli-timeout-${process.pid}`]);
+    const { code, stderr } = await cli(['vm', 'boot', overlay, '--accel', 'tcg', '--until', 'QLAYER: never', '--timeout', '12', '--name', `cli-timeout-${process.pid}`]);
     expect(code).not.toBe(0);
     expect(stderr).toContain('no "QLAYER: never" on the serial console within');
     expect(stderr).toContain('QLAYER: booted');
