@@ -867,25 +867,18 @@ export class Qcow2Image implements ByteSource {
         let alloc = 0;
         let zero = raw.zeroBits;
         if (g.extendedL2) {
-          if (!compressed && raw.allocBits !== 0) {
-            // Shared cluster with other allocated subclusters: carry them over.
+          // A cluster shared with other allocated subclusters carries them over; a compressed
+          // cluster has no subclusters, so the whole of it becomes allocated. Either way the new
+          // cluster is first written whole: its current content with the span laid over it.
+          if (compressed || raw.allocBits !== 0) {
             const whole = new Uint8Array(g.clusterSize);
             await this.readView(this.l1, whole, clusterStart, this.backing);
             whole.set(span, spanStart - clusterStart);
             await flushPending();
             await this.file.write(whole, host);
             this.fileLength = Math.max(this.fileLength, host + g.clusterSize);
-            alloc = raw.allocBits;
-          } else if (compressed) {
-            // A compressed cluster has no subclusters: the whole cluster becomes allocated.
-            const whole = new Uint8Array(g.clusterSize);
-            await this.readView(this.l1, whole, clusterStart, this.backing);
-            whole.set(span, spanStart - clusterStart);
-            await flushPending();
-            await this.file.write(whole, host);
-            this.fileLength = Math.max(this.fileLength, host + g.clusterSize);
-            alloc = 0xffffffff;
-            zero = 0;
+            alloc = compressed ? 0xffffffff : raw.allocBits;
+            if (compressed) zero = 0;
           }
           for (let s = firstSub; s <= lastSub; s++) alloc |= 1 << s;
           for (let s = firstSub; s <= lastSub; s++) zero &= ~(1 << s);
