@@ -4,16 +4,16 @@
  * flag, a lost refcount block). After our --repair, qemu-img check must find the image clean
  * and the guest content must be unchanged.
  */
-import { copyFile, open, truncate } from 'node:fs/promises';
+import { copyFile, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkExitCode, toQemuJson } from '../../src/qcow2/check.js';
-import { parseHeader } from '../../src/qcow2/header.js';
-import { entryOffset, geometry, getRefcount, setRefcount } from '../../src/qcow2/layout.js';
+import { entryOffset } from '../../src/qcow2/layout.js';
 import { checkImage } from '../../src/qcow2/repair.js';
 import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, randomInt, seededRandom, tempDir } from '../helpers/qemu.js';
 import { infoImage } from '../../src/chain/info.js';
 import { buildFixtures, type Fixture } from './fixtures.js';
+import { layoutOf, pokeLeak, setStoredRefcount } from './poke.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -24,35 +24,6 @@ beforeAll(async () => {
   fixtures = await buildFixtures(dir);
 });
 afterAll(async () => cleanup());
-
-/** Poke helpers working on the raw file bytes (never through the engine's writer). */
-async function layoutOf(path: string) {
-  const handle = await open(path, 'r+');
-  const length = (await handle.stat()).size;
-  const first = Buffer.alloc(Math.min(length, 2 * 1024 * 1024));
-  await handle.read(first, 0, first.length, 0);
-  const header = parseHeader(first, length);
-  const g = geometry(header.clusterBits, false, header.refcountOrder);
-  const reftable = Buffer.alloc(8);
-  await handle.read(reftable, 0, 8, header.refcountTableOffset);
-  const block0 = entryOffset(reftable.readUInt32BE(0), reftable.readUInt32BE(4));
-  return { handle, header, g, block0, length };
-}
-
-async function setStoredRefcount(path: string, cluster: number, value: number): Promise<number> {
-  const { handle, g, block0 } = await layoutOf(path);
-  try {
-    const block = Buffer.alloc(g.clusterSize);
-    await handle.read(block, 0, block.length, block0);
-    const view = new DataView(block.buffer, block.byteOffset, block.byteLength);
-    const before = getRefcount(block, view, cluster, g.refcountOrder);
-    setRefcount(block, view, cluster, g.refcountOrder, value);
-    await handle.write(block, 0, block.length, block0);
-    return before;
-  } finally {
-    await handle.close();
-  }
-}
 
 /** Host offset of the first allocated data cluster and the file offset of its L2 entry. */
 async function firstDataCluster(path: string): Promise<{ host: number; entryAt: number }> {
@@ -112,12 +83,7 @@ describe('check and repair on damaged images', () => {
   for (const fixtureName of ['v3', 'cluster 4k, refcount 1', 'cluster 2M, refcount 64', 'snapshots']) {
     it(`finds and repairs a leak (${fixtureName})`, async () => {
       const { path, original } = await damagedCopy(`leak-${fixtureName.replace(/\W+/g, '-')}`, fixtureName);
-      const { g, length, handle } = await layoutOf(path);
-      await handle.close();
-      // One more cluster at the end of the file, counted but used by nothing.
-      const cluster = Math.ceil(length / g.clusterSize);
-      await truncate(path, (cluster + 1) * g.clusterSize);
-      await setStoredRefcount(path, cluster, 1);
+      await pokeLeak(path);
       expect(await expectSameAsQemu(path)).toBe(3);
       const repaired = await checkImage(path, { repair: 'leaks' });
       expect(repaired.leaksFixed).toBe(1);

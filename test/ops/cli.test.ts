@@ -2,14 +2,13 @@
  * The `qlayer image` commands run as a user runs them: bin/qlayer.js (compiled with tsc) in a
  * child process, checked against qemu-img on the same files.
  */
-import { copyFile, link, open, readFile, stat, truncate } from 'node:fs/promises';
+import { copyFile, link, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseHeader } from '../../src/qcow2/header.js';
-import { entryOffset, geometry, setRefcount } from '../../src/qcow2/layout.js';
 import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, sha256, tempDir } from '../helpers/qemu.js';
 import { writeRandomRaw } from './fixtures.js';
+import { layoutOf, pokeLeak, setStoredRefcount } from './poke.js';
 
 const root = join(import.meta.dirname, '..', '..');
 let dir: string;
@@ -71,22 +70,7 @@ describe('qlayer image (CLI)', () => {
     await qemuIo(p('chk.qcow2'), ['write -P 3 0 1M']);
     expect((await qlayer(['check', p('chk.qcow2')])).exitCode).toBe(0);
     // Poke a leak: one extra cluster at the end, counted but unused.
-    const handle = await open(p('chk.qcow2'), 'r+');
-    const length = (await handle.stat()).size;
-    const first = Buffer.alloc(65536);
-    await handle.read(first, 0, first.length, 0);
-    const header = parseHeader(first, length);
-    const g = geometry(header.clusterBits, false, header.refcountOrder);
-    const rt = Buffer.alloc(8);
-    await handle.read(rt, 0, 8, header.refcountTableOffset);
-    const block0 = entryOffset(rt.readUInt32BE(0), rt.readUInt32BE(4));
-    const block = Buffer.alloc(g.clusterSize);
-    await handle.read(block, 0, block.length, block0);
-    const cluster = Math.ceil(length / g.clusterSize);
-    setRefcount(block, new DataView(block.buffer, block.byteOffset, block.length), cluster, g.refcountOrder, 1);
-    await handle.write(block, 0, block.length, block0);
-    await handle.close();
-    await truncate(p('chk.qcow2'), (cluster + 1) * g.clusterSize);
+    await pokeLeak(p('chk.qcow2'));
     await copyFile(p('chk.qcow2'), p('chk2.qcow2'));
 
     const leaky = await qlayer(['check', '--json', p('chk.qcow2')]);
@@ -100,12 +84,9 @@ describe('qlayer image (CLI)', () => {
     expect((await qemuCheck(p('chk.qcow2'))).exitCode).toBe(0);
 
     // Refcount of the L1 table's cluster to 0: a corruption.
-    const h2 = await open(p('chk2.qcow2'), 'r+');
-    const b2 = Buffer.alloc(g.clusterSize);
-    await h2.read(b2, 0, b2.length, block0);
-    setRefcount(b2, new DataView(b2.buffer, b2.byteOffset, b2.length), header.l1TableOffset / g.clusterSize, g.refcountOrder, 0);
-    await h2.write(b2, 0, b2.length, block0);
-    await h2.close();
+    const { header, g, handle } = await layoutOf(p('chk2.qcow2'));
+    await handle.close();
+    await setStoredRefcount(p('chk2.qcow2'), header.l1TableOffset / g.clusterSize, 0);
     const corrupt = await qlayer(['check', '--json', p('chk2.qcow2')]);
     expect(corrupt.exitCode).toBe(2);
     expect(JSON.parse(corrupt.stdout)).toEqual((await qemuCheck(p('chk2.qcow2'))).raw);
