@@ -23,10 +23,10 @@
  */
 import { constants as zlibConstants, deflateRaw } from 'node:zlib';
 import { promisify } from 'node:util';
-import { readSync, write } from 'node:fs';
+import { write } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import type { FileSystemAccess, HostFile } from '../io/host-file.js';
-import { nodeFileSystem, syncParentDirectory, withPath } from '../io/host-file.js';
+import { nodeFileSystem, preadFully, syncParentDirectory, withPath } from '../io/host-file.js';
 import { allocateAligned } from '../io/aligned-buffer.js';
 import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import { assertNotLocked } from '../io/in-use.js';
@@ -141,13 +141,9 @@ function directFd(file: HostFile, position: number, length: number): number | un
 function readDirect(file: HostFile, into: Uint8Array, position: number): boolean {
   const fd = directFd(file, position, into.length);
   if (fd === undefined) return false;
-  let done = 0;
+  let done: number;
   try {
-    while (done < into.length) {
-      const n = readSync(fd, into, done, into.length - done, position + done);
-      if (n === 0) break;
-      done += n;
-    }
+    done = preadFully(fd, into, position);
   } catch (error) {
     throw withPath(error, file.path);
   }

@@ -61,7 +61,7 @@ class NodeHostFile implements HostFile {
     let done = 0;
     try {
       if (into.length <= SYNC_READ_LIMIT) {
-        done = readSmall(this.handle.fd, into, position);
+        done = preadFully(this.handle.fd, into, position);
       } else {
         while (done < into.length) {
           const { bytesRead } = await this.handle.read(into, done, into.length - done, position + done);
@@ -109,8 +109,8 @@ class NodeHostFile implements HostFile {
  */
 const SYNC_READ_LIMIT = 256 * 1024;
 
-/** pread until `into` is full or end of file; returns the bytes read (the caller zero-fills the rest). */
-function readSmall(fd: number, into: Uint8Array, position: number): number {
+/** Synchronous pread until `into` is full or end of file; returns the bytes read (the caller zero-fills the rest). */
+export function preadFully(fd: number, into: Uint8Array, position: number): number {
   let done = 0;
   while (done < into.length) {
     const n = readSync(fd, into, done, into.length - done, position + done);
