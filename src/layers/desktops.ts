@@ -79,6 +79,22 @@ function desktopRecord(state: StoreState, name: string): DesktopRecord {
   return record;
 }
 
+/** The record of a desktop that may be started or changed: one with no recompose pending. */
+function idleDesktopRecord(state: StoreState, name: string): DesktopRecord {
+  const record = desktopRecord(state, name);
+  if (record.recompose) {
+    throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
+  }
+  return record;
+}
+
+/** Start the desktop's guest unless it already runs. */
+async function ensureRunning(runtime: DesktopRuntime, handle: DesktopHandle, name: string, log: Log): Promise<void> {
+  if (await runtime.isRunning(handle)) return;
+  log(`starting ${name}`);
+  await runtime.start(handle);
+}
+
 function basePathOf(store: Store, state: StoreState, record: DesktopRecord): string {
   const base = state.bases[record.base];
   if (!base) throw new LayerError('store.corrupt-state', `desktop's base ${record.base} is missing from the store`);
@@ -173,13 +189,8 @@ export async function listDesktops(store: Store, runtime: DesktopRuntime | null)
 
 export async function startDesktop(store: Store, runtime: DesktopRuntime, name: string): Promise<void> {
   const state = await store.readState();
-  const record = desktopRecord(state, name);
-  if (record.recompose) {
-    throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
-  }
-  const handle = desktopHandle(store, state, name);
-  if (await runtime.isRunning(handle)) return;
-  await runtime.start(handle);
+  idleDesktopRecord(state, name);
+  await ensureRunning(runtime, desktopHandle(store, state, name), name, quiet);
 }
 
 export async function stopDesktop(store: Store, runtime: DesktopRuntime, name: string): Promise<void> {
@@ -259,17 +270,11 @@ export interface AssignResult {
 export async function assignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AssignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    const record = desktopRecord(state, name);
-    if (record.recompose) {
-      throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
-    }
+    const record = idleDesktopRecord(state, name);
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
     checkPathConflicts(record, manifests); // before anything happens in the guest
     const handle = desktopHandle(store, state, name);
-    if (!(await runtime.isRunning(handle))) {
-      log(`starting ${name}`);
-      await runtime.start(handle);
-    }
+    await ensureRunning(runtime, handle, name, log);
     log(`allocating ${manifests.reduce((n, m) => n + m.files.length, 0)} placeholder files in the guest`);
     await allocatePlaceholders(runtime.shell(handle), manifests);
     log(`shutting ${name} down`);
@@ -288,18 +293,12 @@ export async function assignApps(store: Store, runtime: DesktopRuntime, name: st
 export async function unassignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<RecomposeReport> {
   return store.withLock(async () => {
     const state = await store.readState();
-    const record = desktopRecord(state, name);
-    if (record.recompose) {
-      throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
-    }
+    const record = idleDesktopRecord(state, name);
     const plan = planUnassign(record, refs); // validates the names before the guest is touched
     const removing = record.apps.filter((a) => !plan.apps.includes(a));
     const manifests = await Promise.all(removing.map((ref) => resolveApp(store, ref)));
     const handle = desktopHandle(store, state, name);
-    if (!(await runtime.isRunning(handle))) {
-      log(`starting ${name}`);
-      await runtime.start(handle);
-    }
+    await ensureRunning(runtime, handle, name, log);
     log(`deleting ${removing.join(', ')} in the guest`);
     await removeAppFiles(runtime.shell(handle), manifests);
     log(`shutting ${name} down`);
