@@ -21,7 +21,9 @@ export type Ext4ErrorCode =
   | 'fs.not-a-symlink'
   | 'fs.partition-not-found'
   | 'fs.partition-ambiguous'
-  | 'fs.partition-table-corrupt';
+  | 'fs.partition-table-corrupt'
+  | 'fs.layout-changed'
+  | 'fs.not-writable';
 
 /** Every error the filesystem reader raises on purpose (bad input never escapes as a TypeError). */
 export class Ext4Error extends QlayerError {

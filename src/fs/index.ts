@@ -1,18 +1,21 @@
 /**
  * Reading a guest's filesystem from its virtual disk (any ByteSource: a raw file, a qcow2
- * chain, a window). Read-only: nothing here ever writes.
+ * chain, a window). Reads only, with one exception that a recompose needs:
+ * markPlaceholdersWritten, which flips located placeholders' unwritten extents to written.
  *
  *   const fs = await openGuestFilesystem(disk);            // the only Linux partition
  *   const where = await fs.extents('/opt/app/lib.so');      // byte ranges on the virtual disk
  */
-import { windowOf, type ByteSource } from '../io/byte-source.js';
+import { windowOf, type ByteSource, type WritableByteSource } from '../io/byte-source.js';
 import { Ext4Error } from './errors.js';
 import type { BlockRun } from './ext4/block-map.js';
 import type { DirEntry } from './ext4/directory.js';
+import { markInodeExtentsWritten } from './ext4/extent-flip.js';
 import { Ext4Filesystem } from './ext4/filesystem.js';
+import { RO_COMPAT } from './ext4/features.js';
 import { INODE_FLAGS, type FileType, type Inode } from './ext4/inode.js';
 import type { ReadStats } from './ext4/block-reader.js';
-import type { Superblock } from './ext4/superblock.js';
+import { hasRoCompat, type Superblock } from './ext4/superblock.js';
 import { choosePartition, readPartitions, type Partition } from './partitions.js';
 import { identifyNonExt } from './probe.js';
 
@@ -171,7 +174,8 @@ class GuestExt4 implements GuestFilesystem {
   }
 }
 
-export async function openGuestFilesystem(disk: ByteSource, options: OpenGuestFilesystemOptions = {}): Promise<GuestFilesystem> {
+/** The partition and the ext filesystem on it, with the journal checked. */
+async function openExt4(disk: ByteSource, options: OpenGuestFilesystemOptions): Promise<{ partition: Partition; fs: Ext4Filesystem }> {
   const partitions = await readPartitions(disk);
   const partition = await choosePartition(disk, partitions, options.partition);
   const source = partition.offset === 0 && partition.length === disk.size ? disk : windowOf(disk, partition.offset, partition.length);
@@ -192,5 +196,71 @@ export async function openGuestFilesystem(disk: ByteSource, options: OpenGuestFi
       'the filesystem journal needs recovery: the guest did not shut down cleanly; boot it and shut it down, or run e2fsck',
     );
   }
+  return { partition, fs };
+}
+
+export async function openGuestFilesystem(disk: ByteSource, options: OpenGuestFilesystemOptions = {}): Promise<GuestFilesystem> {
+  const { partition, fs } = await openExt4(disk, options);
   return new GuestExt4(partition, fs);
+}
+
+/** A located placeholder: its path and the extents locate found (virtual-disk bytes). */
+export interface PlaceholderLayout {
+  path: string;
+  extents: Array<{ fileOffset: number; diskOffset: number; length: number }>;
+}
+
+export interface MarkWrittenReport {
+  /** Files that had at least one extent flipped. */
+  filesChanged: number;
+  extentsFlipped: number;
+  extentsAlreadyWritten: number;
+  /** Inodes and extent blocks written back. */
+  metadataWrites: number;
+}
+
+/** Extents as merged [diskOffset, length] runs in file order, to compare layouts whatever the flags. */
+function mergedRuns(extents: Array<{ fileOffset: number; diskOffset: number; length: number }>): string {
+  const runs: Array<{ fileOffset: number; diskOffset: number; length: number }> = [];
+  for (const e of [...extents].sort((a, b) => a.fileOffset - b.fileOffset)) {
+    const last = runs[runs.length - 1];
+    if (last && last.fileOffset + last.length === e.fileOffset && last.diskOffset + last.length === e.diskOffset) last.length += e.length;
+    else runs.push({ ...e });
+  }
+  return runs.map((r) => `${r.fileOffset}:${r.diskOffset}+${r.length}`).join(',');
+}
+
+/**
+ * Flip the unwritten extents of these placeholders to written, in the guest filesystem on
+ * `disk` (the user delta of a stopped desktop). Each file must still have exactly the extents
+ * locate recorded (written or not): anything else means the disk changed under the plan, and
+ * nothing of that file is written. Writes go only to the inodes and extent blocks concerned.
+ * Safe to rerun: written extents are left as they are.
+ */
+export async function markPlaceholdersWritten(
+  disk: WritableByteSource,
+  files: PlaceholderLayout[],
+  options: Pick<OpenGuestFilesystemOptions, 'partition'> = {},
+): Promise<MarkWrittenReport> {
+  const { partition, fs } = await openExt4(disk, options);
+  if (hasRoCompat(fs.superblock, RO_COMPAT.READONLY)) {
+    throw new Ext4Error('fs.not-writable', 'the guest filesystem carries the read-only feature flag; its placeholders cannot be marked written');
+  }
+  const report: MarkWrittenReport = { filesChanged: 0, extentsFlipped: 0, extentsAlreadyWritten: 0, metadataWrites: 0 };
+  const write = (data: Buffer, fsOffset: number): Promise<void> => disk.writeAt(data, partition.offset + fsOffset);
+  for (const file of files) {
+    const inode = await fs.resolve(file.path, { follow: false });
+    if (inode.type !== 'file') throw new Ext4Error('fs.layout-changed', `${file.path} is no longer a regular file (${inode.type})`);
+    // mapBlocks validates the whole tree (checksums, loops, bounds) before anything is written.
+    const now = runsToExtents(await fs.blockRuns(inode), fs.blockSize, partition.offset);
+    if (mergedRuns(now) !== mergedRuns(file.extents)) {
+      throw new Ext4Error('fs.layout-changed', `${file.path} no longer has the blocks it had when it was located; the guest disk changed under the recompose`);
+    }
+    const count = await markInodeExtentsWritten(fs.superblock, fs.reader, inode, write);
+    if (count.flipped > 0) report.filesChanged += 1;
+    report.extentsFlipped += count.flipped;
+    report.extentsAlreadyWritten += count.alreadyWritten;
+    report.metadataWrites += count.blocksWritten;
+  }
+  return report;
 }

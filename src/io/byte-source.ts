@@ -13,6 +13,11 @@ export interface ByteSource {
   readAt(into: Uint8Array, offset: number): Promise<void>;
 }
 
+/** A source that can also be written in place (the writable top of a chain, a raw file). */
+export interface WritableByteSource extends ByteSource {
+  writeAt(data: Uint8Array, offset: number): Promise<void>;
+}
+
 /** Read `length` bytes at `offset` into a fresh buffer. */
 export async function readBytes(source: ByteSource, offset: number, length: number): Promise<Buffer> {
   const buffer = Buffer.alloc(length);

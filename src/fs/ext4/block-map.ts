@@ -19,10 +19,11 @@ export interface BlockRun {
   unwritten: boolean;
 }
 
-const EXTENT_MAGIC = 0xf30a;
+export const EXTENT_MAGIC = 0xf30a;
 /** EXT4_MAX_EXTENT_DEPTH in the kernel: a deeper tree is corrupt. */
 const MAX_EXTENT_DEPTH = 5;
-const MAX_INIT_LEN = 32768;
+/** ee_len above this marks an unwritten extent of (ee_len - MAX_INIT_LEN) blocks. */
+export const MAX_INIT_LEN = 32768;
 /** Logical block numbers are 32 bits in both formats. */
 const MAX_LOGICAL = 2 ** 32;
 
@@ -116,11 +117,25 @@ async function mapExtents(sb: Superblock, reader: BlockReader, inode: Inode): Pr
   return runs;
 }
 
+/**
+ * Where an extent tree block keeps its checksum (struct ext4_extent_tail, right after the last
+ * entry slot), or -1 when the slots leave no room for one.
+ */
+export function extentTailOffset(block: Buffer, max: number): number {
+  const tail = 12 + max * 12;
+  return tail + 4 > block.length ? -1 : tail;
+}
+
+/** The checksum an extent tree block's tail must hold: crc32c of everything before the tail. */
+export function extentBlockChecksum(block: Buffer, tail: number, seed: number): number {
+  return crc32cRaw(seed, block.subarray(0, tail));
+}
+
 function verifyExtentBlock(block: Buffer, header: ExtentHeader, inode: Inode, where: string): void {
-  const tail = 12 + header.max * 12;
-  if (tail + 4 > block.length) return;
+  const tail = extentTailOffset(block, header.max);
+  if (tail < 0) return;
   const stored = block.readUInt32LE(tail);
-  const computed = crc32cRaw(inode.checksumSeed, block.subarray(0, tail));
+  const computed = extentBlockChecksum(block, tail, inode.checksumSeed);
   if (stored !== computed) {
     throw new Ext4Error('fs.bad-checksum', `${where}: checksum mismatch (stored 0x${stored.toString(16)}, computed 0x${computed.toString(16)})`);
   }

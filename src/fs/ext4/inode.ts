@@ -68,6 +68,8 @@ export interface Inode {
   xattrOffset: number;
   /** Seed of this inode's metadata checksums (extent blocks, directory blocks). */
   checksumSeed: number;
+  /** Byte offset of the on-disk inode inside the filesystem (where a writer puts it back). */
+  offset: number;
 }
 
 function signed32(v: number): number {
@@ -79,6 +81,28 @@ export function inodeChecksumSeed(sb: Superblock, number: number, generation: nu
   buf.writeUInt32LE(number, 0);
   buf.writeUInt32LE(generation, 4);
   return crc32cRaw(sb.checksumSeed, buf);
+}
+
+/**
+ * The metadata_csum checksum of an on-disk inode: crc32c over the whole inode with both checksum
+ * fields (i_checksum_lo, and i_checksum_hi when i_extra_isize reaches it) taken as zero. Only the
+ * low 16 bits are stored when the inode has no room for the high half.
+ */
+export function inodeChecksum(seed: number, raw: Buffer, extraIsize: number): number {
+  const hasHi = extraIsize >= 4;
+  const copy = Buffer.from(raw);
+  copy.writeUInt16LE(0, 0x7c);
+  if (hasHi) copy.writeUInt16LE(0, 0x82);
+  const computed = crc32cRaw(seed, copy);
+  return hasHi ? computed : computed & 0xffff;
+}
+
+/** Store `inodeChecksum` into the inode's checksum fields (for writers). */
+export function storeInodeChecksum(seed: number, raw: Buffer, inodeSize: number): void {
+  const extraIsize = inodeSize > 128 ? raw.readUInt16LE(0x80) : 0;
+  const checksum = inodeChecksum(seed, raw, extraIsize);
+  raw.writeUInt16LE(checksum & 0xffff, 0x7c);
+  if (extraIsize >= 4) raw.writeUInt16LE(checksum >>> 16, 0x82);
 }
 
 /**
@@ -115,12 +139,8 @@ export async function readInode(sb: Superblock, reader: BlockReader, number: num
   if (sb.metadataCsum) {
     checksumSeed = inodeChecksumSeed(sb, number, generation);
     const hasHi = extraIsize >= 4;
-    const copy = Buffer.from(raw);
-    copy.writeUInt16LE(0, 0x7c);
-    if (hasHi) copy.writeUInt16LE(0, 0x82);
-    const computed = crc32cRaw(checksumSeed, copy);
     const stored = raw.readUInt16LE(0x7c) + (hasHi ? raw.readUInt16LE(0x82) * 65536 : 0);
-    const expected = hasHi ? computed : computed & 0xffff;
+    const expected = inodeChecksum(checksumSeed, raw, extraIsize);
     // An all-zero inode (never used) legitimately has no checksum.
     if (stored !== expected && !raw.every((b) => b === 0)) {
       throw new Ext4Error('fs.bad-checksum', `inode ${number} checksum mismatch (stored 0x${stored.toString(16)}, computed 0x${expected.toString(16)})`);
@@ -153,5 +173,6 @@ export async function readInode(sb: Superblock, reader: BlockReader, number: num
     raw,
     xattrOffset: sb.inodeSize > 128 && 128 + extraIsize + 4 <= sb.inodeSize ? 128 + extraIsize : -1,
     checksumSeed,
+    offset: block * sb.blockSize + at,
   };
 }
