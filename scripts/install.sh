@@ -7,8 +7,11 @@ bash scripts/setup-host.sh --test-host
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
-# The optional lseek(SEEK_DATA) helper: npm ci builds it; an older node_modules may predate it.
-[ -f native/build/Release/qlayer_seek.node ] || node scripts/build-native.mjs
+# The optional native helpers (lseek(SEEK_DATA) module, guest allocation program): npm ci builds
+# them; an older node_modules may predate them, or musl-tools may have arrived since.
+if [ ! -f native/build/Release/qlayer_seek.node ] || [ ! -x native/build/qlayer-guest-alloc ]; then
+  node scripts/build-native.mjs
+fi
 npm run --silent build
 if [ -x vm-fixtures/build.sh ]; then
   bash vm-fixtures/build.sh >&2
