@@ -29,9 +29,13 @@ async function readsAsZeros(disk: ByteSource, offset: number, length: number): P
 
 /**
  * Find every placeholder of these apps in the guest filesystem, read offline from the chain,
- * and check it is still exactly what allocate made: a regular file of the manifest's size,
- * fully written (no holes, no unwritten extents) and all zeros. Guest-reported offsets are
- * never used: the extents come from the filesystem's own metadata.
+ * and check it is still exactly what allocate made: a regular file of the manifest's size whose
+ * blocks cover it with no hole, and either
+ *  - all unwritten (fallocate): nothing was written into it since, and its blocks' stale bytes
+ *    are never visible; nothing needs reading, or
+ *  - all written and all zeros (the written-zeros fallback): checked byte by byte.
+ * A mix means the user wrote into a fallocated placeholder. Guest-reported offsets are never
+ * used: the extents come from the filesystem's own metadata.
  */
 export async function locatePlaceholders(
   filesystem: PlaceholderReader,
@@ -62,12 +66,16 @@ export async function locatePlaceholders(
       const extents = (await filesystem.extents(file.path)).sort((a, b) => a.fileOffset - b.fileOffset);
       let expectedOffset = 0;
       for (const extent of extents) {
-        if (extent.unwritten) throw changed('has unwritten (preallocated) extents: it was not filled with real writes');
         if (extent.fileOffset !== expectedOffset && expectedOffset < file.size) throw changed(`has a hole at byte ${expectedOffset}`);
         expectedOffset = extent.fileOffset + extent.length;
       }
       if (expectedOffset < file.size) throw changed(`has blocks for only ${expectedOffset} of its ${file.size} bytes`);
-      if (options.checkZeros !== false) {
+      const unwritten = extents.filter((e) => e.unwritten).length;
+      if (unwritten > 0 && unwritten < extents.length) {
+        throw changed(`was partly written after it was allocated (${extents.length - unwritten} of its ${extents.length} extents hold data)`);
+      }
+      const fallocated = unwritten > 0;
+      if (!fallocated && options.checkZeros !== false) {
         for (const extent of extents) {
           const inside = Math.min(extent.length, file.size - extent.fileOffset);
           if (inside > 0 && !(await readsAsZeros(disk, extent.diskOffset, inside))) throw changed('no longer reads as zeros: something wrote to it');
@@ -79,6 +87,7 @@ export async function locatePlaceholders(
         size: file.size,
         payloadOffset: file.payloadOffset,
         extents: extents.map(({ fileOffset, diskOffset, length }) => ({ fileOffset, diskOffset, length })),
+        ...(fallocated ? { unwritten: true } : {}),
       });
     }
   }

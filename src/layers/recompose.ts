@@ -3,6 +3,7 @@ import { basename, dirname, join, relative } from 'node:path';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
 import { punchHoles } from '../io/punch-hole.js';
 import { openChain, type Chain } from '../chain/chain.js';
+import { markPlaceholdersWritten } from '../fs/index.js';
 import { createImage } from '../qcow2/create.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { checkImage } from '../qcow2/repair.js';
@@ -40,6 +41,8 @@ export interface RecomposeReport {
   leakedClustersReclaimed: number;
   /** User-delta bytes whose host blocks were punched out after their clusters were freed. */
   bytesReturnedToHost: number;
+  /** Unwritten (fallocated) placeholder extents flipped to written in the guest filesystem. */
+  extentsMarkedWritten: number;
   resumed: boolean;
 }
 
@@ -79,7 +82,10 @@ async function writeAppRanges(image: Qcow2Image, bytes: AppBytes, ranges: Array<
  *      placeholder bytes change, from zeros to the app's bytes);
  *   4. clear the L2 entries of fully covered user clusters (to 0: fall through, never the zero
  *      flag), fsync; then lower their refcounts, fsync. A stop in between only leaks clusters,
- *      which the rerun reclaims.
+ *      which the rerun reclaims;
+ *   5. mark fallocated placeholders' unwritten extents written in the guest filesystem (in the
+ *      user delta), fsync. Until then those files read as zeros, as they did in the guest; the
+ *      flip is idempotent, so a rerun finishes it.
  * The apps layer differs from the base only inside app extents (partly covered clusters are
  * patched in the user delta, never copied into the apps layer), so a new one is a pure function
  * of the base and the assigned files: nothing from the old one needs carrying over.
@@ -104,6 +110,7 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
     bytesPatchedInUserDelta: 0,
     leakedClustersReclaimed: 0,
     bytesReturnedToHost: 0,
+    extentsMarkedWritten: 0,
     resumed,
   };
   const advance = async (phase: RecomposePlan['phase']): Promise<void> => {
@@ -188,6 +195,20 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
         if ((await userImage.refcountOf(offset / userImage.clusterSize)) === 0) free.push({ offset, length: userImage.clusterSize });
       }
       if (free.length && (await punchHoles(userPath, free))) report.bytesReturnedToHost = free.length * userImage.clusterSize;
+    }
+
+    // Phase 5: the app bytes are in place under every placeholder; let fallocated ones read them.
+    if (plan.phase === 'detached') {
+      const unwritten = newFiles.filter((f) => f.unwritten && f.extents.length > 0);
+      if (unwritten.length) {
+        log(`marking ${unwritten.length} placeholders written in the guest filesystem`);
+        const activeChain = chain;
+        const disk = { size: activeChain.size, readAt: (into: Uint8Array, at: number) => activeChain.readAt(into, at), writeAt: (data: Uint8Array, at: number) => userImage.write(data, at) };
+        const marked = await markPlaceholdersWritten(disk, unwritten);
+        await userImage.flush();
+        report.extentsMarkedWritten = marked.extentsFlipped;
+      }
+      await advance('marked-written');
     }
     await chain.close();
     chain = null;

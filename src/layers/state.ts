@@ -27,6 +27,11 @@ export interface LocatedFile {
   payloadOffset: number;
   /** Virtual-disk byte ranges, in file order; each length a whole number of fs blocks. */
   extents: Array<{ fileOffset: number; diskOffset: number; length: number }>;
+  /**
+   * The placeholder was allocated with fallocate: its extents are unwritten (read as zeros) until
+   * the recompose marks them written, its last step. Absent or false: written zeros.
+   */
+  unwritten?: boolean;
 }
 
 export type RecomposePhase =
@@ -35,6 +40,7 @@ export type RecomposePhase =
   | 'relinked' // user delta's backing file points at the new apps layer
   | 'user-patched' // app bytes written into partly covered user clusters
   | 'detached' // fully covered user clusters cleared (read from apps layer)
+  | 'marked-written' // unwritten placeholders' extents flipped to written in the guest filesystem
   | 'done';
 
 /** An interrupted or pending recompose, recorded before the first write so a rerun finishes it. */

@@ -9,7 +9,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { markPlaceholdersWritten, openGuestFilesystem } from '../../src/fs/index.js';
 import type { WritableByteSource } from '../../src/io/byte-source.js';
-import { debugfsRead, debugfsWrite } from '../helpers/offline-guest.js';
+import { debugfsFlip, debugfsLeaves, debugfsRead, debugfsWrite, type LeafExtent } from '../helpers/offline-guest.js';
 import { tempDir } from '../helpers/qemu.js';
 import { mkfs } from './e2fs.js';
 
@@ -30,36 +30,6 @@ async function rawWritable(path: string): Promise<{ source: WritableByteSource; 
     },
     close: () => handle.close(),
   };
-}
-
-interface LeafExtent {
-  logical: number;
-  physical: number;
-  length: number;
-  unwritten: boolean;
-}
-
-/** Leaf extents as debugfs lists them (`ex PATH`). */
-async function debugfsLeaves(raw: string, path: string): Promise<LeafExtent[]> {
-  const out = await debugfsRead(raw, `ex ${path}`);
-  const leaves: LeafExtent[] = [];
-  for (const line of out.split('\n')) {
-    // " 1/ 1   3/ 20    20 -    29  1212 -  1221     10 Uninit" (a one-block extent has no "- end")
-    const m = /^\s*(\d+)\/\s*(\d+)\s+\d+\/\s*\d+\s+(\d+)\s+-\s+\d+\s+(\d+)(?:\s+-\s+\d+)?\s+(\d+)\s*(Uninit)?\s*$/.exec(line);
-    if (!m || m[1] !== m[2]) continue;
-    leaves.push({ logical: Number(m[3]), physical: Number(m[4]), length: Number(m[5]), unwritten: m[6] === 'Uninit' });
-  }
-  return leaves;
-}
-
-/** debugfs's own flip of every unwritten leaf extent of `path`. */
-async function debugfsFlip(raw: string, path: string): Promise<void> {
-  const commands = [`extent_open ${path}`];
-  for (const e of await debugfsLeaves(raw, path)) {
-    if (e.unwritten) commands.push(`goto_block ${e.logical}`, `replace_node ${e.logical} ${e.length} ${e.physical}`);
-  }
-  commands.push('extent_close');
-  await debugfsWrite(raw, commands);
 }
 
 /** Fill every block of `path` on the raw image with a pattern derived from its block number. */

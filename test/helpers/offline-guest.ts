@@ -38,6 +38,36 @@ export async function debugfsExtents(rawPath: string, path: string, blockSize: n
   return ranges;
 }
 
+export interface LeafExtent {
+  logical: number;
+  physical: number;
+  length: number;
+  unwritten: boolean;
+}
+
+/** Leaf extents as debugfs lists them (`ex PATH`). */
+export async function debugfsLeaves(raw: string, path: string): Promise<LeafExtent[]> {
+  const out = await debugfsRead(raw, `ex ${path}`);
+  const leaves: LeafExtent[] = [];
+  for (const line of out.split('\n')) {
+    // " 1/ 1   3/ 20    20 -    29  1212 -  1221     10 Uninit" (a one-block extent has no "- end")
+    const m = /^\s*(\d+)\/\s*(\d+)\s+\d+\/\s*\d+\s+(\d+)\s+-\s+\d+\s+(\d+)(?:\s+-\s+\d+)?\s+(\d+)\s*(Uninit)?\s*$/.exec(line);
+    if (!m || m[1] !== m[2]) continue;
+    leaves.push({ logical: Number(m[3]), physical: Number(m[4]), length: Number(m[5]), unwritten: m[6] === 'Uninit' });
+  }
+  return leaves;
+}
+
+/** debugfs's own flip of every unwritten leaf extent of `path`. */
+export async function debugfsFlip(raw: string, path: string): Promise<void> {
+  const commands = [`extent_open ${path}`];
+  for (const e of await debugfsLeaves(raw, path)) {
+    if (e.unwritten) commands.push(`goto_block ${e.logical}`, `replace_node ${e.logical} ${e.length} ${e.physical}`);
+  }
+  commands.push('extent_close');
+  await debugfsWrite(raw, commands);
+}
+
 /** Write every 4 KiB block where `after` differs from `before` into the top image of the chain. */
 export async function writeBackChanges(
   topImage: string,

@@ -14,7 +14,7 @@ import { planAssign, planUnassign } from '../../src/layers/plan.js';
 import { runRecompose, type RecomposeContext } from '../../src/layers/recompose.js';
 import { newDesktopRecord, type DesktopRecord, type LocatedFile } from '../../src/layers/state.js';
 import { Store } from '../../src/layers/store.js';
-import { debugfsExtents, debugfsRead, guestChange } from '../helpers/offline-guest.js';
+import { debugfsExtents, debugfsFlip, debugfsLeaves, debugfsRead, guestChange } from '../helpers/offline-guest.js';
 import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, seededRandom, sha256, tempDir } from '../helpers/qemu.js';
 
 const BLOCK = 4096;
@@ -93,6 +93,43 @@ async function allocateOffline(desktop: Desktop, scratch: string): Promise<void>
     }
     return { raw, forced };
   });
+}
+
+/**
+ * Allocate the app's placeholders as fallocate(2) does in the guest: unwritten extents of the
+ * exact size, no data written. Their blocks then get stale bytes in the user delta, like blocks
+ * of long-deleted user files: the recompose must never let those show.
+ */
+async function allocateFallocated(desktop: Desktop, scratch: string): Promise<void> {
+  const commands: string[] = [];
+  for (const dir of desktop.manifest.directories.map((d) => d.path)) {
+    const parts = dir.split('/').filter(Boolean);
+    for (let i = 1; i <= parts.length; i++) commands.push(`mkdir /${parts.slice(0, i).join('/')}`);
+  }
+  for (const file of desktop.manifest.files) {
+    const blocks = Math.ceil(file.size / BLOCK);
+    commands.push(`write /dev/null ${file.path}`, `sif ${file.path} mode 0${(0o100000 | file.mode).toString(8)}`);
+    if (blocks > 0) commands.push(`fallocate ${file.path} 0 ${blocks - 1}`, `sif ${file.path} size ${file.size}`);
+  }
+  const unique = [...new Set(commands)].filter((c) => !/^mkdir \/(opt)?$/.test(c) || c === 'mkdir /opt');
+  await guestChange(desktop.userPath, scratch, unique, async (rawPath, raw) => {
+    const forced: Array<{ offset: number; length: number }> = [];
+    for (const file of desktop.manifest.files) {
+      for (const range of await debugfsExtents(rawPath, file.path, BLOCK)) {
+        for (let i = range.offset; i < range.offset + range.length; i++) raw[i] = (i * 7 + 13) & 0xff;
+        forced.push(range);
+      }
+    }
+    return { raw, forced };
+  });
+}
+
+/** `expected` with debugfs's own flip of each placeholder applied: the oracle for a whole assign. */
+async function withDebugfsFlip(expected: Buffer, paths: string[], scratch: string): Promise<Buffer> {
+  const raw = join(scratch, 'oracle.raw');
+  await writeFile(raw, expected);
+  for (const path of paths) await debugfsFlip(raw, path);
+  return readFile(raw);
 }
 
 async function locate(desktop: Desktop, manifests: AppManifest[]): Promise<LocatedFile[]> {
@@ -338,4 +375,112 @@ describe('successive assigns (offline guest)', () => {
       await temp.cleanup();
     }
   }, 120_000);
+});
+
+describe('recompose of fallocated placeholders (offline guest)', () => {
+  let temp: { dir: string; cleanup: () => Promise<void> };
+  let desktop: Desktop;
+  let before: Buffer;
+  let located: LocatedFile[];
+  let expected: Buffer;
+
+  beforeAll(async () => {
+    temp = await tempDir('qlayer-recompose-unwritten-');
+    desktop = await makeDesktop(temp.dir);
+    await allocateFallocated(desktop, temp.dir);
+    before = await qemuReadRaw(desktop.userPath);
+    located = await locate(desktop, [desktop.manifest]);
+    const appBytes = await expectedAfterAssign(before, located, desktop.appSource, desktop.manifest.prefix);
+    expected = await withDebugfsFlip(appBytes, desktop.manifest.files.map((f) => f.path), temp.dir);
+    await mkdir(join(temp.dir, 'planned'), { recursive: true });
+    for (const f of ['apps.0.qcow2', 'user.qcow2']) await copyFile(join(desktop.desktopDir, f), join(temp.dir, 'planned', f));
+  }, 120_000);
+  afterAll(async () => temp?.cleanup());
+
+  const restore = async (): Promise<void> => {
+    for (const f of ['apps.1.qcow2']) await rm(join(desktop.desktopDir, f), { force: true });
+    for (const f of ['apps.0.qcow2', 'user.qcow2']) await copyFile(join(temp.dir, 'planned', f), join(desktop.desktopDir, f));
+    desktop.record = newDesktopRecord('base', 'desktops/alice');
+    desktop.record.recompose = planAssign(desktop.record, [desktop.manifest], located);
+  };
+
+  it('locate takes all-unwritten placeholders without reading their stale bytes', () => {
+    expect(located.filter((f) => f.size > 0).every((f) => f.unwritten === true)).toBe(true);
+    // The stale bytes really are there: before the recompose the raw blocks are not zeros.
+    const first = located.find((f) => f.size > 0)!.extents[0]!;
+    expect(before.subarray(first.diskOffset, first.diskOffset + 4096).some((b) => b !== 0)).toBe(true);
+  });
+
+  it('assign: the disk equals app bytes plus debugfs\'s own flip, e2fsck clean, files dump as the app', async () => {
+    await restore();
+    const report = await runRecompose(context(desktop, { json: '' }));
+    expect(report.extentsMarkedWritten).toBeGreaterThan(0);
+    const after = await qemuReadRaw(desktop.userPath);
+    expect(after.equals(expected), 'every byte matches the oracle').toBe(true);
+    await assertCleanImages([join(desktop.desktopDir, 'apps.1.qcow2'), desktop.userPath]);
+    const raw = join(temp.dir, 'after.raw');
+    await writeFile(raw, after);
+    const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+    expect(fsck.exitCode, fsck.stdout).toBe(0);
+    for (const file of desktop.manifest.files) {
+      expect((await debugfsLeaves(raw, file.path)).every((l) => !l.unwritten), file.path).toBe(true);
+      const out = join(temp.dir, 'dumped');
+      await debugfsRead(raw, `dump ${file.path} ${out}`);
+      expect(sha256(await readFile(out)), file.path).toBe(file.sha256);
+    }
+  });
+
+  it('a placeholder the user partly wrote is refused', async () => {
+    await restore();
+    const file = desktop.manifest.files.find((f) => f.size > 2 * BLOCK)!;
+    const scratch = join(temp.dir, 'partly');
+    await mkdir(scratch, { recursive: true });
+    // As a user write into a fallocated file leaves it: its first block written, the rest not.
+    const raw = join(scratch, 'r.raw');
+    await writeFile(raw, await qemuReadRaw(desktop.userPath));
+    const [leaf] = await debugfsLeaves(raw, file.path);
+    expect(leaf).toMatchObject({ logical: 0, unwritten: true });
+    await guestChange(desktop.userPath, scratch, [
+      `extent_open ${file.path}`,
+      'goto_block 0',
+      `replace_node 0 1 ${leaf!.physical}`,
+      `insert_node --after --uninit 1 ${leaf!.length - 1} ${leaf!.physical + 1}`,
+      'extent_close',
+    ]);
+    await expect(locate(desktop, [desktop.manifest])).rejects.toThrow(/partly written after it was allocated/);
+  });
+
+  it.each([
+    ['the process dies (written bytes stay)', false],
+    ['the power fails (writes not yet fsynced are lost)', true],
+  ])('stopped at any write or fsync, the flip included, %s: e2fsck clean, and a rerun reaches the oracle', async (_label, loseUnsyncedWrites) => {
+    await restore();
+    const counter = new FaultInjectingFileSystem(nodeFileSystem);
+    await runRecompose(context(desktop, { json: '' }, counter));
+    const total = counter.operations;
+    for (let n = 1; n <= total; n++) {
+      await restore();
+      const persisted = { json: JSON.stringify(desktop.record) };
+      const faulty = new FaultInjectingFileSystem(nodeFileSystem, { crashAtOperation: n, loseUnsyncedWrites });
+      await expect(runRecompose(context(desktop, persisted, faulty))).rejects.toBeInstanceOf(InjectedCrash);
+      // Stopped: a consistent filesystem in which every block reads as before or as after.
+      const stopped = await qemuReadRaw(desktop.userPath);
+      const raw = join(temp.dir, 'stopped.raw');
+      await writeFile(raw, stopped);
+      const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+      expect(fsck.exitCode, `crash at op ${n}/${total}: ${fsck.stdout}`).toBe(0);
+      for (let i = 0; i < stopped.length; i += BLOCK) {
+        const block = stopped.subarray(i, i + BLOCK);
+        if (!block.equals(before.subarray(i, i + BLOCK)) && !block.equals(expected.subarray(i, i + BLOCK))) {
+          // Only an inode table block may be in between: some of its placeholders' inodes flipped.
+          const inodeTable = (await debugfsRead(raw, `icheck ${i / BLOCK}`)).includes('<block not found>');
+          if (!inodeTable) throw new Error(`crash at op ${n}/${total}: block ${i / BLOCK} is neither before nor after`);
+        }
+      }
+      desktop.record = JSON.parse(persisted.json) as DesktopRecord;
+      await runRecompose(context(desktop, { json: '' }));
+      expect((await qemuReadRaw(desktop.userPath)).equals(expected), `crash at op ${n}/${total}: rerun did not reach the oracle`).toBe(true);
+      await assertCleanImages([join(desktop.desktopDir, 'apps.1.qcow2'), desktop.userPath]);
+    }
+  }, 600_000);
 });
