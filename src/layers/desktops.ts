@@ -5,7 +5,7 @@ import { convertImage } from '../chain/convert.js';
 import { openGuestFilesystem } from '../fs/index.js';
 import { locksOn } from '../io/in-use.js';
 import { createImage } from '../qcow2/create.js';
-import { allocatePlaceholders, removeAppFiles } from './allocate.js';
+import { allocatePlaceholders, removeAppFiles, type AllocationResult } from './allocate.js';
 import { appKey, payloadPath, resolveApp, type AppManifest } from './app.js';
 import { LayerError } from './errors.js';
 import { runGuestScript, shellQuote } from './guest-script.js';
@@ -259,6 +259,8 @@ async function assertGoneOffline(store: Store, handle: DesktopHandle, paths: str
 
 export interface AssignResult {
   apps: string[];
+  /** How the placeholders were made in the guest (helper or script) and how many each way. */
+  allocation: AllocationResult;
   located: number;
   report: RecomposeReport;
 }
@@ -276,7 +278,12 @@ export async function assignApps(store: Store, runtime: DesktopRuntime, name: st
     const handle = desktopHandle(store, state, name);
     await ensureRunning(runtime, handle, name, log);
     log(`allocating ${manifests.reduce((n, m) => n + m.files.length, 0)} placeholder files in the guest`);
-    await allocatePlaceholders(runtime.shell(handle), manifests);
+    const allocation = await allocatePlaceholders(runtime.shell(handle), manifests);
+    if (allocation.helperSkipped) log(`guest helper not used: ${allocation.helperSkipped}`);
+    log(
+      `allocated ${allocation.files} placeholders in the guest with the ${allocation.method} (fallocate: ${allocation.fallocated}, written zeros: ${allocation.zeroFilled}` +
+        `${allocation.kept ? `, kept from an interrupted assign: ${allocation.kept}` : ''}; ${allocation.processes} guest processes)`,
+    );
     log(`shutting ${name} down`);
     await runtime.stop(handle);
     await assertNotInUse(runtime, handle, 'assign');
@@ -285,7 +292,7 @@ export async function assignApps(store: Store, runtime: DesktopRuntime, name: st
     record.recompose = planAssign(record, manifests, located);
     await store.writeState(state);
     const report = await recomposeRecorded(store, state, name, log);
-    return { apps: manifests.map(appKey), located: located.length, report };
+    return { apps: manifests.map(appKey), allocation, located: located.length, report };
   });
 }
 

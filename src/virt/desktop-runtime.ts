@@ -80,6 +80,7 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
     const timeoutMs = this.options.agentTimeoutMs;
     return {
       exec: (path, args, options) => agent.exec(path, args, { timeoutMs, ...options }),
+      writeFile: (path, data) => agent.writeFile(path, data),
     };
   }
 

@@ -1,18 +1,27 @@
-import { mkdirSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
-import { describe, expect, it } from 'vitest';
-import { allocationScript, removalScript } from '../../src/layers/allocate.js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { allocatePlaceholders, allocationScript, removalScript } from '../../src/layers/allocate.js';
 import type { AppManifest } from '../../src/layers/app.js';
-import { runGuestScript, shellQuote, type GuestShell } from '../../src/layers/guest-script.js';
+import { guestHelperPath, helperManifest, parseAllocatedLine } from '../../src/layers/guest-alloc.js';
+import { GUEST_EXIT, runGuestScript, shellQuote, type GuestShell } from '../../src/layers/guest-script.js';
 
-/** The scripts run under busybox sh here, exactly as in the test guest, against a scratch folder. */
+/**
+ * The scripts (and the helper) run under busybox sh here, exactly as in the test guest, against
+ * a scratch folder. writeFile is the agent's file upload; /run refuses it, as a guest without a
+ * writable /run would, so uploads exercise the /tmp fallback and never touch the host's /run.
+ */
 const busybox: GuestShell = {
   async exec(path, args, options) {
-    const result = await execa('busybox', ['sh', ...args], { input: options?.input as string, reject: false });
+    const result = await execa('busybox', ['sh', ...args], { input: options?.input ?? '', reject: false, encoding: 'utf8' });
     void path;
     return { exitCode: result.exitCode ?? 1, stdout: result.stdout, stderr: result.stderr };
+  },
+  async writeFile(path, data) {
+    if (path.startsWith('/run/')) throw new Error(`guest-file-open ${path}: Permission denied`);
+    writeFileSync(path, data, { mode: 0o666 });
   },
 };
 
@@ -28,7 +37,8 @@ function manifestUnder(root: string): AppManifest {
       { path: `${prefix}/bin`, mode: 0o750, uid: 0, gid: 0 },
     ],
     files: [
-      { path: `${prefix}/bin/tool`, size: 12_345, mode: 0o755, uid: 0, gid: 0, sha256: '', payloadOffset: 0 },
+      // 04755: owners are set before modes, or chown would clear the set-user-ID bit.
+      { path: `${prefix}/bin/tool`, size: 12_345, mode: 0o4755, uid: 1000, gid: 1000, sha256: '', payloadOffset: 0 },
       { path: `${prefix}/empty`, size: 0, mode: 0o600, uid: 0, gid: 0, sha256: '', payloadOffset: 16384 },
       { path: `${prefix}/big`, size: (3 << 20) + 5, mode: 0o644, uid: 0, gid: 0, sha256: '', payloadOffset: 16384 },
     ],
@@ -52,6 +62,7 @@ describe('guest scripts (run by busybox sh)', () => {
       const info = statSync(file.path);
       expect(info.size).toBe(file.size);
       expect(info.mode & 0o7777).toBe(file.mode);
+      expect(info.uid).toBe(file.uid);
       expect(readFileSync(file.path).every((b) => b === 0)).toBe(true);
     }
     expect(statSync(`${manifest.prefix}/bin`).mode & 0o7777).toBe(0o750);
@@ -74,4 +85,243 @@ describe('guest scripts (run by busybox sh)', () => {
     expect(() => statSync(`${manifest.prefix}/bin`)).toThrow();
     expect(readFileSync(`${manifest.prefix}/mine/notes`, 'utf8')).toBe('keep');
   });
+});
+
+const KIB = 1024;
+const helper = guestHelperPath();
+
+/** A manifest whose paths hold quotes, $(x), backquotes, a newline and spaces, under `root`. */
+function nastyManifest(root: string): AppManifest {
+  const prefix = join(root, `opt/it's "app" $(touch pwned)`);
+  const dir = `${prefix}/new\nline \`x\``;
+  return {
+    format: 'qlayer-app/1',
+    name: 'nasty',
+    version: '1',
+    prefix,
+    directories: [
+      { path: prefix, mode: 0o755, uid: 0, gid: 0 },
+      { path: dir, mode: 0o2750, uid: 0, gid: 1000 },
+    ],
+    files: [
+      { path: `${dir}/tool $HOME`, size: 12_345, mode: 0o4755, uid: 1000, gid: 1000, sha256: '', payloadOffset: 0 },
+      { path: `${prefix}/empty'`, size: 0, mode: 0o600, uid: 0, gid: 0, sha256: '', payloadOffset: 0 },
+      { path: `${prefix}/big\\n`, size: (3 << 20) + 5, mode: 0o644, uid: 2, gid: 3, sha256: '', payloadOffset: 0 },
+      { path: `${prefix}/small`, size: 5 * KIB, mode: 0o640, uid: 0, gid: 0, sha256: '', payloadOffset: 0 },
+    ],
+    payloadSize: 0,
+    createdAt: '',
+  };
+}
+
+/** filefrag -v's extent lines for a file: each one's flags say whether it is unwritten. */
+async function extentLines(path: string): Promise<string[]> {
+  const { stdout } = await execa('filefrag', ['-v', path]);
+  return stdout.split('\n').filter((line) => /^\s*\d+:\s+\d+\.\.\s*\d+:/.test(line));
+}
+
+/** Run the helper binary itself, as the guest-exec does, on a manifest. */
+async function runHelper(input: Buffer): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+  const result = await execa(helper!, [], { input, reject: false });
+  return { exitCode: result.exitCode ?? -1, stdout: result.stdout, stderr: result.stderr };
+}
+
+/** A small loop-mounted ext4 (the test runs as root): real ext4 fallocate, and ENOSPC on demand. */
+let scratch = '';
+let ext4 = '';
+let mounted = false;
+let mountProblem = '';
+
+beforeAll(async () => {
+  scratch = mkdtempSync(join(tmpdir(), 'qlayer-alloc-ext4-'));
+  const image = join(scratch, 'fs.img');
+  ext4 = join(scratch, 'mnt');
+  mkdirSync(ext4);
+  try {
+    await execa('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', image, '32M']);
+    await execa('mount', ['-o', 'loop', image, ext4]);
+    mounted = true;
+  } catch (error) {
+    mountProblem = (error as Error).message.split('\n')[0] ?? 'mount failed';
+  }
+});
+
+afterAll(async () => {
+  if (mounted) await execa('umount', [ext4]);
+  if (scratch) rmSync(scratch, { recursive: true, force: true });
+});
+
+/** A fresh folder on the loop ext4, or a skipped test where loop mounts are not allowed. */
+function ext4Folder(skip: (note: string) => void, name: string): string {
+  if (!mounted) skip(`no loop-mounted ext4: ${mountProblem}`);
+  const dir = join(ext4, name);
+  mkdirSync(dir);
+  return dir;
+}
+
+describe.skipIf(helper === null)('guest allocation helper (native/build/qlayer-guest-alloc, run on the host)', () => {
+  it('fallocates exact sizes with unwritten extents, modes and owners, on any path bytes; rerunnable', async ({ skip }) => {
+    const root = ext4Folder(skip, 'fallocate');
+    const manifest = nastyManifest(root);
+    const first = await runHelper(helperManifest([manifest], 'auto'));
+    expect(first.stderr).toBe('');
+    expect(first.exitCode).toBe(0);
+    expect(parseAllocatedLine(first.stdout)).toEqual({ files: 4, fallocated: 3, zeroFilled: 0, empty: 1, kept: 0, dirs: 2 });
+    expect(existsSync(join(root, 'pwned'))).toBe(false);
+    for (const file of manifest.files) {
+      const info = lstatSync(file.path);
+      expect(info.isFile()).toBe(true);
+      expect(info.size).toBe(file.size);
+      expect(info.mode & 0o7777).toBe(file.mode);
+      expect([info.uid, info.gid]).toEqual([file.uid, file.gid]);
+      // Blocks are reserved for the whole size, and every extent is unwritten: no data written.
+      expect(info.blocks * 512).toBeGreaterThanOrEqual(file.size);
+      const extents = await extentLines(file.path);
+      if (file.size > 0) expect(extents.length).toBeGreaterThan(0);
+      for (const line of extents) expect(line).toMatch(/unwritten/);
+      expect(readFileSync(file.path).every((b) => b === 0)).toBe(true);
+    }
+    const dir = statSync(manifest.directories[1]!.path);
+    expect([dir.mode & 0o7777, dir.uid, dir.gid]).toEqual([0o2750, 0, 1000]);
+    // An interrupted assign left the placeholders: running again keeps them, untouched.
+    const again = await runHelper(helperManifest([manifest], 'auto'));
+    expect(again.exitCode).toBe(0);
+    expect(parseAllocatedLine(again.stdout)).toMatchObject({ files: 4, fallocated: 0, kept: 4 });
+    for (const line of await extentLines(manifest.files[0]!.path)) expect(line).toMatch(/unwritten/);
+  });
+
+  it('the zeros option writes real zeros: no unwritten extents', async ({ skip }) => {
+    const root = ext4Folder(skip, 'zeros');
+    const manifest = nastyManifest(root);
+    const result = await runHelper(helperManifest([manifest], 'zeros'));
+    expect(result.exitCode).toBe(0);
+    expect(parseAllocatedLine(result.stdout)).toMatchObject({ files: 4, fallocated: 0, zeroFilled: 3, empty: 1 });
+    for (const file of manifest.files) {
+      expect(statSync(file.path).size).toBe(file.size);
+      for (const line of await extentLines(file.path)) expect(line).not.toMatch(/unwritten/);
+      expect(readFileSync(file.path).every((b) => b === 0)).toBe(true);
+    }
+  });
+
+  it('refuses what is not its placeholder (exit 3, named, untouched): wrong size, symlink, a file where a folder goes', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'qlayer-alloc-refuse-'));
+    const manifest = nastyManifest(root);
+    expect((await runHelper(helperManifest([manifest], 'auto'))).exitCode).toBe(0);
+    const tool = manifest.files[0]!.path;
+    writeFileSync(tool, 'user data');
+    const wrongSize = await runHelper(helperManifest([manifest], 'auto'));
+    expect(wrongSize.exitCode).toBe(GUEST_EXIT.exists);
+    expect(wrongSize.stderr).toBe(`qlayer-guest-alloc: ${tool}\n`.trimEnd());
+    expect(readFileSync(tool, 'utf8')).toBe('user data');
+
+    rmSync(tool);
+    const target = join(root, 'target');
+    writeFileSync(target, Buffer.alloc(12_345));
+    symlinkSync(target, tool); // the right size behind a symlink is still not ours
+    const link = await runHelper(helperManifest([manifest], 'auto'));
+    expect(link.exitCode).toBe(GUEST_EXIT.exists);
+    expect(lstatSync(tool).isSymbolicLink()).toBe(true);
+
+    const notFolder = { ...manifest, directories: [{ path: target, mode: 0o755, uid: 0, gid: 0 }], files: [] };
+    const folder = await runHelper(helperManifest([notFolder], 'auto'));
+    expect(folder.exitCode).toBe(GUEST_EXIT.exists);
+    expect(folder.stderr).toContain(`${target} (not a folder)`);
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('a full filesystem is exit 5 naming the path and the bytes wanted, and leaves no partial file', async ({ skip }) => {
+    const root = ext4Folder(skip, 'full');
+    const manifest = nastyManifest(root);
+    manifest.files[2]!.size = 64 << 20; // twice the whole filesystem
+    for (const placeholders of ['auto', 'zeros'] as const) {
+      const result = await runHelper(helperManifest([manifest], placeholders));
+      expect(result.exitCode).toBe(GUEST_EXIT.noSpace);
+      expect(result.stderr).toContain(`${manifest.files[2]!.path}: no space for ${64 << 20} bytes: No space left on device`);
+      expect(existsSync(manifest.files[2]!.path)).toBe(false);
+    }
+    // Through allocatePlaceholders it is a LayerError with its own code.
+    await expect(allocatePlaceholders(busybox, [manifest])).rejects.toMatchObject({ code: 'allocate.no-space' });
+  });
+
+  it('refuses a manifest it cannot read (exit 6), before touching anything', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'qlayer-alloc-bad-'));
+    const bad = await runHelper(Buffer.from(['qlayer-guest-alloc/1', 'd', `${root}/x`, '755', ''].join('\0')));
+    expect(bad.exitCode).toBe(GUEST_EXIT.badInput);
+    const foreign = await runHelper(Buffer.from('qlayer-guest-alloc/2\0'));
+    expect(foreign.exitCode).toBe(GUEST_EXIT.badInput);
+    expect(readdirSync(root)).toEqual([]);
+    rmSync(root, { recursive: true, force: true });
+  });
+});
+
+describe('allocatePlaceholders: helper first, the script where the helper cannot run', () => {
+  it.skipIf(helper === null)('uses the helper (uploaded, run once, removed) and reports fallocate counts', async ({ skip }) => {
+    const root = ext4Folder(skip, 'through-api');
+    const manifest = nastyManifest(root);
+    const before = readdirSync('/tmp').filter((n) => n.startsWith('.qlayer-guest-alloc-'));
+    const result = await allocatePlaceholders(busybox, [manifest]);
+    expect(result).toMatchObject({ method: 'helper', files: 4, fallocated: 3, zeroFilled: 0, empty: 1, processes: 4 });
+    expect(readdirSync('/tmp').filter((n) => n.startsWith('.qlayer-guest-alloc-'))).toEqual(before);
+    for (const line of await extentLines(manifest.files[0]!.path)) expect(line).toMatch(/unwritten/);
+    // A foreign file is refused with the path named, without the helper's tag.
+    writeFileSync(manifest.files[3]!.path, 'mine');
+    await expect(allocatePlaceholders(busybox, [manifest])).rejects.toThrow(`the guest already has ${manifest.files[3]!.path}; refusing`);
+  });
+
+  it('falls back to the script when the helper cannot run (exit 127, or a shell that never ran it)', async () => {
+    const fakes = mkdtempSync(join(tmpdir(), 'qlayer-alloc-fake-'));
+    const cases: Array<[string, RegExp]> = [
+      ['#!/bin/sh\nexit 127\n', /exit 127/],
+      // busybox sh runs a binary of another architecture as a script: a syntax error, no tag.
+      ['#!/bin/sh\necho "line 9: syntax error: unexpected )" >&2; exit 2\n', /exit 2: line 9: syntax error/],
+    ];
+    for (const [index, [body, reason]] of cases.entries()) {
+      const fake = join(fakes, `helper-${index}`);
+      writeFileSync(fake, body);
+      const root = mkdtempSync(join(tmpdir(), 'qlayer-alloc-'));
+      const manifest = manifestUnder(root);
+      const result = await allocatePlaceholders(busybox, [manifest], { helper: fake });
+      expect(result.method).toBe('script');
+      expect(result.helperSkipped).toMatch(reason);
+      expect(result).toMatchObject({ files: 3, fallocated: 0, zeroFilled: 2, empty: 1 });
+      for (const file of manifest.files) expect(statSync(file.path).size).toBe(file.size);
+      rmSync(root, { recursive: true, force: true });
+    }
+    rmSync(fakes, { recursive: true, force: true });
+  });
+
+  it('the script writes zeros with grouped chmod/chown: a few programs per file at most, whatever the count', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'qlayer-alloc-many-'));
+    const manifest = nastyManifest(root);
+    for (let i = 0; i < 200; i++) {
+      manifest.files.push({ path: `${manifest.prefix}/f${i}`, size: 1 + (i % 8) * KIB, mode: i % 2 ? 0o644 : 0o755, uid: i % 3, gid: 0, sha256: '', payloadOffset: 0 });
+    }
+    const script = allocationScript([manifest]);
+    expect(script.match(/^chmod /gm)).toHaveLength(6); // one per mode
+    expect(script.match(/^chown /gm)).toHaveLength(6); // one per owner
+    const result = await allocatePlaceholders(busybox, [manifest], { helper: null });
+    expect(result).toMatchObject({ method: 'script', files: 204, zeroFilled: 203, empty: 1, dirs: 2 });
+    // sh, mkdir, one head per file (dd + head for the 3 MiB + 5 one), chown x6, chmod x6, sync.
+    expect(result.processes).toBe(1 + 1 + 204 + 6 + 6 + 1);
+    expect(existsSync(join(root, 'pwned'))).toBe(false);
+    for (const file of manifest.files) {
+      const info = statSync(file.path);
+      expect([info.size, info.mode & 0o7777, info.uid, info.gid]).toEqual([file.size, file.mode, file.uid, file.gid]);
+    }
+    expect(readFileSync(manifest.files[2]!.path).every((b) => b === 0)).toBe(true);
+    rmSync(root, { recursive: true, force: true });
+  });
+});
+
+it('the script chunks grouped chmod/chown/mkdir under the argument budget', () => {
+  const root = `/opt/${'long-name-'.repeat(10)}`;
+  const manifest = manifestUnder(root);
+  for (let i = 0; i < 3000; i++) manifest.files.push({ path: `${root}/${'x'.repeat(100)}-${i}`, size: 1, mode: 0o644, uid: 0, gid: 0, sha256: '', payloadOffset: 0 });
+  const lines = allocationScript([manifest]).split('\n');
+  const chmods = lines.filter((l) => l.startsWith('chmod -- 0644 '));
+  expect(chmods.length).toBeGreaterThan(1);
+  for (const line of lines) expect(line.length).toBeLessThan(66 * KIB);
+  // Every path is in exactly one chown group.
+  const chowned = lines.filter((l) => l.startsWith('chown ')).join(' ');
+  for (const file of manifest.files) expect(chowned.split(shellQuote(file.path)).length).toBe(2);
 });
