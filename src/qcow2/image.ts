@@ -906,6 +906,52 @@ export class Qcow2Image implements ByteSource {
   }
 
   /**
+   * Map each of these guest clusters, unallocated in this layer, to a new host cluster (refcount
+   * 1, COPIED) without writing any data: the caller fills the host clusters itself (by cloning
+   * file ranges into them, which no write through the engine could do), then flushes. Runs of
+   * consecutive guest clusters get consecutive host clusters, so the caller's clones stay long.
+   * Only plain images: no extended L2, no external data file.
+   */
+  allocateDataClusters(guestClusters: number[]): Promise<Array<{ guestCluster: number; hostOffset: number }>> {
+    return this.lock.write(() => this.allocateDataClustersUnlocked(guestClusters));
+  }
+
+  private async allocateDataClustersUnlocked(guestClusters: number[]): Promise<Array<{ guestCluster: number; hostOffset: number }>> {
+    this.assertWritable();
+    const g = this.g;
+    if (g.extendedL2 || this.dataFile) {
+      throw new Qcow2Error('qcow2.unsupported-feature', `${this.path}: mapping clusters for direct filling needs an image without extended L2 or an external data file`);
+    }
+    const sorted = [...new Set(guestClusters)].sort((a, b) => a - b);
+    const result: Array<{ guestCluster: number; hostOffset: number }> = [];
+    for (let i = 0; i < sorted.length; ) {
+      let run = 1;
+      while (i + run < sorted.length && sorted[i + run] === sorted[i]! + run) run += 1;
+      const firstHost = await this.allocateClusters(run);
+      for (let k = 0; k < run; k++) {
+        const cluster = sorted[i + k]!;
+        this.checkGuestRange(cluster * g.clusterSize, g.clusterSize, this.hdr.size);
+        const l1Index = Math.floor(cluster / g.l2Entries);
+        const table = await this.writableL2(l1Index);
+        const l2Offset = entryOffset(this.l1.view.getUint32(l1Index * 8), this.l1.view.getUint32(l1Index * 8 + 4));
+        const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+        const index = cluster % g.l2Entries;
+        const raw = readL2Entry(view, index, g);
+        if (entryOffset(raw.hi, raw.lo) !== 0 || (raw.hi & COMPRESSED_HI) !== 0) {
+          throw new Qcow2Error('qcow2.bad-argument', `${this.path}: guest cluster ${cluster} is allocated already; only unallocated clusters can be mapped for filling`);
+        }
+        const host = (firstHost + k) * g.clusterSize;
+        writeL2Entry(view, index, g, { hi: (Math.floor(host / TWO32) | COPIED_HI) >>> 0, lo: host >>> 0, zeroBits: 0, allocBits: 0 });
+        this.dirtyL2.add(l2Offset);
+        this.fileLength = Math.max(this.fileLength, host + g.clusterSize);
+        result.push({ guestCluster: cluster, hostOffset: host });
+      }
+      i += run;
+    }
+    return result;
+  }
+
+  /**
    * Make everything written so far durable, in crash-safe order:
    * 1. refcount blocks and table (new clusters counted before anything points at them), fsync;
    * 2. L2 tables, L1 table, header, fsync;
