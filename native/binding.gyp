@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "qlayer_seek",
-      "sources": ["seek.c"],
+      "sources": ["seek.c", "clone.c"],
       "cflags": ["-O2", "-Wall"]
     }
   ]

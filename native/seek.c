@@ -6,6 +6,7 @@
  *   at or after offset, or offset past end of file). Other errors throw an Error whose `code`
  *   is the errno name ("EINVAL" when the file system has no SEEK_DATA, ...).
  *   SEEK_DATA, SEEK_HOLE: the whence values of this platform.
+ *   clone(...): FICLONERANGE, in clone.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -55,10 +56,15 @@ static napi_value seek(napi_env env, napi_callback_info info) {
   return result;
 }
 
+napi_value qlayer_clone_range(napi_env env, napi_callback_info info);
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn, data, hole;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn);
   napi_set_named_property(env, exports, "seek", fn);
+  napi_value clone;
+  napi_create_function(env, "clone", NAPI_AUTO_LENGTH, qlayer_clone_range, NULL, &clone);
+  napi_set_named_property(env, exports, "clone", clone);
 #if defined(SEEK_DATA) && defined(SEEK_HOLE)
   napi_create_int32(env, SEEK_DATA, &data);
   napi_create_int32(env, SEEK_HOLE, &hole);

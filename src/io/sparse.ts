@@ -8,45 +8,19 @@
  * HostFile has no fd (a test wrapper), or the file system refuses SEEK_DATA, dataRanges
  * returns null and callers treat the whole range as data (and read it).
  */
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { HostFile } from './host-file.js';
-
-interface SeekBinding {
-  seek(fd: number, offset: number, whence: number): number;
-  SEEK_DATA: number | null;
-  SEEK_HOLE: number | null;
-}
+import { nativeBinding, resetNativeBinding } from './native.js';
 
 export interface ByteRange {
   offset: number;
   length: number;
 }
 
-let binding: SeekBinding | null | undefined;
-
 /** The native helper, or null when it is missing, disabled, or cannot seek data/holes here. */
-function loadBinding(): SeekBinding | null {
-  if (binding !== undefined) return binding;
-  binding = null;
-  if (process.env.QLAYER_NO_NATIVE === '1') return binding;
-  // From src/io (tests, tsx) or dist/src/io (the build): native/ sits at the package root.
-  const here = dirname(fileURLToPath(import.meta.url));
-  const require = createRequire(import.meta.url);
-  for (const up of [join(here, '..', '..'), join(here, '..', '..', '..')]) {
-    const path = join(up, 'native', 'build', 'Release', 'qlayer_seek.node');
-    if (!existsSync(path)) continue;
-    try {
-      const loaded = require(path) as SeekBinding;
-      if (typeof loaded.seek === 'function' && typeof loaded.SEEK_DATA === 'number' && typeof loaded.SEEK_HOLE === 'number') binding = loaded;
-    } catch {
-      // Built for another Node ABI or platform: fall back to reading.
-    }
-    break;
-  }
-  return binding;
+function loadBinding(): { seek(fd: number, offset: number, whence: number): number; SEEK_DATA: number; SEEK_HOLE: number } | null {
+  const b = nativeBinding();
+  if (!b || typeof b.seek !== 'function' || typeof b.SEEK_DATA !== 'number' || typeof b.SEEK_HOLE !== 'number') return null;
+  return { seek: b.seek, SEEK_DATA: b.SEEK_DATA, SEEK_HOLE: b.SEEK_HOLE };
 }
 
 /** True when dataRanges can answer at all (the helper is loaded); for tests and diagnostics. */
@@ -56,7 +30,7 @@ export function sparseSupported(): boolean {
 
 /** For tests: forget the loaded helper so QLAYER_NO_NATIVE is read again. */
 export function resetSparseBinding(): void {
-  binding = undefined;
+  resetNativeBinding();
 }
 
 /**
@@ -72,9 +46,9 @@ export async function dataRanges(file: HostFile, start: number, end: number): Pr
   let pos = start;
   try {
     while (pos < end) {
-      const data = b.seek(fd, pos, b.SEEK_DATA!);
+      const data = b.seek(fd, pos, b.SEEK_DATA);
       if (data < 0 || data >= end) break;
-      let hole = b.seek(fd, data, b.SEEK_HOLE!);
+      let hole = b.seek(fd, data, b.SEEK_HOLE);
       // No hole after data cannot happen (end of file is a hole); be safe anyway.
       if (hole < 0 || hole > end) hole = end;
       if (hole <= data) return null;

@@ -54,6 +54,40 @@ export class AppBytes {
     }
   }
 
+  /**
+   * Where the app byte at disk `offset` comes from: its payload (app name@version) and offset in
+   * it, and how far the same contiguous payload run goes on the disk. Null outside every
+   * extent, or past the file's end inside its last block (those bytes read as zeros).
+   */
+  sourceAt(offset: number): { app: string; payloadOffset: number; runEnd: number } | null {
+    const piece = this.pieces[this.firstPieceEndingAfter(offset)];
+    if (!piece || piece.diskOffset > offset) return null;
+    const inFile = piece.fileOffset + (offset - piece.diskOffset);
+    return { app: piece.file.app, payloadOffset: piece.file.payloadOffset + inFile, runEnd: piece.diskOffset + piece.length };
+  }
+
+  /** Does [offset, offset + length) lie wholly inside extents? */
+  covers(offset: number, length: number): boolean {
+    for (let cursor = offset, index = this.firstPieceEndingAfter(offset); cursor < offset + length; index += 1) {
+      const piece = this.pieces[index];
+      if (!piece || piece.diskOffset > cursor) return false;
+      cursor = piece.diskOffset + piece.length;
+    }
+    return true;
+  }
+
+  /** Lay the app bytes of every extent that meets [offset, offset + into.length) over `into`. */
+  async overlay(into: Uint8Array, offset: number): Promise<void> {
+    const end = offset + into.length;
+    for (let index = this.firstPieceEndingAfter(offset); index < this.pieces.length; index += 1) {
+      const piece = this.pieces[index]!;
+      if (piece.diskOffset >= end) break;
+      const from = Math.max(offset, piece.diskOffset);
+      const to = Math.min(end, piece.diskOffset + piece.length);
+      await this.read(into.subarray(from - offset, to - offset), from);
+    }
+  }
+
   private firstPieceEndingAfter(offset: number): number {
     let low = 0;
     let high = this.pieces.length;

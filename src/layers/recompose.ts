@@ -4,12 +4,12 @@ import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host
 import { punchHoles } from '../io/punch-hole.js';
 import { openChain, type Chain } from '../chain/chain.js';
 import { markPlaceholdersWritten } from '../fs/index.js';
-import { createImage } from '../qcow2/create.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { checkImage } from '../qcow2/repair.js';
 import { AppBytes } from './app-bytes.js';
+import { writeAppsLayer } from './apps-layer.js';
 import { LayerError } from './errors.js';
-import { classifyClusters, mergeRanges } from './ranges.js';
+import { classifyClusters } from './ranges.js';
 import type { DesktopRecord, RecomposePlan } from './state.js';
 
 /** Largest single write into an image while composing; big enough to coalesce, small enough to stream. */
@@ -30,6 +30,8 @@ export interface RecomposeContext {
   persist: () => Promise<void>;
   fs?: FileSystemAccess;
   log?: (message: string) => void;
+  /** Copy app bytes into the apps layer even where the store's file system could share them. */
+  noClone?: boolean;
 }
 
 export interface RecomposeReport {
@@ -43,6 +45,12 @@ export interface RecomposeReport {
   bytesReturnedToHost: number;
   /** Unwritten (fallocated) placeholder extents flipped to written in the guest filesystem. */
   extentsMarkedWritten: number;
+  /** Bytes of the new apps layer that share the payloads' host blocks (reflink). */
+  bytesSharedWithPayloads: number;
+  /** Bytes written into the new apps layer: app bytes not shared, base bytes of partly covered clusters. */
+  bytesCopiedIntoAppsLayer: number;
+  /** Why app bytes were copied rather than shared (null when all were shared, or nothing was written). */
+  cloneUnavailable: string | null;
   resumed: boolean;
 }
 
@@ -111,6 +119,9 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
     leakedClustersReclaimed: 0,
     bytesReturnedToHost: 0,
     extentsMarkedWritten: 0,
+    bytesSharedWithPayloads: 0,
+    bytesCopiedIntoAppsLayer: 0,
+    cloneUnavailable: null,
     resumed,
   };
   const advance = async (phase: RecomposePlan['phase']): Promise<void> => {
@@ -132,22 +143,26 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
     // Phase 1. If the user delta already points at the new layer, a previous run finished it.
     if (plan.phase === 'planned' && user.backingFile !== newName) {
       log(`writing ${newName} (${plan.files.length} app files)`);
-      const allBytes = new AppBytes(plan.files, payloadOf);
-      await createImage({
-        path: newPath,
-        size: user.size,
-        backing: { path: relative(ctx.desktopDir, ctx.basePath), format: 'qcow2' },
-        exclusive: false, // a stopped earlier run may have left a partial file: it is rewritten whole
-        fs,
-      });
-      const apps = await Qcow2Image.open(newPath, { writable: true, fs });
+      const base = await openChain(ctx.basePath, { allowedDirectories: ctx.allowedDirectories, fs });
       try {
-        report.appBytesWritten = await writeAppRanges(apps, allBytes, mergeRanges(allBytes.ranges()));
-        await apps.flush();
+        const written = await writeAppsLayer({
+          path: newPath,
+          size: user.size,
+          backing: { path: relative(ctx.desktopDir, ctx.basePath), format: 'qcow2' },
+          base,
+          files: plan.files,
+          payloadOf,
+          fs,
+          ...(ctx.noClone ? { noClone: true } : {}),
+        });
+        report.appBytesWritten = plan.files.reduce((n, f) => n + f.size, 0);
+        report.bytesSharedWithPayloads = written.bytesCloned;
+        report.bytesCopiedIntoAppsLayer = written.bytesCopied;
+        report.cloneUnavailable = written.cloneUnavailable;
+        if (written.cloneUnavailable && plan.files.length) log(`app bytes copied, not shared: ${written.cloneUnavailable}`);
       } finally {
-        await apps.close();
+        await base.close();
       }
-      await fs.syncDirectory(ctx.desktopDir);
     }
     if (plan.phase === 'planned') await advance('apps-written');
 

@@ -3,177 +3,27 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openChain } from '../../src/chain/chain.js';
-import { openGuestFilesystem } from '../../src/fs/index.js';
 import { FaultInjectingFileSystem, InjectedCrash } from '../../src/io/fault-injection.js';
 import { nodeFileSystem } from '../../src/io/host-file.js';
-import { createImage } from '../../src/qcow2/create.js';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
-import { locatePlaceholders } from '../../src/layers/locate.js';
+import { buildApp } from '../../src/layers/app.js';
 import { planAssign, planUnassign } from '../../src/layers/plan.js';
-import { runRecompose, type RecomposeContext } from '../../src/layers/recompose.js';
+import { runRecompose } from '../../src/layers/recompose.js';
 import { newDesktopRecord, type DesktopRecord, type LocatedFile } from '../../src/layers/state.js';
-import { Store } from '../../src/layers/store.js';
-import { debugfsExtents, debugfsFlip, debugfsLeaves, debugfsRead, guestChange } from '../helpers/offline-guest.js';
-import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, seededRandom, sha256, tempDir } from '../helpers/qemu.js';
-
-const BLOCK = 4096;
-
-interface Desktop {
-  store: Store;
-  desktopDir: string;
-  basePath: string;
-  userPath: string;
-  record: DesktopRecord;
-  appSource: string;
-  manifest: AppManifest;
-}
-
-function randomContent(seed: number, length: number): Buffer {
-  const random = seededRandom(seed);
-  const data = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) data[i] = Math.floor(random() * 256);
-  return data;
-}
-
-/** A store with an ext4 base, one desktop (apps.0 <- user), a user file, and an app built. */
-async function makeDesktop(root: string): Promise<Desktop> {
-  const store = await Store.open(join(root, 'store'));
-  const rootfs = join(root, 'rootfs');
-  await mkdir(join(rootfs, 'home', 'user'), { recursive: true });
-  await mkdir(join(rootfs, 'etc'), { recursive: true });
-  await writeFile(join(rootfs, 'home', 'user', 'notes.txt'), randomContent(1, 50_000));
-  await writeFile(join(rootfs, 'etc', 'hostname'), 'desktop\n');
-  const baseRaw = join(root, 'base.raw');
-  await execa('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-d', rootfs, baseRaw, '64M']);
-  const basePath = store.path('bases', 'base.qcow2');
-  await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', baseRaw, basePath]);
-
-  const desktopDir = store.path('desktops', 'alice');
-  await mkdir(desktopDir, { recursive: true });
-  await createImage({ path: join(desktopDir, 'apps.0.qcow2'), backing: { path: '../../bases/base.qcow2', format: 'qcow2' } });
-  const userPath = join(desktopDir, 'user.qcow2');
-  await createImage({ path: userPath, backing: { path: 'apps.0.qcow2', format: 'qcow2' } });
-
-  // The user writes a file in the guest before any app arrives.
-  await writeFile(join(root, 'later.txt'), randomContent(2, 20_000));
-  await guestChange(userPath, root, [`write ${join(root, 'later.txt')} /home/user/later.txt`]);
-
-  const appSource = join(root, 'app-src');
-  await mkdir(join(appSource, 'bin'), { recursive: true });
-  await writeFile(join(appSource, 'bin', 'tool'), randomContent(3, 300_000));
-  await writeFile(join(appSource, 'data.bin'), randomContent(4, 100_000));
-  await writeFile(join(appSource, 'README'), randomContent(5, 5_000));
-  const manifest = await buildApp(store, { name: 'app', sourceDir: appSource, version: '1' });
-  const record = newDesktopRecord('base', 'desktops/alice');
-  return { store, desktopDir, basePath, userPath, record, appSource, manifest };
-}
-
-/** Allocate the app's placeholders "in the guest": written files whose blocks are then zeroed. */
-async function allocateOffline(desktop: Desktop, scratch: string): Promise<void> {
-  const commands: string[] = [];
-  for (const dir of desktop.manifest.directories.map((d) => d.path)) {
-    const parts = dir.split('/').filter(Boolean);
-    for (let i = 1; i <= parts.length; i++) commands.push(`mkdir /${parts.slice(0, i).join('/')}`);
-  }
-  for (const file of desktop.manifest.files) {
-    const filler = join(scratch, `fill-${file.size}`);
-    await writeFile(filler, Buffer.alloc(file.size, 0xa5)); // non-zero, so debugfs allocates every block
-    commands.push(`write ${filler} ${file.path}`, `sif ${file.path} mode 0${(0o100000 | file.mode).toString(8)}`);
-  }
-  const unique = [...new Set(commands)].filter((c) => !/^mkdir \/(opt)?$/.test(c) || c === 'mkdir /opt');
-  await guestChange(desktop.userPath, scratch, unique, async (rawPath, raw) => {
-    // The guest writes zeros over every block, so they land in the user delta.
-    const forced: Array<{ offset: number; length: number }> = [];
-    for (const file of desktop.manifest.files) {
-      for (const range of await debugfsExtents(rawPath, file.path, BLOCK)) {
-        raw.fill(0, range.offset, range.offset + range.length);
-        forced.push(range);
-      }
-    }
-    return { raw, forced };
-  });
-}
-
-/**
- * Allocate the app's placeholders as fallocate(2) does in the guest: unwritten extents of the
- * exact size, no data written. Their blocks then get stale bytes in the user delta, like blocks
- * of long-deleted user files: the recompose must never let those show.
- */
-async function allocateFallocated(desktop: Desktop, scratch: string): Promise<void> {
-  const commands: string[] = [];
-  for (const dir of desktop.manifest.directories.map((d) => d.path)) {
-    const parts = dir.split('/').filter(Boolean);
-    for (let i = 1; i <= parts.length; i++) commands.push(`mkdir /${parts.slice(0, i).join('/')}`);
-  }
-  for (const file of desktop.manifest.files) {
-    const blocks = Math.ceil(file.size / BLOCK);
-    commands.push(`write /dev/null ${file.path}`, `sif ${file.path} mode 0${(0o100000 | file.mode).toString(8)}`);
-    if (blocks > 0) commands.push(`fallocate ${file.path} 0 ${blocks - 1}`, `sif ${file.path} size ${file.size}`);
-  }
-  const unique = [...new Set(commands)].filter((c) => !/^mkdir \/(opt)?$/.test(c) || c === 'mkdir /opt');
-  await guestChange(desktop.userPath, scratch, unique, async (rawPath, raw) => {
-    const forced: Array<{ offset: number; length: number }> = [];
-    for (const file of desktop.manifest.files) {
-      for (const range of await debugfsExtents(rawPath, file.path, BLOCK)) {
-        for (let i = range.offset; i < range.offset + range.length; i++) raw[i] = (i * 7 + 13) & 0xff;
-        forced.push(range);
-      }
-    }
-    return { raw, forced };
-  });
-}
-
-/** `expected` with debugfs's own flip of each placeholder applied: the oracle for a whole assign. */
-async function withDebugfsFlip(expected: Buffer, paths: string[], scratch: string): Promise<Buffer> {
-  const raw = join(scratch, 'oracle.raw');
-  await writeFile(raw, expected);
-  for (const path of paths) await debugfsFlip(raw, path);
-  return readFile(raw);
-}
-
-async function locate(desktop: Desktop, manifests: AppManifest[]): Promise<LocatedFile[]> {
-  const chain = await openChain(desktop.userPath, { allowedDirectories: [desktop.store.root] });
-  try {
-    return await locatePlaceholders(await openGuestFilesystem(chain), chain, manifests);
-  } finally {
-    await chain.close();
-  }
-}
-
-function context(desktop: Desktop, persisted: { json: string }, fs = nodeFileSystem): RecomposeContext {
-  return {
-    desktopDir: desktop.desktopDir,
-    basePath: desktop.basePath,
-    allowedDirectories: [desktop.store.root],
-    record: desktop.record,
-    payloadPath: (app) => desktop.store.path('apps', ...app.split('@'), 'payload.bin'),
-    persist: async () => {
-      persisted.json = JSON.stringify(desktop.record);
-    },
-    fs,
-  };
-}
-
-/** What the disk must read after assigning: `before`, with each file's bytes (zero-padded) at its extents. */
-async function expectedAfterAssign(before: Buffer, located: LocatedFile[], source: string, prefix: string): Promise<Buffer> {
-  const expected = Buffer.from(before);
-  for (const file of located) {
-    const content = await readFile(join(source, file.path.slice(prefix.length + 1)));
-    for (const extent of file.extents) {
-      expected.fill(0, extent.diskOffset, extent.diskOffset + extent.length);
-      content.copy(expected, extent.diskOffset, extent.fileOffset, Math.min(content.length, extent.fileOffset + extent.length));
-    }
-  }
-  return expected;
-}
-
-async function assertCleanImages(paths: string[]): Promise<void> {
-  for (const path of paths) {
-    const report = await qemuCheck(path);
-    expect({ path, corruptions: report.corruptions, leaks: report.leaks, exit: report.exitCode }).toEqual({ path, corruptions: 0, leaks: 0, exit: 0 });
-  }
-}
+import { debugfsExtents, debugfsLeaves, debugfsRead, guestChange } from '../helpers/offline-guest.js';
+import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, sha256, tempDir } from '../helpers/qemu.js';
+import {
+  BLOCK,
+  allocateFallocated,
+  allocateOffline,
+  assertCleanImages,
+  context,
+  expectedAfterAssign,
+  locate,
+  makeDesktop,
+  randomContent,
+  withDebugfsFlip,
+  type Desktop,
+} from './desktop-fixture.js';
 
 describe('recompose (offline guest)', () => {
   let temp: { dir: string; cleanup: () => Promise<void> };
