@@ -11,7 +11,7 @@ import { LayerError } from './errors.js';
 import { runGuestScript, shellQuote } from './guest-script.js';
 import { locatePlaceholders } from './locate.js';
 import { checkName } from './names.js';
-import { checkPathConflicts, planAssign, planUnassign } from './plan.js';
+import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
 import { appsLayerName, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime } from './runtime.js';
 import { newDesktopRecord, type BaseRecord, type DesktopRecord, type StoreState } from './state.js';
@@ -265,6 +265,40 @@ export interface AssignResult {
   report: RecomposeReport;
 }
 
+/** Allocate placeholders in the running guest and say how it went. */
+async function allocateLogged(runtime: DesktopRuntime, handle: DesktopHandle, manifests: AppManifest[], log: Log): Promise<AllocationResult> {
+  log(`allocating ${manifests.reduce((n, m) => n + m.files.length, 0)} placeholder files in the guest`);
+  const allocation = await allocatePlaceholders(runtime.shell(handle), manifests);
+  if (allocation.helperSkipped) log(`guest helper not used: ${allocation.helperSkipped}`);
+  log(
+    `allocated ${allocation.files} placeholders in the guest with the ${allocation.method} (fallocate: ${allocation.fallocated}, written zeros: ${allocation.zeroFilled}` +
+      `${allocation.kept ? `, kept from an interrupted assign: ${allocation.kept}` : ''}; ${allocation.processes} guest processes)`,
+  );
+  return allocation;
+}
+
+/**
+ * The assign of one desktop, for a caller that holds the store lock and shares `state` (several
+ * desktops may run this at once on one state: each changes only its own record, and every
+ * write stores the whole state in order).
+ */
+export async function assignLocked(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, manifests: AppManifest[], log: Log = quiet): Promise<AssignResult> {
+  const record = idleDesktopRecord(state, name);
+  checkPathConflicts(record, manifests); // before anything happens in the guest
+  const handle = desktopHandle(store, state, name);
+  await ensureRunning(runtime, handle, name, log);
+  const allocation = await allocateLogged(runtime, handle, manifests, log);
+  log(`shutting ${name} down`);
+  await runtime.stop(handle);
+  await assertNotInUse(runtime, handle, 'assign');
+  log('locating placeholders offline');
+  const located = await locateOffline(store, handle, manifests);
+  record.recompose = planAssign(record, manifests, located);
+  await store.writeState(state);
+  const report = await recomposeRecorded(store, state, name, log);
+  return { apps: manifests.map(appKey), allocation, located: located.length, report };
+}
+
 /**
  * Assign apps: allocate their placeholders in the running desktop (started if needed), shut it
  * down, locate the placeholders offline, and recompose. The whole operation holds the store lock.
@@ -272,27 +306,48 @@ export interface AssignResult {
 export async function assignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AssignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    const record = idleDesktopRecord(state, name);
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
-    checkPathConflicts(record, manifests); // before anything happens in the guest
+    return assignLocked(store, state, runtime, name, manifests, log);
+  });
+}
+
+export interface UpdateResult extends AssignResult {
+  /** The version replaced (name@version). */
+  replaced: string;
+}
+
+/**
+ * Replace an assigned app by another version in one guest session: the old version's files are
+ * deleted and the new one's placeholders allocated while the desktop runs once, then one
+ * shutdown and one recompose (an unassign and an assign would boot it twice).
+ */
+export async function updateApp(store: Store, runtime: DesktopRuntime, name: string, ref: string, log: Log = quiet): Promise<UpdateResult> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    const record = idleDesktopRecord(state, name);
+    const next = await resolveApp(store, ref);
+    const current = record.apps.find((a) => a.split('@')[0] === next.name);
+    if (!current) throw new LayerError('update.not-assigned', `desktop ${name} has no version of ${next.name} to update (assign it: qlayer desktop assign ${name} ${ref})`);
+    if (current === appKey(next)) throw new LayerError('update.same-version', `desktop ${name} already has ${current}`);
+    const old = await resolveApp(store, current);
+    const without = planUnassign(record, [current]); // the record as it is once the old version is gone
+    checkPathConflicts({ apps: without.apps, files: without.files }, [next]);
     const handle = desktopHandle(store, state, name);
     await ensureRunning(runtime, handle, name, log);
-    log(`allocating ${manifests.reduce((n, m) => n + m.files.length, 0)} placeholder files in the guest`);
-    const allocation = await allocatePlaceholders(runtime.shell(handle), manifests);
-    if (allocation.helperSkipped) log(`guest helper not used: ${allocation.helperSkipped}`);
-    log(
-      `allocated ${allocation.files} placeholders in the guest with the ${allocation.method} (fallocate: ${allocation.fallocated}, written zeros: ${allocation.zeroFilled}` +
-        `${allocation.kept ? `, kept from an interrupted assign: ${allocation.kept}` : ''}; ${allocation.processes} guest processes)`,
-    );
+    log(`deleting ${current} in the guest`);
+    await removeAppFiles(runtime.shell(handle), [old]);
+    const allocation = await allocateLogged(runtime, handle, [next], log);
     log(`shutting ${name} down`);
     await runtime.stop(handle);
-    await assertNotInUse(runtime, handle, 'assign');
+    await assertNotInUse(runtime, handle, 'update');
+    const newPaths = new Set(next.files.map((f) => f.path));
+    await assertGoneOffline(store, handle, old.files.map((f) => f.path).filter((p) => !newPaths.has(p)));
     log('locating placeholders offline');
-    const located = await locateOffline(store, handle, manifests);
-    record.recompose = planAssign(record, manifests, located);
+    const located = await locateOffline(store, handle, [next]);
+    record.recompose = planUpdate(record, current, next, located);
     await store.writeState(state);
     const report = await recomposeRecorded(store, state, name, log);
-    return { apps: manifests.map(appKey), allocation, located: located.length, report };
+    return { apps: [appKey(next)], replaced: current, allocation, located: located.length, report };
   });
 }
 

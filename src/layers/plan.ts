@@ -60,3 +60,23 @@ export function planUnassign(record: DesktopRecord, apps: string[]): RecomposePl
     newlyAssigned: [],
   };
 }
+
+/**
+ * The plan that replaces app `current` (name@version) by `next`, whose placeholders are located:
+ * the old version's blocks were freed by the guest (they may now hold the new placeholders),
+ * the new files take its place in the assignment order.
+ */
+export function planUpdate(record: DesktopRecord, current: string, next: AppManifest, located: LocatedFile[]): RecomposePlan {
+  const removal = planUnassign(record, [current]);
+  checkPathConflicts({ apps: removal.apps, files: removal.files }, [next]);
+  const at = record.apps.indexOf(current);
+  const apps = [...record.apps];
+  apps.splice(at, 1, appKey(next));
+  return {
+    ...basePlan(record),
+    apps,
+    files: [...removal.files, ...located],
+    removedExtents: removal.removedExtents,
+    newlyAssigned: located.map((f) => f.path),
+  };
+}

@@ -66,11 +66,25 @@ export class Store {
     return state;
   }
 
-  /** Replace the state file atomically: temp file, fsync, rename, fsync the folder. */
-  async writeState(state: StoreState): Promise<void> {
+  /** State writes of this process, in order: desktops assigned in parallel share one state. */
+  private stateWrites: Promise<void> = Promise.resolve();
+
+  /**
+   * Replace the state file atomically (temporary file, fsync, rename, fsync the folder). Calls
+   * are queued, so concurrent writers in this process never share the temporary file and the
+   * last call's state is what stays.
+   */
+  writeState(state: StoreState): Promise<void> {
+    const snapshot = `${JSON.stringify(state, null, 2)}\n`;
+    const write = this.stateWrites.then(() => this.writeStateNow(snapshot));
+    this.stateWrites = write.catch(() => undefined);
+    return write;
+  }
+
+  private async writeStateNow(text: string): Promise<void> {
     const target = this.path(STATE_FILE);
     const temporary = `${target}.${process.pid}.tmp`;
-    await writeFile(temporary, `${JSON.stringify(state, null, 2)}\n`, { mode: 0o644 });
+    await writeFile(temporary, text, { mode: 0o644 });
     await fsyncPath(temporary);
     await rename(temporary, target);
     await fsyncPath(this.root, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);

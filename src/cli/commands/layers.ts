@@ -15,9 +15,12 @@ import {
   startDesktop,
   stopDesktop,
   unassignApps,
+  updateApp,
   verifyDesktop,
+  type AssignResult,
   type DesktopView,
 } from '../../layers/desktops.js';
+import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../layers/fleet.js';
 import type { RecomposeReport } from '../../layers/recompose.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
@@ -47,11 +50,29 @@ function describeRecompose(report: RecomposeReport | null): string {
   if (!report) return 'nothing to recompose';
   return [
     `recomposed onto ${report.appsLayer}${report.resumed ? ' (finished an interrupted run)' : ''}`,
-    `  app bytes written to the apps layer: ${mib(report.appBytesWritten)}`,
+    `  app bytes in the apps layer: ${mib(report.appBytesWritten)} (shared with the app payloads: ${mib(report.bytesSharedWithPayloads)}, written: ${mib(report.bytesCopiedIntoAppsLayer)})`,
+    ...(report.cloneUnavailable && report.appBytesWritten ? [`  not shared: ${report.cloneUnavailable}`] : []),
+    ...(report.extentsMarkedWritten ? [`  placeholder extents marked written: ${report.extentsMarkedWritten}`] : []),
     `  user clusters now read from the apps layer: ${report.clustersDropped}`,
     `  app bytes patched into partly covered user clusters: ${report.bytesPatchedInUserDelta}`,
     ...(report.leakedClustersReclaimed ? [`  leaked clusters reclaimed: ${report.leakedClustersReclaimed}`] : []),
   ].join('\n');
+}
+
+function describeFleet(outcomes: FleetOutcome[]): string {
+  const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
+  const detail = (o: FleetOutcome): string => {
+    if (o.status === 'assigned') {
+      const r = o.result as AssignResult;
+      return `${r.located} files, ${mib(r.report.bytesSharedWithPayloads)} shared, ${mib(r.report.bytesCopiedIntoAppsLayer)} written`;
+    }
+    return `${o.reason ?? ''}${o.resume ? ` (finish with: ${o.resume})` : ''}`;
+  };
+  const rows = outcomes.map((o) => [o.desktop, o.status, seconds(o.elapsedMs), detail(o)]);
+  const widths = [0, 1, 2].map((i) => Math.max(...rows.map((r) => r[i]!.length), ['desktop', 'result', 'time'][i]!.length));
+  const line = (cells: string[]): string => cells.map((c, i) => (i < 3 ? c.padEnd(widths[i]!) : c)).join('  ');
+  const failed = outcomes.filter((o) => o.status === 'failed').length;
+  return [line(['desktop', 'result', 'time', 'detail']), ...rows.map(line), `${outcomes.length - failed} of ${outcomes.length} desktops done${failed ? `, ${failed} failed` : ''}`].join('\n');
 }
 
 export function registerLayerCommands(program: Command): void {
@@ -171,13 +192,42 @@ export function registerLayerCommands(program: Command): void {
   storeOptions(
     desktop
       .command('assign')
-      .description('assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose')
+      .description(
+        'assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose. ' +
+          'With --desktops or --all, every APP argument is an app and the desktops go a few at a time; one failing leaves the others done',
+      )
+      .usage('[options] NAME APP[@VERSION]...  |  --desktops A,B,... APP[@VERSION]...  |  --all APP[@VERSION]...')
+      .argument('<name>', 'the desktop (an app when --desktops or --all is given)')
+      .argument('[apps...]', 'APP or APP@VERSION')
+      .option('--desktops <list>', 'comma-separated desktops to assign to')
+      .option('--all', 'every desktop in the store (those that already have the app are skipped)')
+      .option('--parallel <n>', 'desktops at once (default: one per core, within free memory)'),
+  ).action(async (name: string, apps: string[], options: StoreCommandOptions & { desktops?: string; all?: boolean; parallel?: string }) => {
+    const { store, runtime, config } = await openContext(options);
+    if (options.desktops === undefined && !options.all) {
+      if (!apps.length) throw new QlayerError('cli.usage', 'name at least one app to assign: qlayer desktop assign NAME APP[@VERSION]...');
+      const result = await assignApps(store, runtime, name, apps, stepLogger(options));
+      printResult(options, result, () => `assigned ${result.apps.join(', ')} (${result.located} files)\n${describeRecompose(result.report)}`);
+      return;
+    }
+    if (options.desktops !== undefined && options.all) throw new QlayerError('cli.usage', 'give --desktops or --all, not both');
+    const names = options.all ? 'all' : options.desktops!.split(',').map((d) => d.trim()).filter(Boolean);
+    const parallel = options.parallel === undefined ? defaultParallelism(config.guest.memoryMiB) : Number(options.parallel);
+    const step = stepLogger(options);
+    const outcomes = await assignToDesktops(store, runtime, names, [name, ...apps], { parallel, log: (desktop, message) => step(`[${desktop}] ${message}`) });
+    printResult(options, { parallel, desktops: outcomes }, () => describeFleet(outcomes));
+    if (outcomes.some((o) => o.status === 'failed')) process.exitCode = 1;
+  });
+  storeOptions(
+    desktop
+      .command('update')
+      .description('replace an assigned app by another version in one boot: delete the old files and allocate the new ones in the same guest session, then one shutdown and one recompose')
       .argument('<name>')
-      .argument('<apps...>', 'APP or APP@VERSION'),
-  ).action(async (name: string, apps: string[], options: StoreCommandOptions) => {
+      .argument('<app>', 'APP@VERSION (or APP for its newest version)'),
+  ).action(async (name: string, ref: string, options: StoreCommandOptions) => {
     const { store, runtime } = await openContext(options);
-    const result = await assignApps(store, runtime, name, apps, stepLogger(options));
-    printResult(options, result, () => `assigned ${result.apps.join(', ')} (${result.located} files)\n${describeRecompose(result.report)}`);
+    const result = await updateApp(store, runtime, name, ref, stepLogger(options));
+    printResult(options, result, () => `updated ${result.replaced} to ${result.apps[0]} (${result.located} files)\n${describeRecompose(result.report)}`);
   });
   storeOptions(
     desktop
