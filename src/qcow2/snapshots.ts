@@ -4,6 +4,7 @@
  * image's read path with that L1.
  */
 import type { HostFile } from '../io/host-file.js';
+import type { L1View } from './cluster-map.js';
 import { Qcow2Error } from './errors.js';
 import { MAX_L1_BYTES, readU64 } from './header.js';
 
@@ -88,4 +89,26 @@ export async function readSnapshotTable(
     at = Math.ceil(entryEnd / 8) * 8;
   }
   return snapshots;
+}
+
+/**
+ * The L1 table of snapshot `idOrName` (id first, then name) of the image at `path`, mapping the
+ * disk size recorded with the snapshot (`currentSize` when none was).
+ */
+export async function readSnapshotL1(
+  file: HostFile,
+  path: string,
+  list: SnapshotInfo[],
+  idOrName: string,
+  currentSize: number,
+  l2Coverage: number,
+): Promise<L1View> {
+  const snap = list.find((s) => s.id === idOrName) ?? list.find((s) => s.name === idOrName);
+  if (!snap) throw new Qcow2Error('qcow2.no-such-snapshot', `${path}: no snapshot with id or name "${idOrName}"`);
+  const size = snap.diskSize ?? currentSize;
+  const needed = Math.ceil(size / l2Coverage);
+  if (snap.l1Size < needed) throw new Qcow2Error('qcow2.corrupt', `${path}: snapshot ${snap.id} L1 table (${snap.l1Size}) is too small for its disk size ${size}`);
+  const table = new Uint8Array(snap.l1Size * 8);
+  await file.read(table, snap.l1TableOffset);
+  return { table, view: new DataView(table.buffer), size, entries: snap.l1Size };
 }
