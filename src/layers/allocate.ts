@@ -128,16 +128,21 @@ export interface AllocationResult extends AllocationCounts {
 }
 
 /**
- * Runs the uploaded helper and removes it whatever happens, in one guest-exec. Its exit code
- * is the helper's, or the shell's 126/127 when the binary cannot run there.
+ * Runs the uploaded helper ($1) and removes it whatever happens, in one guest-exec. The helper is
+ * built for the host's machine ($2): a guest of another (uname -m) exits 127 without running
+ * it, since a busybox sh would run a binary it cannot exec as a shell script. Otherwise the
+ * exit code is the helper's, or the shell's 126/127 when it cannot run (a noexec mount).
  */
-const HELPER_WRAPPER = 'chmod 700 "$1" && "$1"; rc=$?; rm -f "$1"; exit $rc';
-const HELPER_PROCESSES = 4;
+export const HELPER_WRAPPER = 'm=$(uname -m); if [ "$m" = "$2" ]; then chmod 700 "$1" && "$1"; rc=$?; else echo "guest machine $m, helper built for $2" >&2; rc=127; fi; rm -f "$1"; exit $rc';
+/** sh, uname, chmod, the helper, rm. */
+const HELPER_PROCESSES = 5;
+/** The helper's machine as uname -m names it: the host's, since build-native compiles it here. */
+const HELPER_MACHINE: string = ({ x64: 'x86_64', arm64: 'aarch64', ia32: 'i686', riscv64: 'riscv64', s390x: 's390x', ppc64: 'ppc64le' } as Record<string, string>)[process.arch] ?? process.arch;
 const HELPER_TAG = 'qlayer-guest-alloc: ';
 
 /**
  * Upload the helper into a tmpfs (/run; /tmp when /run cannot take it) under a name no one else
- * uses. Returns the guest path, or null with the reason when no upload worked (an agent without
+ * uses. Returns the guest path, or the reason when no upload worked (an agent that forbids
  * guest-file-write, say).
  */
 async function uploadHelper(guest: GuestShell, binary: Buffer): Promise<{ path: string } | { reason: string }> {
@@ -163,10 +168,9 @@ async function allocateWithHelper(guest: GuestShell, manifests: AppManifest[], h
   const upload = await uploadHelper(guest, await readFile(helper));
   if ('reason' in upload) return upload;
   const input = helperManifest(manifests, options.placeholders ?? 'auto');
-  const result = await guest.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', upload.path], options.timeoutMs === undefined ? { input } : { input, timeoutMs: options.timeoutMs });
-  // 126/127: not executable there (another architecture, a noexec mount). A busybox sh runs a
-  // binary it cannot exec as a script instead, so any failure without the helper's own tag
-  // on stderr also means the helper never ran.
+  const result = await guest.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', upload.path, HELPER_MACHINE], options.timeoutMs === undefined ? { input } : { input, timeoutMs: options.timeoutMs });
+  // 126/127: not run there (another machine, a noexec mount). Any other failure without the
+  // helper's own tag on stderr also means it never ran (say, the shell killed).
   if (result.exitCode !== 0 && (result.exitCode === 126 || result.exitCode === 127 || !result.stderr.includes(HELPER_TAG))) {
     const detail = (result.stderr || result.stdout).trim().split('\n')[0] ?? '';
     return { reason: `helper could not run in the guest (exit ${result.exitCode}${detail ? `: ${detail.slice(0, 200)}` : ''})` };

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { allocatePlaceholders, allocationScript, removalScript } from '../../src/layers/allocate.js';
+import { HELPER_WRAPPER, allocatePlaceholders, allocationScript, removalScript } from '../../src/layers/allocate.js';
 import type { AppManifest } from '../../src/layers/app.js';
 import { guestHelperPath, helperManifest, parseAllocatedLine } from '../../src/layers/guest-alloc.js';
 import { GUEST_EXIT, runGuestScript, shellQuote, type GuestShell } from '../../src/layers/guest-script.js';
@@ -260,7 +260,7 @@ describe('allocatePlaceholders: helper first, the script where the helper cannot
     const manifest = nastyManifest(root);
     const before = readdirSync('/tmp').filter((n) => n.startsWith('.qlayer-guest-alloc-'));
     const result = await allocatePlaceholders(busybox, [manifest]);
-    expect(result).toMatchObject({ method: 'helper', files: 4, fallocated: 3, zeroFilled: 0, empty: 1, processes: 4 });
+    expect(result).toMatchObject({ method: 'helper', files: 4, fallocated: 3, zeroFilled: 0, empty: 1, processes: 5 });
     expect(readdirSync('/tmp').filter((n) => n.startsWith('.qlayer-guest-alloc-'))).toEqual(before);
     for (const line of await extentLines(manifest.files[0]!.path)) expect(line).toMatch(/unwritten/);
     // A foreign file is refused with the path named, without the helper's tag.
@@ -288,6 +288,21 @@ describe('allocatePlaceholders: helper first, the script where the helper cannot
       rmSync(root, { recursive: true, force: true });
     }
     rmSync(fakes, { recursive: true, force: true });
+  });
+
+  it('the wrapper never runs a helper built for another machine (exit 127), and removes it either way', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qlayer-alloc-wrapper-'));
+    const fake = join(dir, 'helper');
+    const ran = join(dir, 'ran');
+    const machine = (await execa('uname', ['-m'])).stdout.trim();
+    for (const [built, exitCode] of [['aarch64-or-other', 127], [machine, 0]] as const) {
+      writeFileSync(fake, `#!/bin/sh\ntouch ${shellQuote(ran)}\n`);
+      const result = await busybox.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', fake, built]);
+      expect(result.exitCode).toBe(exitCode);
+      expect(existsSync(ran)).toBe(exitCode === 0);
+      expect(existsSync(fake)).toBe(false);
+    }
+    rmSync(dir, { recursive: true, force: true });
   });
 
   it('the script writes zeros with grouped chmod/chown: a few programs per file at most, whatever the count', async () => {
