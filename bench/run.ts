@@ -4,10 +4,10 @@
  * one (ext4 lookups, recompose...), write bench/<name>.ts calling registerBenchSection() and
  * import it below.
  *
- *   node dist/bench/run.js [--runs N] [--filter TEXT] [--json] [--recompose-sizes 10,100,1024]
+ *   node dist/bench/run.js [--runs N] [--filter TEXT] [--json] [--assign-sizes 10,100,1024,4096] [--no-fleet]
  *
- * The recompose section boots real guests (libvirt, TCG) and runs once per size; it is selected
- * like the others with --filter recompose.
+ * The assign section boots real guests (libvirt, TCG), runs once per size, then measures host
+ * bytes per desktop and ten desktops; it is selected like the others with --filter assign.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { formatTable, runBench } from './harness.js';
 import './qcow2-ops.js';
 import './fs-lookups.js';
-import { formatRecomposeTable, runRecomposeBench, type RecomposeBenchRow } from './recompose.js';
+import { formatAssignBench, runAssignBench, type AssignBench } from './recompose.js';
 
 export { registerBenchSection, runBench, formatTable, type BenchSection, type BenchCase, type BenchRow } from './harness.js';
 
@@ -30,22 +30,23 @@ async function main(): Promise<number> {
   const json = process.argv.includes('--json');
   const log = json ? undefined : (line: string): void => void process.stderr.write(`${line}\n`);
   const rows = await runBench({ runs, filter, ...(log ? { log } : {}) });
-  let recompose: RecomposeBenchRow[] = [];
-  if (!filter || 'recompose'.includes(filter) || filter.startsWith('recompose')) {
-    const sizes = (argValue('--recompose-sizes') ?? '10,100,1024').split(',').map((mib) => Number(mib) * 1024 * 1024);
-    const workDir = await mkdtemp(join(tmpdir(), 'qlayer-bench-recompose-'));
+  let assign: AssignBench | null = null;
+  if (!filter || 'assign'.includes(filter) || filter.startsWith('assign') || filter.startsWith('recompose')) {
+    const sizes = (argValue('--assign-sizes') ?? argValue('--recompose-sizes') ?? '10,100,1024,4096').split(',').map((mib) => Number(mib) * 1024 * 1024);
+    const workDir = await mkdtemp(join(tmpdir(), 'qlayer-bench-assign-'));
     try {
-      recompose = await runRecomposeBench({ sizes, workDir, ...(log ? { log } : {}) });
+      assign = await runAssignBench({ sizes, workDir, fleet: !process.argv.includes('--no-fleet'), ...(log ? { log } : {}) });
     } finally {
       await rm(workDir, { recursive: true, force: true });
     }
   }
-  if (json) process.stdout.write(`${JSON.stringify({ operations: rows, recompose }, null, 2)}\n`);
+  if (json) process.stdout.write(`${JSON.stringify({ operations: rows, assign }, null, 2)}\n`);
   else {
     process.stdout.write(`\nbest of ${runs}; ratio < 1 means qlayer is faster\n${formatTable(rows)}\n`);
-    if (recompose.length) process.stdout.write(`\nassigning an app to a running desktop, against copying its files in inside the guest (TCG)\n${formatRecomposeTable(recompose)}\n`);
+    if (assign) process.stdout.write(`\n${formatAssignBench(assign)}\n`);
   }
-  return rows.some((r) => r.error) || recompose.some((r) => !r.verified) ? 1 : 0;
+  const assignFailed = assign !== null && (assign.rows.some((r) => !r.verified) || assign.fleet?.verified === false);
+  return rows.some((r) => r.error) || assignFailed ? 1 : 0;
 }
 
 // Run only as the entry point, so other code can import the registry.
