@@ -1,15 +1,15 @@
 /**
  * A backing chain opened from its top image: every layer opened (shared layers read-only),
  * each qcow2 layer's unallocated reads wired to the layer below, and the whole exposed as one
- * ByteSource. Names are resolved and confined by confine.ts; formats are never probed.
+ * ByteSource. Every backing and data file is resolved, confined and opened by one
+ * NamedFilePolicy (src/qcow2/named-files.ts); formats are never probed.
  */
 import { stat } from 'node:fs/promises';
 import type { ByteSource } from '../io/byte-source.js';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
 import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { resolveReferencedPath } from '../qcow2/referenced-names.js';
-import { confinePath } from './confine.js';
+import { NamedFilePolicy } from '../qcow2/named-files.js';
 
 export type LayerFormat = 'qcow2' | 'raw';
 
@@ -30,8 +30,11 @@ export interface ChainLayer {
 }
 
 export interface OpenChainOptions {
-  /** With these, every backing and external data file must be inside one of them (after realpath). */
-  allowedDirectories?: string[];
+  /**
+   * Folders whose files the chain may name, besides the top image's own folder tree: every
+   * backing and external data file must be inside one of these (after realpath).
+   */
+  allowedDirectories?: readonly string[];
   /** Most layers in the chain, top included (default 16). */
   maxDepth?: number;
   /** Open the top image writable (default false). Lower layers are always read-only. */
@@ -99,34 +102,37 @@ function normalizeFormat(format: string, referrer: string): LayerFormat {
 export async function openChain(topPath: string, options: OpenChainOptions = {}): Promise<Chain> {
   const fs = options.fs ?? nodeFileSystem;
   const maxDepth = options.maxDepth ?? 16;
-  const allowed = options.allowedDirectories;
+  const writableTop = options.writableTop ?? false;
+  const policy = await NamedFilePolicy.forImage(topPath, { allowedDirectories: options.allowedDirectories, fs });
   const layers: ChainLayer[] = [];
   const rawFiles: HostFile[] = [];
   const seen = new Set<string>();
   const chain = new Chain(layers, rawFiles);
+  // The file opened for the next layer and not yet owned by one (closed if anything fails).
+  let pending: HostFile | null = null;
   try {
     let path = topPath;
     let format: LayerFormat = options.topFormat ?? 'qcow2';
-    let realPath = await confinePath(topPath, undefined, 'image');
+    // The top is opened as the user named it; every file below it by the policy, once each.
+    const top = await policy.openTop(topPath, writableTop ? 'write' : 'read');
+    pending = top.file;
+    let realPath = top.realPath;
     for (let depth = 0; ; depth++) {
       if (depth >= maxDepth) throw new ChainError('chain.too-deep', `${topPath}: backing chain is deeper than ${maxDepth} layers`);
       const info = await stat(realPath);
       const identity = `${info.dev}:${info.ino}`;
       if (seen.has(identity)) throw new ChainError('chain.loop', `${topPath}: backing chain loops back to ${realPath}`);
       seen.add(identity);
-      const writable = depth === 0 && (options.writableTop ?? false);
+      const writable = depth === 0 && writableTop;
+      const file: HostFile = pending!;
+      pending = null;
       if (format === 'raw') {
-        const file = await fs.open(path, writable ? 'write' : 'read');
         rawFiles.push(file);
         const size = await file.length();
         layers.push({ path, realPath, format, image: null, source: new RawLayerSource(file, size), size, depth });
         break;
       }
-      const image = await Qcow2Image.open(path, {
-        fs,
-        writable,
-        resolveDataFile: (_name, resolved) => confinePath(resolved, allowed, `${path}: external data file`),
-      });
+      const image = await Qcow2Image.open(path, { fs, writable, namedFiles: policy, opened: file });
       layers.push({ path, realPath, format, image, source: image, size: image.size, depth });
       const backingName = image.backingFile;
       if (backingName === null) break;
@@ -135,9 +141,10 @@ export async function openChain(topPath: string, options: OpenChainOptions = {})
         throw new ChainError('chain.missing-backing-format', `${path}: backing file "${backingName}" has no backing format recorded; formats are never probed (pass assumeBackingFormat, or rebase with an explicit format)`);
       }
       format = normalizeFormat(stored ?? options.assumeBackingFormat!, path);
-      const resolved = resolveReferencedPath(backingName, path, `${path}: backing file`);
-      realPath = await confinePath(resolved, allowed, `${path}: backing file`);
-      path = resolved;
+      const next = await policy.open(backingName, path, 'backing file', 'read');
+      pending = next.file;
+      path = next.path;
+      realPath = next.realPath;
     }
     // Wire each qcow2 layer's unallocated reads to the layer below.
     for (let i = 0; i + 1 < layers.length; i++) {
@@ -146,6 +153,7 @@ export async function openChain(topPath: string, options: OpenChainOptions = {})
     }
     return chain;
   } catch (error) {
+    await pending?.close().catch(() => undefined);
     await chain.close().catch(() => undefined);
     throw error;
   }

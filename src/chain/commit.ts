@@ -15,12 +15,14 @@ import type { FileSystemAccess, HostFile } from '../io/host-file.js';
 import { nodeFileSystem } from '../io/host-file.js';
 import { Qcow2Error } from '../qcow2/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { resolveReferencedPath } from '../qcow2/referenced-names.js';
+import { NamedFilePolicy } from '../qcow2/named-files.js';
 
 export interface CommitOptions {
   fs?: FileSystemAccess;
   /** Keep the top image's content instead of emptying it (-d). */
   keepTop?: boolean;
+  /** Folders (besides the image's folder tree) that its backing and data files may be in. */
+  allowedDirectories?: readonly string[];
   progress?: (done: number, total: number) => void;
 }
 
@@ -37,7 +39,8 @@ type Target = { kind: 'qcow2'; image: Qcow2Image } | { kind: 'raw'; file: HostFi
 
 export async function commitImage(path: string, options: CommitOptions = {}): Promise<CommitResult> {
   const fs = options.fs ?? nodeFileSystem;
-  const top = await Qcow2Image.open(path, { fs, writable: !options.keepTop });
+  const policy = await NamedFilePolicy.forImage(path, { allowedDirectories: options.allowedDirectories, fs });
+  const top = await Qcow2Image.open(path, { fs, writable: !options.keepTop, namedFiles: policy });
   let target: Target | null = null;
   try {
     const name = top.backingFile;
@@ -46,10 +49,12 @@ export async function commitImage(path: string, options: CommitOptions = {}): Pr
     if (format !== 'qcow2' && format !== 'raw') {
       throw new Qcow2Error('qcow2.bad-argument', `${path}: backing format ${format === null ? '(none recorded)' : `"${format}"`} cannot be committed into; formats are never probed`);
     }
-    const backingPath = resolveReferencedPath(name, path, 'backing file');
+    // Commit writes into the backing file: the policy decides which file that may be, as for a read.
+    const backing = await policy.open(name, path, 'backing file', 'write');
+    const backingPath = backing.path;
     target = format === 'qcow2'
-      ? { kind: 'qcow2', image: await Qcow2Image.open(backingPath, { fs, writable: true }) }
-      : { kind: 'raw', file: await fs.open(backingPath, 'write') };
+      ? { kind: 'qcow2', image: await Qcow2Image.open(backingPath, { fs, writable: true, namedFiles: policy, opened: backing.file }) }
+      : { kind: 'raw', file: backing.file };
     const size = top.size;
     // A larger top grows its backing file, as qemu-img commit does.
     if (target.kind === 'qcow2' && target.image.size < size) await target.image.growVirtualSize(size);

@@ -1,2 +1,3 @@
 export * from './chain.js';
-export * from './confine.js';
+// Resolving and confining the files an image names: one policy for every reader.
+export { NamedFilePolicy, type NamedFileRole, type ResolvedName } from '../qcow2/named-files.js';

@@ -20,8 +20,7 @@ import {
   readU64,
   type Qcow2Header,
 } from '../qcow2/header.js';
-import { resolveReferencedPath } from '../qcow2/referenced-names.js';
-import { confinePath } from './confine.js';
+import { NamedFilePolicy } from '../qcow2/named-files.js';
 
 export interface QemuSnapshotInfo {
   id: string;
@@ -126,10 +125,11 @@ async function readBitmaps(file: HostFile, header: Qcow2Header): Promise<QemuBit
 }
 
 /** Info about one image file (not its backing files). `displayName` is the filename field. */
-export async function imageInfo(path: string, displayName: string, format: 'qcow2' | 'raw', fs: FileSystemAccess = nodeFileSystem): Promise<ImageInfo> {
-  const file = await fs.open(path, 'read');
+export async function imageInfo(path: string, displayName: string, format: 'qcow2' | 'raw', fs: FileSystemAccess = nodeFileSystem, opened?: HostFile): Promise<ImageInfo> {
+  // Never block on a FIFO or read a device: only regular files are images.
+  const file = opened ?? (await fs.open(path, 'read', { regularOnly: true }));
   try {
-    const st = await stat(path);
+    const st = await stat(file.path);
     const actualSize = st.blocks * 512;
     if (format === 'raw') {
       // Whole sectors, as QEMU sees a raw file.
@@ -192,28 +192,45 @@ export async function imageInfo(path: string, displayName: string, format: 'qcow
 }
 
 /**
- * Info for `path`, or with backingChain for it and every backing file below it (each backing
- * file is resolved and confined like the chain reader does, formats never probed).
+ * Info for `path`, or with backingChain for it and every backing file below it. Like qemu-img
+ * info, which opens the backing chain and the data file of every image it describes, every
+ * backing and data file name is resolved and checked by one NamedFilePolicy (confined to the
+ * image's folder tree and the allowed folders, regular files only) and refused otherwise;
+ * formats are never probed.
  */
 export async function infoImage(path: string, options: InfoOptions = {}): Promise<ImageInfo[]> {
   const fs = options.fs ?? nodeFileSystem;
+  const policy = await NamedFilePolicy.forImage(path, { allowedDirectories: options.allowedDirectories, fs });
   const out: ImageInfo[] = [];
   const seen = new Set<string>();
   let displayName = path;
   let hostPath = path;
   let format: 'qcow2' | 'raw' = options.format ?? 'qcow2';
+  let opened: { realPath: string; file: HostFile } = await policy.openTop(path, 'read');
   for (;;) {
-    const real = await confinePath(hostPath, out.length === 0 ? undefined : options.allowedDirectories, out.length === 0 ? 'image' : 'backing file');
-    if (seen.has(real)) throw new ChainError('chain.loop', `backing chain loops back to ${real}`);
+    const real = opened.realPath;
+    if (seen.has(real) || out.length >= (options.maxDepth ?? 16)) {
+      await opened.file.close();
+      if (seen.has(real)) throw new ChainError('chain.loop', `backing chain loops back to ${real}`);
+      throw new ChainError('chain.too-deep', `backing chain of ${path} is deeper than ${options.maxDepth ?? 16}`);
+    }
     seen.add(real);
-    if (out.length >= (options.maxDepth ?? 16)) throw new ChainError('chain.too-deep', `backing chain of ${path} is deeper than ${options.maxDepth ?? 16}`);
-    const info = await imageInfo(hostPath, displayName, format, fs);
+    const info = await imageInfo(hostPath, displayName, format, fs, opened.file);
     out.push(info);
-    if (!options.backingChain || info['backing-filename'] === undefined) break;
+    const dataFile = info['format-specific']?.data['data-file'];
+    if (dataFile !== undefined) await policy.resolve(dataFile, real, 'external data file');
+    const backingName = info['backing-filename'];
+    if (backingName === undefined) break;
+    if (!options.backingChain) {
+      await policy.resolve(backingName, real, 'backing file');
+      break;
+    }
     const backingFormat = info['backing-filename-format'];
-    if (backingFormat === undefined) throw new ChainError('chain.missing-backing-format', `${displayName} names backing file "${info['backing-filename']}" without a backing format; formats are never probed`);
+    if (backingFormat === undefined) throw new ChainError('chain.missing-backing-format', `${displayName} names backing file "${backingName}" without a backing format; formats are never probed`);
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') throw new ChainError('chain.unsupported-format', `${displayName}: backing format "${backingFormat}" is not supported (qcow2 or raw)`);
-    hostPath = resolveReferencedPath(info['backing-filename'], real, 'backing file');
+    const next = await policy.open(backingName, real, 'backing file', 'read');
+    opened = next;
+    hostPath = next.realPath;
     displayName = info['full-backing-filename']!;
     format = backingFormat;
   }

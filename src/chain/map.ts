@@ -23,8 +23,7 @@ import {
   type Qcow2Header,
 } from '../qcow2/header.js';
 import { decodeCompressed, entryOffset, geometry, type Geometry, COMPRESSED_HI, COPIED_HI, ZERO_LO } from '../qcow2/layout.js';
-import { resolveReferencedPath } from '../qcow2/referenced-names.js';
-import { confinePath } from './confine.js';
+import { NamedFilePolicy } from '../qcow2/named-files.js';
 
 /** What one layer says about a guest range, before looking at the layers below. */
 export type ExtentKind = 'data' | 'zero' | 'unallocated' | 'compressed';
@@ -55,8 +54,21 @@ export class MapLayer {
     private readonly rawLength = size,
   ) {}
 
-  static async open(path: string, format: 'qcow2' | 'raw', fs: FileSystemAccess, writable = false): Promise<MapLayer> {
-    const file = await fs.open(path, writable ? 'write' : 'read');
+  /**
+   * Open the layer at `path`: `opened` is its file when the policy already opened it (a backing
+   * file); without it `path` is the image the user named. The external data file is opened by
+   * `policy` (default: confined to the image's folder tree).
+   */
+  static async open(
+    path: string,
+    format: 'qcow2' | 'raw',
+    fs: FileSystemAccess,
+    writable = false,
+    policy?: NamedFilePolicy,
+    opened?: HostFile,
+  ): Promise<MapLayer> {
+    const namedFiles = policy ?? (await NamedFilePolicy.forImage(path, { fs }));
+    const file = opened ?? (await namedFiles.openTop(path, writable ? 'write' : 'read')).file;
     try {
       const length = await file.length();
       // QEMU sees a raw file in whole sectors: the last partial sector reads as zeros.
@@ -82,7 +94,7 @@ export class MapLayer {
       if (header.incompatibleFeatures & Incompatible.externalDataFile) {
         const name = externalDataFileOf(header);
         if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
-        dataFile = await fs.open(resolveReferencedPath(name, path, 'external data file'), writable ? 'write' : 'read');
+        dataFile = (await namedFiles.open(name, path, 'external data file', writable ? 'write' : 'read')).file;
       }
       return new MapLayer(path, format, file, header.size, header, g, dataFile);
     } catch (error) {
@@ -331,8 +343,8 @@ export interface OpenLayersOptions {
   fs?: FileSystemAccess;
   /** Format of the top image (default qcow2). */
   format?: 'qcow2' | 'raw';
-  /** Backing files must resolve inside one of these folders (when given). */
-  allowedDirectories?: string[];
+  /** Folders (besides the top image's folder tree) that backing and data files may be in. */
+  allowedDirectories?: readonly string[];
   maxDepth?: number;
   /** Open the top layer for writing. */
   writableTop?: boolean;
@@ -342,27 +354,41 @@ export interface OpenLayersOptions {
 export async function openLayers(path: string, options: OpenLayersOptions = {}): Promise<MapLayer[]> {
   const fs = options.fs ?? nodeFileSystem;
   const maxDepth = options.maxDepth ?? 16;
+  const policy = await NamedFilePolicy.forImage(path, { allowedDirectories: options.allowedDirectories, fs });
   const layers: MapLayer[] = [];
   const seen = new Set<string>();
+  let pending: HostFile | undefined;
   try {
-    let current = await confinePath(path, undefined, 'image');
+    const writableTop = options.writableTop === true;
+    const top = await policy.openTop(path, writableTop ? 'write' : 'read');
+    pending = top.file;
+    let current = path;
+    let real = top.realPath;
     let format: 'qcow2' | 'raw' = options.format ?? 'qcow2';
     for (;;) {
-      if (seen.has(current)) throw new ChainError('chain.loop', `backing chain loops back to ${current}`);
-      seen.add(current);
+      if (seen.has(real)) throw new ChainError('chain.loop', `backing chain of ${path} loops back to ${real}`);
+      seen.add(real);
       if (layers.length >= maxDepth) throw new ChainError('chain.too-deep', `backing chain of ${path} is deeper than ${maxDepth}`);
-      const layer = await MapLayer.open(current, format, fs, layers.length === 0 && options.writableTop === true);
+      const opened = pending;
+      pending = undefined;
+      const layer = await MapLayer.open(current, format, fs, layers.length === 0 && writableTop, policy, opened);
       layers.push(layer);
       const backing = layer.header?.backingFile ?? null;
       if (backing === null) break;
       const backingFormat = backingFormatOf(layer.header!);
       if (backingFormat === null) throw new ChainError('chain.missing-backing-format', `${current} names backing file "${backing}" without a backing format; formats are never probed`);
       if (backingFormat !== 'qcow2' && backingFormat !== 'raw') throw new ChainError('chain.unsupported-format', `${current}: backing format "${backingFormat}" is not supported (qcow2 or raw)`);
-      current = await confinePath(resolveReferencedPath(backing, current, 'backing file'), options.allowedDirectories, 'backing file');
+      const next = await policy.open(backing, current, 'backing file', 'read');
+      pending = next.file;
+      // Names below resolve from the real path, as this reader always did (rebase and convert
+      // compare layers by it); the policy confines each one the same way.
+      current = next.realPath;
+      real = next.realPath;
       format = backingFormat;
     }
     return layers;
   } catch (error) {
+    await pending?.close().catch(() => undefined);
     await closeLayers(layers);
     throw error;
   }

@@ -14,6 +14,7 @@ import { Qcow2Error } from '../qcow2/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { openChain, type Chain } from './chain.js';
 import { resolveReferencedPath } from '../qcow2/referenced-names.js';
+import { NamedFilePolicy } from '../qcow2/named-files.js';
 import { chainStatus, closeLayers, openLayers, type MapEntry, type MapLayer } from './map.js';
 
 export interface RebaseOptions {
@@ -24,7 +25,8 @@ export interface RebaseOptions {
   backingFormat?: 'qcow2' | 'raw';
   /** Only rewrite the header (-u). */
   unsafe?: boolean;
-  allowedDirectories?: string[];
+  /** Folders (besides the image's folder tree) that backing and data files may be in. */
+  allowedDirectories?: readonly string[];
   progress?: (done: number, total: number) => void;
 }
 
@@ -42,7 +44,8 @@ export async function rebaseImage(path: string, options: RebaseOptions): Promise
     throw new Qcow2Error('qcow2.bad-argument', 'rebase: the new backing format (-F) is required; formats are never probed');
   }
   if (options.unsafe) {
-    const image = await Qcow2Image.open(path, { fs, writable: true });
+    // Unsafe mode reads no backing file, but the data file is still opened: confine it.
+    const image = await Qcow2Image.open(path, { fs, writable: true, namedFiles: await NamedFilePolicy.forImage(path, { allowedDirectories: options.allowedDirectories, fs }) });
     try {
       await image.setBackingFile(options.backing, options.backing === null ? null : options.backingFormat!);
     } finally {

@@ -1,5 +1,5 @@
 import { QlayerError } from '../errors.js';
-import type { FileSystemAccess, HostFile, OpenMode } from './host-file.js';
+import type { FileSystemAccess, HostFile, OpenMode, OpenOptions } from './host-file.js';
 
 /** Thrown by a FaultInjectingFileSystem when its budget of durable operations runs out. */
 export class InjectedCrash extends QlayerError {
@@ -77,10 +77,11 @@ export class FaultInjectingFileSystem implements FileSystemAccess {
     for (let i = this.unsynced.length - 1; i >= 0; i--) if (this.unsynced[i]!.path === path) this.unsynced.splice(i, 1);
   }
 
-  async open(path: string, mode: OpenMode): Promise<HostFile> {
+  async open(path: string, mode: OpenMode, options?: OpenOptions): Promise<HostFile> {
     if (this.crashed) throw new InjectedCrash(this.operations);
     if (mode !== 'read') await this.step();
-    const file = await this.inner.open(path, mode);
+    // Pass the care flags on: without them a FIFO named by an image would block here.
+    const file = await this.inner.open(path, mode, options);
     return new FaultInjectingFile(file, this);
   }
 

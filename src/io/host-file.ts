@@ -1,6 +1,7 @@
-import { constants as fsConstants, readSync } from 'node:fs';
-import { open, rm, type FileHandle } from 'node:fs/promises';
+import { constants as fsConstants, readSync, type Stats } from 'node:fs';
+import { open, rm, statfs, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
+import { QlayerError } from '../errors.js';
 import type { ByteSource } from './byte-source.js';
 
 /**
@@ -27,9 +28,23 @@ export interface HostFile {
 
 export type OpenMode = 'read' | 'write' | 'create' | 'create-exclusive';
 
+/**
+ * How carefully to open a file. Files that an image names (backing and data files) come from
+ * whoever wrote the image, so they are opened with `regularOnly`: O_NONBLOCK, because opening a
+ * FIFO would otherwise block until some writer appears (a hang, not an error); an fstat of the
+ * opened descriptor, because devices and /proc files lie about their size or never end; and,
+ * with `noFollow`, O_NOFOLLOW, so that a name swapped for a symlink after it was checked is
+ * refused instead of followed.
+ */
+export interface OpenOptions {
+  regularOnly?: boolean;
+  /** Refuse a symlink as the last component (the caller passes a path it already resolved). */
+  noFollow?: boolean;
+}
+
 /** Opens host files and syncs directories; the seam where fault injection plugs in. */
 export interface FileSystemAccess {
-  open(path: string, mode: OpenMode): Promise<HostFile>;
+  open(path: string, mode: OpenMode, options?: OpenOptions): Promise<HostFile>;
   /** fsync a directory, so that a create or rename inside it is durable. */
   syncDirectory(path: string): Promise<void>;
   /** Delete a file (a missing one is not an error): cleanup of an output that failed half-way. */
@@ -135,10 +150,75 @@ const openFlags: Record<OpenMode, number> = {
   'create-exclusive': fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL,
 };
 
+/** A file qlayer refuses to read as (part of) a disk: not a regular file, or on a pseudo file system. */
+export class NotRegularFileError extends QlayerError {
+  constructor(
+    readonly path: string,
+    /** What it is instead, e.g. "a FIFO", "a character device", "a file on proc". */
+    readonly kind: string,
+  ) {
+    super('chain.not-regular-file', `${path} is ${kind}, not a regular file`);
+  }
+}
+
+/** What a non-regular file is, in words; null for a regular file. */
+export function nonRegularKind(stats: Stats): string | null {
+  if (stats.isFile()) return null;
+  if (stats.isFIFO()) return 'a FIFO';
+  if (stats.isCharacterDevice()) return 'a character device';
+  if (stats.isBlockDevice()) return 'a block device';
+  if (stats.isSocket()) return 'a socket';
+  if (stats.isDirectory()) return 'a directory';
+  if (stats.isSymbolicLink()) return 'a symbolic link';
+  return 'not a plain file';
+}
+
+/**
+ * Kernel pseudo file systems, by statfs f_type (linux/magic.h). Their files are "regular" but
+ * report size 0 or 4096 whatever they hold and are generated on read (/proc/self/environ,
+ * /sys/.../config): never a disk image.
+ */
+const PSEUDO_FILE_SYSTEMS = new Map<number, string>([
+  [0x9fa0, 'proc'],
+  [0x62656572, 'sysfs'],
+  [0x64626720, 'debugfs'],
+  [0x74726163, 'tracefs'],
+  [0x73636673, 'securityfs'],
+  [0x27e0eb, 'cgroup'],
+  [0x63677270, 'cgroup2'],
+  [0x1cd1, 'devpts'],
+  [0x6e736673, 'nsfs'],
+  [0xcafe4a11, 'bpf'],
+  [0x62656570, 'configfs'],
+  [0xde5e81e4, 'efivarfs'],
+  [0x6165676c, 'pstore'],
+]);
+
+/** The pseudo file system `path` lives on (e.g. "proc"), or null for an ordinary one. */
+export async function pseudoFileSystemOf(path: string): Promise<string | null> {
+  const info = await statfs(path).catch(() => null);
+  if (info === null) return null;
+  // f_type is signed on some architectures: compare as unsigned 32-bit.
+  return PSEUDO_FILE_SYSTEMS.get(Number(info.type) >>> 0) ?? null;
+}
+
 /** The real file system. */
 export const nodeFileSystem: FileSystemAccess = {
-  async open(path, mode) {
-    const handle = await open(path, openFlags[mode], 0o644);
+  async open(path, mode, options = {}) {
+    const careful = options.regularOnly === true;
+    const flags = openFlags[mode] | (careful ? fsConstants.O_NONBLOCK : 0) | (options.noFollow ? fsConstants.O_NOFOLLOW : 0);
+    const handle = await open(path, flags, 0o644);
+    if (careful) {
+      try {
+        const kind = nonRegularKind(await handle.stat());
+        if (kind !== null) throw new NotRegularFileError(path, kind);
+        const pseudo = await pseudoFileSystemOf(path);
+        if (pseudo !== null) throw new NotRegularFileError(path, `a file on ${pseudo}`);
+      } catch (error) {
+        await handle.close();
+        throw error;
+      }
+    }
     return new NodeHostFile(path, mode !== 'read', handle);
   },
   async syncDirectory(path) {

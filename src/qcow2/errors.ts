@@ -40,6 +40,7 @@ export type ChainErrorCode =
   | 'chain.too-deep'
   | 'chain.refused-protocol'
   | 'chain.outside-allowed'
+  | 'chain.not-regular-file'
   | 'chain.missing-backing-format'
   | 'chain.unsupported-format'
   | 'chain.backing-not-found'

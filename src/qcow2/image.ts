@@ -14,7 +14,8 @@
 import type { ByteSource } from '../io/byte-source.js';
 import { assertNotLocked } from '../io/in-use.js';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
-import { resolveReferencedPath } from './referenced-names.js';
+import { NamedFilePolicy } from './named-files.js';
+import { assertPlainFileName } from './referenced-names.js';
 import { Qcow2Error } from './errors.js';
 import {
   Autoclear,
@@ -47,10 +48,16 @@ export interface OpenImageOptions {
   writable?: boolean;
   fs?: FileSystemAccess;
   /**
-   * Called with the external data file's name (as stored) and its resolved path before it is
-   * opened; the chain uses it to confine data files. Return the path to open, or throw.
+   * Resolves, confines and opens the external data file (named-files.ts). Without one, the
+   * default policy of an image opened on its own: its data file must be in its folder tree.
+   * There is deliberately no way to open a data file around the policy.
    */
-  resolveDataFile?: (name: string, resolvedPath: string) => Promise<string>;
+  namedFiles?: NamedFilePolicy;
+  /**
+   * The image file, already opened by the caller's NamedFilePolicy (a backing file of a chain):
+   * then it is not opened again by name, so the file checked is the file read.
+   */
+  opened?: HostFile;
   /** Bytes of L2 tables (and, separately, refcount blocks) kept in memory; default 32 MiB. */
   cacheBytes?: number;
 }
@@ -106,10 +113,14 @@ export class Qcow2Image implements ByteSource {
     const fs = options.fs ?? nodeFileSystem;
     const writable = options.writable ?? false;
     // QEMU locks every image it opens: never write under a running guest or tool.
-    if (writable) await assertNotLocked(path);
-    const file = await fs.open(path, writable ? 'write' : 'read').catch((error: unknown) => {
-      throw notFound(error, `${path} does not exist`);
-    });
+    if (writable) {
+      await assertNotLocked(path).catch(async (error: unknown) => {
+        await options.opened?.close().catch(() => undefined);
+        throw error;
+      });
+    }
+    const policy = options.namedFiles ?? (await NamedFilePolicy.forImage(path, { fs }));
+    const file = options.opened ?? (await policy.openTop(path, writable ? 'write' : 'read')).file;
     let dataFile: HostFile | null = null;
     try {
       const fileLength = await file.length();
@@ -140,11 +151,7 @@ export class Qcow2Image implements ByteSource {
       if (inc & Incompatible.externalDataFile) {
         const name = externalDataFileOf(header);
         if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
-        let resolved = resolveReferencedPath(name, path, 'external data file');
-        if (options.resolveDataFile) resolved = await options.resolveDataFile(name, resolved);
-        dataFile = await fs.open(resolved, writable ? 'write' : 'read').catch((error: unknown) => {
-          throw notFound(error, `${path}: external data file ${resolved} does not exist`);
-        });
+        dataFile = (await policy.open(name, path, 'external data file', writable ? 'write' : 'read')).file;
       }
       const g = geometry(header.clusterBits, (inc & Incompatible.extendedL2) !== 0n, header.refcountOrder);
       const l1Bytes = new Uint8Array(header.l1Size * 8);
@@ -409,7 +416,8 @@ export class Qcow2Image implements ByteSource {
   private async setBackingFileUnlocked(name: string | null, format: 'qcow2' | 'raw' | null): Promise<void> {
     this.assertWritable();
     if ((name === null) !== (format === null)) throw new Qcow2Error('qcow2.bad-argument', 'setBackingFile: name and format must both be given or both be null');
-    if (name !== null) resolveReferencedPath(name, this.path, 'backing file');
+    // Only the syntax here: the name is stored, not opened (opening goes through NamedFilePolicy).
+    if (name !== null) assertPlainFileName(name, 'backing file');
     const extensions = withExtension(this.hdr.extensions, ExtensionType.backingFormat, format === null ? null : stringExtensionData(format));
     this.hdr = { ...this.hdr, backingFile: name, extensions };
     await this.flushUnlocked();
@@ -496,10 +504,4 @@ export class Qcow2Image implements ByteSource {
       await this.dataFile?.close();
     }
   }
-}
-
-/** ENOENT as a typed error (other I/O errors stay as they are). */
-function notFound(error: unknown, message: string): unknown {
-  if ((error as NodeJS.ErrnoException).code === 'ENOENT') return new Qcow2Error('qcow2.not-found', message, { cause: error });
-  return error;
 }

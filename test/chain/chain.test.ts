@@ -120,8 +120,10 @@ describe('openChain', () => {
     await symlink(join(outside, 'secret.qcow2'), join(store, 'innocent.qcow2'));
     await createImage({ path: join(store, 'via-link.qcow2'), backing: { path: 'innocent.qcow2', format: 'qcow2' } });
     await expectRefused(join(store, 'via-link.qcow2'), 'chain.outside-allowed', { allowedDirectories: [store] });
-    // The same chain is fine without confinement.
-    const open = await openChain(join(store, 'via-link.qcow2'));
+    // Confinement is the default: the image's own folder tree, without any allowed folder.
+    await expectRefused(join(store, 'via-link.qcow2'), 'chain.outside-allowed');
+    // The same chain opens once the user allows the folder the link points into.
+    const open = await openChain(join(store, 'via-link.qcow2'), { allowedDirectories: [outside] });
     await open.close();
     // External data file outside the store.
     await qemuCreate(join(store, 'data.qcow2'), MiB, { data_file: join(outside, 'data.raw') });
