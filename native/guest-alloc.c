@@ -12,10 +12,19 @@
  *   Z                             from here on, write real zeros instead of fallocate
  *   d PATH MODE UID GID           a folder: mkdir -p, then chown and chmod it
  *   f PATH SIZE MODE UID GID      a file of SIZE bytes, then chown and chmod it
- * MODE is octal, SIZE/UID/GID decimal. Records run in order, so folders come before their files.
+ *   r PATH SIZE                   rollback: delete PATH if it is still an untouched placeholder
+ *                                 (a regular file of SIZE bytes that reads as zeros)
+ *   R PATH                        rollback: remove the folder PATH if it is empty
+ * MODE is octal, SIZE/UID/GID/BYTES decimal. Records run in order, so folders come before their
+ * files (and, for a rollback, files before their folders).
+ *
+ * Output on stdout: a NUL-ended record for everything created or rolled back, as it happens, so
+ * that the host knows exactly what to undo even when a later step fails ("created", "d"|"f",
+ * PATH; "removed"|"left"|"missing", "d"|"f", PATH), then one summary line.
  *
  * Exit codes (src/layers/guest-script.ts GUEST_EXIT): 0 done; 1 other error; 3 a path holds
- * something that is not our placeholder (refused, left untouched); 5 no space left; 6 bad input.
+ * something that is not our placeholder (refused, left untouched); 5 no space left; 6 bad input;
+ * (7 is the host's space check before allocating, src/layers/allocate.ts.)
  * Every message on stderr starts with "qlayer-guest-alloc: ", so the host can tell our failures
  * from a shell that could not run us at all.
  */
@@ -32,7 +41,7 @@
 enum { EXIT_OTHER = 1, EXIT_EXISTS = 3, EXIT_NO_SPACE = 5, EXIT_BAD_INPUT = 6 };
 
 static char *input, *cursor, *end;
-static long files, fallocated, zeros, empty, kept, dirs;
+static long files, fallocated, zeros, empty, kept, dirs, removed, left, missing;
 
 static void die(int code, const char *format, ...) {
   va_list args;
@@ -86,6 +95,16 @@ static unsigned long long number(int base, unsigned long long max) {
   return value;
 }
 
+/* One NUL-ended output record: what was created or rolled back (stdio flushes it at any exit). */
+static void report(const char *what, char kind, const char *path) {
+  fputs(what, stdout);
+  fputc('\0', stdout);
+  fputc(kind, stdout);
+  fputc('\0', stdout);
+  fputs(path, stdout);
+  fputc('\0', stdout);
+}
+
 /* Owner first: chown clears set-user/group-ID bits (root included), so chmod must come last. */
 static void own(int fd, const char *path, mode_t mode, uid_t uid, gid_t gid) {
   if ((fd >= 0 ? fchown(fd, uid, gid) : chown(path, uid, gid)) != 0) die(EXIT_OTHER, "chown %s: %s", path, strerror(errno));
@@ -107,7 +126,8 @@ static void directory(void) {
     char saved = *slash;
     *slash = '\0';
     /* 0755 like mkdir -p under umask 022: a parent outside the manifest must stay traversable. */
-    if (mkdir(copy, 0755) != 0 && errno != EEXIST) die(EXIT_OTHER, "mkdir %s: %s", copy, strerror(errno));
+    if (mkdir(copy, 0755) == 0) report("created", 'd', copy);
+    else if (errno != EEXIST) die(EXIT_OTHER, "mkdir %s: %s", copy, strerror(errno));
     *slash = saved;
     if (saved == '\0') break;
   }
@@ -158,6 +178,7 @@ static void file(int force_zeros) {
   if (errno != ENOENT) die(EXIT_OTHER, "%s: %s", path, strerror(errno));
   int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) die(errno == EEXIST ? EXIT_EXISTS : EXIT_OTHER, "%s: %s", path, strerror(errno));
+  report("created", 'f', path);
   if (size == 0) {
     empty++;
   } else if (!force_zeros && fallocate(fd, 0, 0, (off_t)size) == 0) {
@@ -172,18 +193,75 @@ static void file(int force_zeros) {
   if (close(fd) != 0) fail_new(path, errno, size);
 }
 
+/* Is every byte of the open file zero? Unwritten extents and holes are skipped by SEEK_DATA. */
+static int reads_as_zeros(int fd, unsigned long long size) {
+  static char buffer[1 << 20];
+  off_t at = 0;
+  while ((unsigned long long)at < size) {
+    off_t data = lseek(fd, at, SEEK_DATA);
+    if (data < 0) return errno == ENXIO; /* nothing but holes from here on */
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) hole = (off_t)size;
+    for (off_t pos = data; pos < hole;) {
+      ssize_t n = pread(fd, buffer, (size_t)(hole - pos) < sizeof buffer ? (size_t)(hole - pos) : sizeof buffer, pos);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n == 0;
+      for (ssize_t i = 0; i < n; i++)
+        if (buffer[i]) return 0;
+      pos += n;
+    }
+    at = hole;
+  }
+  return 1;
+}
+
+static void rollback_file(void) {
+  const char *path = path_field();
+  unsigned long long size = number(10, 0x7fffffffffffffffULL);
+  struct stat st;
+  if (lstat(path, &st) != 0) {
+    report("missing", 'f', path);
+    missing++;
+    return;
+  }
+  int fd = S_ISREG(st.st_mode) && (unsigned long long)st.st_size == size ? open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK) : -1;
+  int placeholder = fd >= 0 && reads_as_zeros(fd, size);
+  if (fd >= 0) close(fd);
+  /* Anything else is the user's now (they wrote into it, or replaced it): never deleted. */
+  if (!placeholder || unlink(path) != 0) {
+    report("left", 'f', path);
+    left++;
+    return;
+  }
+  report("removed", 'f', path);
+  removed++;
+}
+
+static void rollback_directory(void) {
+  const char *path = path_field();
+  if (rmdir(path) == 0) {
+    report("removed", 'd', path);
+    dirs++;
+  } else if (errno != ENOENT) {
+    report("left", 'd', path);
+  }
+}
+
 int main(void) {
   read_input();
   if (cursor == end || strcmp(field(), "qlayer-guest-alloc/1") != 0) die(EXIT_BAD_INPUT, "manifest does not start with qlayer-guest-alloc/1");
-  int force_zeros = 0;
+  int force_zeros = 0, rollback = 0;
   while (cursor < end) {
     const char *kind = field();
     if (strcmp(kind, "Z") == 0) force_zeros = 1;
     else if (strcmp(kind, "d") == 0) directory();
     else if (strcmp(kind, "f") == 0) file(force_zeros);
+    else if (strcmp(kind, "r") == 0) rollback = 1, rollback_file();
+    else if (strcmp(kind, "R") == 0) rollback = 1, rollback_directory();
     else die(EXIT_BAD_INPUT, "unknown record \"%s\" in the manifest", kind);
   }
   sync(); /* the placeholders' metadata reaches the virtual disk before the guest is stopped */
-  printf("allocated files=%ld fallocate=%ld zeros=%ld empty=%ld kept=%ld dirs=%ld\n", files, fallocated, zeros, empty, kept, dirs);
+  if (rollback) printf("rolled back removed=%ld dirs=%ld left=%ld missing=%ld\n", removed, dirs, left, missing);
+  else printf("allocated files=%ld fallocate=%ld zeros=%ld empty=%ld kept=%ld dirs=%ld\n", files, fallocated, zeros, empty, kept, dirs);
   return fflush(stdout) == 0 ? 0 : EXIT_OTHER;
 }

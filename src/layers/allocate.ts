@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import type { AppManifest } from './app.js';
 import { LayerError } from './errors.js';
-import { guestHelperPath, helperManifest, parseAllocatedLine, type AllocationCounts } from './guest-alloc.js';
+import { guestHelperPath, helperManifest, parseAllocatedLine, parseHelperRecords, rollbackManifest, spaceNeeded, type AllocationCounts, type GuestPaths } from './guest-alloc.js';
 import { GUEST_EXIT, checkGuestResult, runGuestScript, shellQuote, type GuestShell } from './guest-script.js';
 
 const octal = (mode: number): string => (mode & 0o7777).toString(8).padStart(4, '0');
@@ -99,7 +99,11 @@ export function allocationScript(manifests: AppManifest[]): string {
 export function removalScript(manifests: AppManifest[]): string {
   const lines = ['set -e'];
   for (const manifest of manifests) {
-    for (const file of manifest.files) lines.push(`rm -f -- ${shellQuote(file.path)}`);
+    // A file the user deleted already is reported, not an error: the unassign still completes.
+    for (const file of manifest.files) {
+      const q = shellQuote(file.path);
+      lines.push(`if [ -e ${q} ] || [ -L ${q} ]; then rm -f -- ${q}; else printf 'gone %s\\n' ${q}; fi`);
+    }
     // Deepest folders first; a folder the user put files into stays.
     const dirs = [...manifest.directories].sort((a, b) => b.path.split('/').length - a.path.split('/').length);
     for (const dir of dirs) lines.push(`rmdir -- ${shellQuote(dir.path)} 2>/dev/null || true`);
@@ -121,6 +125,8 @@ export interface AllocateOptions {
 
 export interface AllocationResult extends AllocationCounts {
   method: 'helper' | 'script';
+  /** What the guest got from this run (the helper reports it; null from the script, which does not). */
+  created: GuestPaths | null;
   /** Programs started in the guest (the helper's wrapper: sh, chmod, helper, rm). */
   processes: number;
   /** Why the helper did not run, when the script did the work. */
@@ -175,10 +181,30 @@ async function allocateWithHelper(guest: GuestShell, manifests: AppManifest[], h
     const detail = (result.stderr || result.stdout).trim().split('\n')[0] ?? '';
     return { reason: `helper could not run in the guest (exit ${result.exitCode}${detail ? `: ${detail.slice(0, 200)}` : ''})` };
   }
-  const stdout = checkGuestResult({ ...result, stderr: result.stderr.split(HELPER_TAG).join('') }, what);
+  const created = createdPaths(result.stdout, manifests);
+  let stdout: string;
+  try {
+    stdout = checkGuestResult({ ...result, stderr: result.stderr.split(HELPER_TAG).join('') }, what);
+  } catch (error) {
+    // The helper ran and failed half-way: say exactly what it made, so that it can be undone.
+    throw Object.assign(error as Error, { created });
+  }
   const counts = parseAllocatedLine(stdout);
   if (!counts) throw new LayerError('guest.script-failed', `${what}: the guest helper printed ${JSON.stringify(stdout.slice(-200))}`);
-  return { ...counts, method: 'helper', processes: HELPER_PROCESSES };
+  return { ...counts, method: 'helper', processes: HELPER_PROCESSES, created };
+}
+
+/** The files and folders the helper reports it created, with the manifests' sizes. */
+function createdPaths(stdout: string, manifests: AppManifest[]): GuestPaths {
+  const sizes = new Map(manifests.flatMap((m) => m.files.map((f) => [f.path, f.size] as const)));
+  const created = parseHelperRecords(stdout).get('created') ?? { files: [], dirs: [] };
+  return { files: created.files.map((path) => ({ path, size: sizes.get(path) ?? 0 })), dirs: created.dirs };
+}
+
+/** What an allocation that failed part-way left in the guest, when the helper could tell. */
+export function createdBeforeFailure(error: unknown): GuestPaths | null {
+  const created = (error as { created?: GuestPaths } | null)?.created;
+  return created && Array.isArray(created.files) ? created : null;
 }
 
 /**
@@ -198,10 +224,92 @@ export async function allocatePlaceholders(guest: GuestShell, manifests: AppMani
   const stdout = await runGuestScript(guest, allocationScript(manifests), what, options.timeoutMs);
   const counts = parseAllocatedLine(stdout);
   if (!counts) throw new LayerError('guest.script-failed', `${what}: the guest script printed ${JSON.stringify(stdout.slice(-200))}`);
-  return { ...counts, method: 'script', processes: counts.processes ?? 0, helperSkipped };
+  return { ...counts, method: 'script', processes: counts.processes ?? 0, helperSkipped, created: null };
 }
 
-/** Delete these apps' files in the running guest. */
-export async function removeAppFiles(guest: GuestShell, manifests: AppManifest[], timeoutMs?: number): Promise<void> {
-  await runGuestScript(guest, removalScript(manifests), `removing ${manifests.map((m) => `${m.name}@${m.version}`).join(', ')}`, timeoutMs);
+/**
+ * The guest's free space against what these apps need (spaceNeeded: their blocks, metadata and
+ * a margin), read with df on the filesystem that will hold the first app's folder (its nearest
+ * existing parent). Refuses with both numbers before anything is made in the guest.
+ */
+export async function checkGuestSpace(guest: GuestShell, manifests: AppManifest[], timeoutMs?: number): Promise<{ needed: number; free: number; filesystem: string }> {
+  const needed = spaceNeeded(manifests);
+  const prefix = manifests[0]?.prefix ?? '/';
+  const script = `d=${shellQuote(prefix)}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; printf '%s\\n' "$d"; df -Pk "$d" | awk 'NR==2 {print $4}'\n`;
+  const [filesystem = prefix, freeK = ''] = (await runGuestScript(guest, script, 'checking the guest\'s free space', timeoutMs)).trim().split('\n');
+  const free = Number(freeK) * 1024;
+  if (!Number.isFinite(free) || freeK === '') throw new LayerError('guest.script-failed', `checking the guest's free space: df printed ${JSON.stringify(freeK)}`);
+  if (free < needed) {
+    const mib = (n: number): string => `${(n / 1048576).toFixed(1)} MiB`;
+    throw new LayerError(
+      'allocate.not-enough-space',
+      `${manifests.map((m) => `${m.name}@${m.version}`).join(', ')} needs ${mib(needed)} on the guest filesystem holding ${filesystem} (its files, their metadata and a margin of 2 %, at least 16 MiB), which has ${mib(free)} free; nothing was made in the guest`,
+    );
+  }
+  return { needed, free, filesystem };
+}
+
+/** Delete these apps' files in the running guest; returns the paths that were already gone. */
+export async function removeAppFiles(guest: GuestShell, manifests: AppManifest[], timeoutMs?: number): Promise<string[]> {
+  const stdout = await runGuestScript(guest, removalScript(manifests), `removing ${manifests.map((m) => `${m.name}@${m.version}`).join(', ')}`, timeoutMs);
+  return stdout.split('\n').filter((line) => line.startsWith('gone ')).map((line) => line.slice(5));
+}
+
+export interface RollbackResult {
+  method: 'helper' | 'script';
+  /** Placeholders deleted. */
+  removed: number;
+  /** Folders removed (only empty ones). */
+  dirsRemoved: number;
+  /** Paths left because they are no longer untouched placeholders: the user's now. */
+  left: string[];
+  /** Placeholders already gone. */
+  missing: number;
+}
+
+/** The fallback rollback: the helper's checks with sh, head, cmp, wc and rm, a few processes per file. */
+export function rollbackScript(paths: GuestPaths): string {
+  const lines = [
+    'removed=0 dirs=0 missing=0',
+    'rb() { if [ ! -e "$1" ] && [ ! -L "$1" ]; then missing=$((missing+1)); return; fi',
+    '  if [ -f "$1" ] && [ ! -L "$1" ] && [ "$(wc -c < "$1")" -eq "$2" ] && head -c "$2" /dev/zero | cmp -s - "$1" && rm -f -- "$1"; then removed=$((removed+1)); else printf "left %s\\n" "$1"; fi; }',
+  ];
+  for (const f of paths.files) lines.push(`rb ${shellQuote(f.path)} ${f.size}`);
+  for (const d of [...paths.dirs].sort((a, b) => b.split('/').length - a.split('/').length)) lines.push(`rmdir -- ${shellQuote(d)} 2>/dev/null && dirs=$((dirs+1))`);
+  lines.push('sync', 'echo "rolled back removed=$removed dirs=$dirs missing=$missing"');
+  return `${lines.join('\n')}\n`;
+}
+
+/**
+ * Undo what an assign made in the guest: delete each of these placeholders that is still
+ * untouched (a regular file of its size reading as zeros), then the folders that are empty.
+ * Anything else at those paths is the user's now and stays; it is reported.
+ */
+export async function removePlaceholders(guest: GuestShell, paths: GuestPaths, options: { timeoutMs?: number; helper?: string | null } = {}): Promise<RollbackResult> {
+  const what = 'undoing the placeholders';
+  const helper = options.helper === undefined ? guestHelperPath() : options.helper;
+  if (helper !== null) {
+    const upload = await uploadHelper(guest, await readFile(helper));
+    if (!('reason' in upload)) {
+      const input = rollbackManifest(paths);
+      const result = await guest.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', upload.path, HELPER_MACHINE], options.timeoutMs === undefined ? { input } : { input, timeoutMs: options.timeoutMs });
+      if (result.exitCode === 0) {
+        const records = parseHelperRecords(result.stdout);
+        return {
+          method: 'helper',
+          removed: records.get('removed')?.files.length ?? 0,
+          dirsRemoved: records.get('removed')?.dirs.length ?? 0,
+          left: records.get('left')?.files ?? [],
+          missing: records.get('missing')?.files.length ?? 0,
+        };
+      }
+      // The helper ran and failed: that is an answer. Otherwise it never ran here; use the script.
+      if (result.exitCode !== 126 && result.exitCode !== 127 && result.stderr.includes(HELPER_TAG)) checkGuestResult({ ...result, stderr: result.stderr.split(HELPER_TAG).join('') }, what);
+    }
+  }
+  const stdout = await runGuestScript(guest, rollbackScript(paths), what, options.timeoutMs);
+  const summary = /rolled back removed=(\d+) dirs=(\d+) missing=(\d+)/.exec(stdout);
+  if (!summary) throw new LayerError('guest.script-failed', `${what}: the guest script printed ${JSON.stringify(stdout.slice(-200))}`);
+  const left = stdout.split('\n').filter((l) => l.startsWith('left ')).map((l) => l.slice(5));
+  return { method: 'script', removed: Number(summary[1]), dirsRemoved: Number(summary[2]), left, missing: Number(summary[3]) };
 }

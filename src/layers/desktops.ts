@@ -4,17 +4,19 @@ import { openChain } from '../chain/chain.js';
 import { convertImage } from '../chain/convert.js';
 import { openGuestFilesystem } from '../fs/index.js';
 import { locksOn } from '../io/in-use.js';
+import { removeOnInterrupt } from '../io/interrupt.js';
 import { createImage } from '../qcow2/create.js';
-import { allocatePlaceholders, removeAppFiles, type AllocationResult } from './allocate.js';
+import { allocatePlaceholders, checkGuestSpace, createdBeforeFailure, removeAppFiles, type AllocationResult, type RollbackResult } from './allocate.js';
 import { appKey, payloadPath, resolveApp, type AppManifest } from './app.js';
 import { LayerError } from './errors.js';
+import { failAndUndo, newOperation, operationView, undoOperation, type UndoContext } from './guest-operation.js';
 import { runGuestScript, shellQuote } from './guest-script.js';
 import { locatePlaceholders } from './locate.js';
 import { checkName } from './names.js';
 import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
 import { appsLayerName, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime } from './runtime.js';
-import { newDesktopRecord, type BaseRecord, type DesktopRecord, type StoreState } from './state.js';
+import { newDesktopRecord, type BaseRecord, type DesktopRecord, type LocatedFile, type StoreState } from './state.js';
 import type { Store } from './store.js';
 
 export type Log = (message: string) => void;
@@ -39,6 +41,10 @@ export async function importBase(
     const file = join('bases', `${name}.qcow2`);
     const target = store.path(file);
     const partial = `${target}.importing`;
+    // A leftover of an import that was killed (SIGKILL leaves it): nobody else can be writing
+    // it, since importing holds the store lock.
+    await rm(partial, { force: true });
+    const forgetPartial = removeOnInterrupt(partial);
     try {
       const result = await convertImage(image, partial, {
         sourceFormat: options.format ?? (await sniffFormat(image)),
@@ -55,6 +61,8 @@ export async function importBase(
     } catch (error) {
       await rm(partial, { force: true });
       throw error;
+    } finally {
+      forgetPartial();
     }
   });
 }
@@ -106,6 +114,7 @@ export function desktopHandle(store: Store, state: StoreState, name: string): De
   const dir = store.path(record.dir);
   return {
     name,
+    storeId: store.id,
     userPath: join(dir, USER_LAYER),
     chain: [
       { path: join(dir, USER_LAYER), format: 'qcow2' },
@@ -161,6 +170,8 @@ export interface DesktopView {
   paths: { base: string; apps: string; user: string };
   appsGeneration: number;
   pendingRecompose: { phase: string; apps: string[] } | null;
+  /** An assign or update whose guest side did not finish: what it is and the commands that end it. */
+  operation: ReturnType<typeof operationView> | null;
   createdAt: string;
 }
 
@@ -178,6 +189,7 @@ export async function showDesktop(store: Store, runtime: DesktopRuntime | null, 
     paths: { base: handle.chain[2]!.path, apps: handle.chain[1]!.path, user: handle.userPath },
     appsGeneration: record.appsGeneration,
     pendingRecompose: record.recompose ? { phase: record.recompose.phase, apps: record.recompose.apps } : null,
+    operation: record.operation ? operationView(name, record.operation) : null,
     createdAt: record.createdAt,
   };
 }
@@ -277,37 +289,126 @@ async function allocateLogged(runtime: DesktopRuntime, handle: DesktopHandle, ma
   return allocation;
 }
 
+function undoContext(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, log: Log): UndoContext {
+  return {
+    name,
+    record: desktopRecord(state, name),
+    handle: desktopHandle(store, state, name),
+    runtime,
+    resolve: (ref) => resolveApp(store, ref),
+    persist: () => store.writeState(state),
+    log,
+  };
+}
+
+/** Undo what an interrupted assign or update left in the guest before anything new starts. */
+async function settleOperation(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, log: Log): Promise<void> {
+  const op = desktopRecord(state, name).operation;
+  if (!op) return;
+  log(`finishing the undo of an unfinished ${op.kind} of ${op.apps.join(', ')}${op.failure ? ` (${op.failure.code})` : ''}`);
+  await undoOperation(undoContext(store, state, runtime, name, log));
+}
+
+/** Test seams: let a test make a step fail for real, between the guest-side steps. */
+export interface AssignHooks {
+  /** Runs after the shutdown, before the placeholders are located offline. */
+  beforeLocate?: () => Promise<void>;
+}
+
+/**
+ * The guest-side steps of an assign or update (allocation, shutdown, locate), with the
+ * operation recorded first and undone if any step fails. `beforeAllocate` runs in the booted
+ * guest first (an update deletes the old version there).
+ */
+async function guestSide(
+  store: Store,
+  state: StoreState,
+  runtime: DesktopRuntime,
+  name: string,
+  manifests: AppManifest[],
+  options: { kind: 'assign' | 'update'; replacing: string[]; log: Log; hooks: AssignHooks; beforeAllocate?: (handle: DesktopHandle) => Promise<void>; afterStop?: (handle: DesktopHandle) => Promise<void> },
+): Promise<{ allocation: AllocationResult; located: LocatedFile[] }> {
+  const record = desktopRecord(state, name);
+  const handle = desktopHandle(store, state, name);
+  record.operation = newOperation(options.kind, manifests.map(appKey), options.replacing, await runtime.isRunning(handle));
+  await store.writeState(state);
+  const op = record.operation;
+  try {
+    await ensureRunning(runtime, handle, name, options.log);
+    await options.beforeAllocate?.(handle);
+    const space = await checkGuestSpace(runtime.shell(handle), manifests);
+    options.log(`the guest has ${(space.free / 1048576).toFixed(0)} MiB free on ${space.filesystem}; the app needs ${(space.needed / 1048576).toFixed(0)} MiB with its margin`);
+    let allocation: AllocationResult;
+    try {
+      allocation = await allocateLogged(runtime, handle, manifests, options.log);
+    } catch (error) {
+      op.created = createdBeforeFailure(error);
+      throw error;
+    }
+    op.created = allocation.created;
+    op.phase = 'allocated';
+    await store.writeState(state);
+    options.log(`shutting ${name} down`);
+    await runtime.stop(handle);
+    await assertNotInUse(runtime, handle, options.kind);
+    await options.afterStop?.(handle);
+    await options.hooks.beforeLocate?.();
+    options.log('locating placeholders offline');
+    const located = await locateOffline(store, handle, manifests);
+    return { allocation, located };
+  } catch (error) {
+    throw await failAndUndo(undoContext(store, state, runtime, name, options.log), error);
+  }
+}
+
 /**
  * The assign of one desktop, for a caller that holds the store lock and shares `state` (several
  * desktops may run this at once on one state: each changes only its own record, and every
- * write stores the whole state in order).
+ * write stores the whole state in order). A failure before the recompose plan is recorded
+ * undoes what the guest got; after it, the recompose is resumable.
  */
-export async function assignLocked(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, manifests: AppManifest[], log: Log = quiet): Promise<AssignResult> {
+export async function assignLocked(
+  store: Store,
+  state: StoreState,
+  runtime: DesktopRuntime,
+  name: string,
+  manifests: AppManifest[],
+  log: Log = quiet,
+  hooks: AssignHooks = {},
+): Promise<AssignResult> {
+  idleDesktopRecord(state, name);
+  await settleOperation(store, state, runtime, name, log);
   const record = idleDesktopRecord(state, name);
   checkPathConflicts(record, manifests); // before anything happens in the guest
-  const handle = desktopHandle(store, state, name);
-  await ensureRunning(runtime, handle, name, log);
-  const allocation = await allocateLogged(runtime, handle, manifests, log);
-  log(`shutting ${name} down`);
-  await runtime.stop(handle);
-  await assertNotInUse(runtime, handle, 'assign');
-  log('locating placeholders offline');
-  const located = await locateOffline(store, handle, manifests);
+  const { allocation, located } = await guestSide(store, state, runtime, name, manifests, { kind: 'assign', replacing: [], log, hooks });
   record.recompose = planAssign(record, manifests, located);
+  record.operation = null; // the plan takes over: from here the way is forward (desktop recompose)
   await store.writeState(state);
   const report = await recomposeRecorded(store, state, name, log);
   return { apps: manifests.map(appKey), allocation, located: located.length, report };
 }
 
 /**
+ * Undo an unfinished assign or update: the placeholders it left in the guest, and its record.
+ * Null when there was nothing to undo.
+ */
+export async function abortOperation(store: Store, runtime: DesktopRuntime, name: string, log: Log = quiet): Promise<RollbackResult | null | 'nothing'> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    if (!desktopRecord(state, name).operation) return 'nothing';
+    return undoOperation(undoContext(store, state, runtime, name, log));
+  });
+}
+
+/**
  * Assign apps: allocate their placeholders in the running desktop (started if needed), shut it
  * down, locate the placeholders offline, and recompose. The whole operation holds the store lock.
  */
-export async function assignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AssignResult> {
+export async function assignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet, hooks: AssignHooks = {}): Promise<AssignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
-    return assignLocked(store, state, runtime, name, manifests, log);
+    return assignLocked(store, state, runtime, name, manifests, log, hooks);
   });
 }
 
@@ -321,9 +422,11 @@ export interface UpdateResult extends AssignResult {
  * deleted and the new one's placeholders allocated while the desktop runs once, then one
  * shutdown and one recompose (an unassign and an assign would boot it twice).
  */
-export async function updateApp(store: Store, runtime: DesktopRuntime, name: string, ref: string, log: Log = quiet): Promise<UpdateResult> {
+export async function updateApp(store: Store, runtime: DesktopRuntime, name: string, ref: string, log: Log = quiet, hooks: AssignHooks = {}): Promise<UpdateResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    idleDesktopRecord(state, name);
+    await settleOperation(store, state, runtime, name, log);
     const record = idleDesktopRecord(state, name);
     const next = await resolveApp(store, ref);
     const current = record.apps.find((a) => a.split('@')[0] === next.name);
@@ -332,19 +435,20 @@ export async function updateApp(store: Store, runtime: DesktopRuntime, name: str
     const old = await resolveApp(store, current);
     const without = planUnassign(record, [current]); // the record as it is once the old version is gone
     checkPathConflicts({ apps: without.apps, files: without.files }, [next]);
-    const handle = desktopHandle(store, state, name);
-    await ensureRunning(runtime, handle, name, log);
-    log(`deleting ${current} in the guest`);
-    await removeAppFiles(runtime.shell(handle), [old]);
-    const allocation = await allocateLogged(runtime, handle, [next], log);
-    log(`shutting ${name} down`);
-    await runtime.stop(handle);
-    await assertNotInUse(runtime, handle, 'update');
     const newPaths = new Set(next.files.map((f) => f.path));
-    await assertGoneOffline(store, handle, old.files.map((f) => f.path).filter((p) => !newPaths.has(p)));
-    log('locating placeholders offline');
-    const located = await locateOffline(store, handle, [next]);
+    const { allocation, located } = await guestSide(store, state, runtime, name, [next], {
+      kind: 'update',
+      replacing: [current],
+      log,
+      hooks,
+      beforeAllocate: async (handle) => {
+        log(`deleting ${current} in the guest`);
+        await removeAppFiles(runtime.shell(handle), [old]);
+      },
+      afterStop: (handle) => assertGoneOffline(store, handle, old.files.map((f) => f.path).filter((p) => !newPaths.has(p))),
+    });
     record.recompose = planUpdate(record, current, next, located);
+    record.operation = null;
     await store.writeState(state);
     const report = await recomposeRecorded(store, state, name, log);
     return { apps: [appKey(next)], replaced: current, allocation, located: located.length, report };
@@ -352,9 +456,16 @@ export async function updateApp(store: Store, runtime: DesktopRuntime, name: str
 }
 
 /** Unassign apps: delete their files in the guest, shut down, check they are gone, recompose. */
-export async function unassignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<RecomposeReport> {
+export interface UnassignResult extends RecomposeReport {
+  /** App files the user had deleted in the guest already: reported, not an error. */
+  alreadyGone: string[];
+}
+
+export async function unassignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<UnassignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    idleDesktopRecord(state, name);
+    await settleOperation(store, state, runtime, name, log);
     const record = idleDesktopRecord(state, name);
     const plan = planUnassign(record, refs); // validates the names before the guest is touched
     const removing = record.apps.filter((a) => !plan.apps.includes(a));
@@ -362,14 +473,15 @@ export async function unassignApps(store: Store, runtime: DesktopRuntime, name: 
     const handle = desktopHandle(store, state, name);
     await ensureRunning(runtime, handle, name, log);
     log(`deleting ${removing.join(', ')} in the guest`);
-    await removeAppFiles(runtime.shell(handle), manifests);
+    const alreadyGone = await removeAppFiles(runtime.shell(handle), manifests);
+    if (alreadyGone.length) log(`${alreadyGone.length} app files were already gone: ${alreadyGone.slice(0, 5).join(', ')}${alreadyGone.length > 5 ? ', ...' : ''}`);
     log(`shutting ${name} down`);
     await runtime.stop(handle);
     await assertNotInUse(runtime, handle, 'unassign');
     await assertGoneOffline(store, handle, manifests.flatMap((m) => m.files.map((f) => f.path)));
     record.recompose = plan;
     await store.writeState(state);
-    return recomposeRecorded(store, state, name, log);
+    return { ...(await recomposeRecorded(store, state, name, log)), alreadyGone };
   });
 }
 
@@ -403,8 +515,14 @@ export interface VerifyResult {
 }
 
 export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[] = [], log: Log = quiet): Promise<VerifyResult> {
+  // Under the lock from boot to stop: an assign or recompose must not change the chain under
+  // the running guest, and a pending recompose must be finished before the guest may boot.
+  return store.withLock(() => verifyLocked(store, runtime, name, extraPaths, log));
+}
+
+async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[], log: Log): Promise<VerifyResult> {
   const state = await store.readState();
-  const record = desktopRecord(state, name);
+  const record = idleDesktopRecord(state, name);
   const handle = desktopHandle(store, state, name);
   const manifests = await Promise.all(record.apps.map((ref) => resolveApp(store, ref)));
   const wasRunning = await runtime.isRunning(handle);

@@ -42,6 +42,31 @@ export function guestHelperPath(): string | null {
   return null;
 }
 
+/** Fields as the helper reads them: each NUL-ended. */
+function encodeFields(fields: string[]): Buffer {
+  for (const field of fields) {
+    // A NUL would shift every later field; app paths come from a host folder walk, which has none.
+    if (field.includes('\0')) throw new LayerError('allocate.bad-path', `guest path ${JSON.stringify(field)} holds a NUL byte`);
+  }
+  return Buffer.from(`${fields.join('\0')}\0`, 'utf8');
+}
+
+const BLOCK = 4096;
+
+/**
+ * Bytes the guest filesystem must have free before an assign starts: every file's blocks, a
+ * block per file and folder for inodes, directories and extent blocks, and a margin of 2 % (at
+ * least 16 MiB) so that the guest is not left full.
+ */
+export function spaceNeeded(manifests: AppManifest[]): number {
+  let need = 0;
+  for (const manifest of manifests) {
+    for (const file of manifest.files) need += Math.ceil(file.size / BLOCK) * BLOCK + BLOCK;
+    need += manifest.directories.length * BLOCK;
+  }
+  return need + Math.max(16 << 20, Math.ceil(need / 50));
+}
+
 /**
  * The helper's stdin: NUL-ended fields, so a path may hold any byte but NUL (the format is
  * described in native/guest-alloc.c). Folders before files, app by app, as the script does.
@@ -54,11 +79,39 @@ export function helperManifest(manifests: AppManifest[], placeholders: 'auto' | 
     for (const d of manifest.directories) fields.push('d', d.path, mode(d.mode), String(d.uid), String(d.gid));
     for (const f of manifest.files) fields.push('f', f.path, String(f.size), mode(f.mode), String(f.uid), String(f.gid));
   }
-  for (const field of fields) {
-    // A NUL would shift every later field; app paths come from a host folder walk, which has none.
-    if (field.includes('\0')) throw new LayerError('allocate.bad-path', `guest path ${JSON.stringify(field)} holds a NUL byte`);
+  return encodeFields(fields);
+}
+
+/** Paths the guest got (or lost) in one run of the helper. */
+export interface GuestPaths {
+  files: Array<{ path: string; size: number }>;
+  dirs: string[];
+}
+
+/**
+ * The helper's stdin for a rollback: files first (only untouched placeholders are deleted),
+ * then folders deepest first (only empty ones are removed).
+ */
+export function rollbackManifest(paths: GuestPaths): Buffer {
+  const fields: string[] = [HELPER_FORMAT];
+  for (const f of paths.files) fields.push('r', f.path, String(f.size));
+  for (const d of [...paths.dirs].sort((a, b) => b.split('/').length - a.split('/').length)) fields.push('R', d);
+  return encodeFields(fields);
+}
+
+/** The helper's NUL-ended records ("created"|"removed"|"left"|"missing", "d"|"f", PATH) by verb. */
+export function parseHelperRecords(stdout: string): Map<string, { files: string[]; dirs: string[] }> {
+  const records = new Map<string, { files: string[]; dirs: string[] }>();
+  const fields = stdout.split('\0');
+  // Every record is three fields; the summary line follows the last one.
+  for (let i = 0; i + 2 < fields.length; i += 3) {
+    const [verb, kind, path] = [fields[i]!, fields[i + 1]!, fields[i + 2]!];
+    if (!/^(created|removed|left|missing)$/.test(verb) || (kind !== 'd' && kind !== 'f')) break;
+    const entry = records.get(verb) ?? { files: [], dirs: [] };
+    (kind === 'f' ? entry.files : entry.dirs).push(path);
+    records.set(verb, entry);
   }
-  return Buffer.from(`${fields.join('\0')}\0`, 'utf8');
+  return records;
 }
 
 /** The counts in the last `allocated files=N ...` line of this output, or null if there is none. */

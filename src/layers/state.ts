@@ -61,6 +61,28 @@ export interface RecomposePlan {
   attempts?: number;
 }
 
+/**
+ * The guest-side half of an assign or update, recorded before the guest is touched and cleared
+ * once the recompose plan takes over (or once it is undone). While it is set, the guest may hold
+ * placeholders the store does not know as apps: the next command on the desktop, or
+ * `desktop assign --abort`, removes them.
+ */
+export interface GuestOperation {
+  kind: 'assign' | 'update';
+  /** Apps whose placeholders the guest gets (name@version). */
+  apps: string[];
+  /** Apps an update replaces; their files were deleted in the guest first. */
+  replacing: string[];
+  phase: 'allocating' | 'allocated' | 'rolling-back';
+  /** What the guest got from this operation: null while unknown (then every app path is checked). */
+  created: { files: Array<{ path: string; size: number }>; dirs: string[] } | null;
+  /** The desktop ran before the operation: an undo leaves it running, else stopped. */
+  wasRunning: boolean;
+  startedAt: string;
+  /** Why it is being undone. */
+  failure: { code: string; message: string } | null;
+}
+
 export interface DesktopRecord {
   base: string;
   /** Relative to the store root. */
@@ -71,6 +93,8 @@ export interface DesktopRecord {
   apps: string[];
   files: LocatedFile[];
   recompose: RecomposePlan | null;
+  /** An assign or update whose guest side has not finished or not been undone (absent: none). */
+  operation?: GuestOperation | null;
   createdAt: string;
 }
 

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { HELPER_WRAPPER, allocatePlaceholders, allocationScript, removalScript } from '../../src/layers/allocate.js';
+import { HELPER_WRAPPER, allocatePlaceholders, allocationScript, checkGuestSpace, createdBeforeFailure, removalScript, removePlaceholders } from '../../src/layers/allocate.js';
 import type { AppManifest } from '../../src/layers/app.js';
 import { guestHelperPath, helperManifest, parseAllocatedLine } from '../../src/layers/guest-alloc.js';
 import { GUEST_EXIT, runGuestScript, shellQuote, type GuestShell } from '../../src/layers/guest-script.js';
@@ -339,4 +339,79 @@ it('the script chunks grouped chmod/chown/mkdir under the argument budget', () =
   // Every path is in exactly one chown group.
   const chowned = lines.filter((l) => l.startsWith('chown ')).join(' ');
   for (const file of manifest.files) expect(chowned.split(shellQuote(file.path)).length).toBe(2);
+});
+
+/** Every path under `root`, sorted: what the guest's folder holds. */
+function tree(root: string): string[] {
+  const out: string[] = [];
+  const walk = (dir: string): void => {
+    for (const name of readdirSync(dir)) {
+      const path = join(dir, name);
+      out.push(path);
+      if (lstatSync(path).isDirectory()) walk(path);
+    }
+  };
+  if (existsSync(root)) walk(root);
+  return out.sort();
+}
+
+describe('undoing an allocation: the placeholders it made, and only those', () => {
+  it.each([
+    ['the helper', undefined],
+    ['the script', null],
+  ] as const)('%s deletes untouched placeholders and empty folders, and leaves a file the user wrote', async (_label, helperChoice, ) => {
+    const root = mkdtempSync(join(ext4 && mounted ? ext4 : tmpdir(), 'undo-'));
+    mkdirSync(join(root, 'opt'));
+    writeFileSync(join(root, 'opt', 'keep.txt'), 'the user\'s'); // existed before: never touched
+    const before = tree(root);
+    const manifest = nastyManifest(root);
+    const allocation = await allocatePlaceholders(busybox, [manifest], helperChoice === null ? { helper: null } : {});
+    const created = allocation.created ?? { files: manifest.files.map((f) => ({ path: f.path, size: f.size })), dirs: manifest.directories.map((d) => d.path) };
+    if (helperChoice !== null && helper !== null) {
+      expect(created.files.map((f) => f.path).sort()).toEqual(manifest.files.map((f) => f.path).sort());
+      expect(created.dirs).toContain(manifest.prefix); // made by this run, unlike root/opt
+      expect(created.dirs).not.toContain(join(root, 'opt'));
+    }
+    // The user writes into one placeholder: it is theirs now.
+    const touched = manifest.files[3]!.path;
+    writeFileSync(touched, Buffer.alloc(manifest.files[3]!.size, 7));
+    const undone = await removePlaceholders(busybox, created, helperChoice === null ? { helper: null } : {});
+    expect(undone).toMatchObject({ removed: 3, left: [touched], missing: 0 });
+    expect(tree(root)).toEqual([...before, manifest.prefix, touched].sort());
+    expect(readFileSync(join(root, 'opt', 'keep.txt'), 'utf8')).toBe("the user's");
+    // Again: nothing left to remove, nothing the user made goes.
+    const again = await removePlaceholders(busybox, created, helperChoice === null ? { helper: null } : {});
+    expect(again).toMatchObject({ removed: 0, missing: 3, left: [touched] });
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it.skipIf(helper === null)('a full filesystem half-way: the error says what was made, and undoing it leaves the folder as before', async ({ skip }) => {
+    const root = ext4Folder(skip, 'undo-full');
+    const before = tree(root);
+    const manifest = nastyManifest(root);
+    manifest.files[2]!.size = 64 << 20; // the third file does not fit; the first two were made
+    const error = await allocatePlaceholders(busybox, [manifest]).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(error).toMatchObject({ code: 'allocate.no-space' });
+    const created = createdBeforeFailure(error);
+    expect(created?.files.map((f) => f.path)).toEqual([manifest.files[0]!.path, manifest.files[1]!.path, manifest.files[2]!.path]);
+    await removePlaceholders(busybox, created!);
+    expect(tree(root)).toEqual(before);
+  });
+
+  it('checks free space first and refuses with both numbers', async ({ skip }) => {
+    const root = ext4Folder(skip, 'space');
+    const manifest = nastyManifest(root);
+    manifest.files[2]!.size = 40 << 20; // the filesystem has 32 MiB in all
+    await expect(checkGuestSpace(busybox, [manifest])).rejects.toThrow(/^nasty@1 needs \d+\.\d MiB on the guest filesystem holding \S*space \(.*\), which has \d+\.\d MiB free; nothing was made in the guest$/);
+    expect(tree(root)).toEqual([]);
+    // Where it fits (the host's big /tmp), the answer names the nearest existing parent.
+    const roomy = mkdtempSync(join(tmpdir(), 'qlayer-space-'));
+    const ok = await checkGuestSpace(busybox, [nastyManifest(roomy)]);
+    expect(ok.free).toBeGreaterThan(ok.needed);
+    expect(ok.filesystem).toBe(roomy);
+    rmSync(roomy, { recursive: true, force: true });
+  });
 });

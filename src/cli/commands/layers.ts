@@ -5,6 +5,7 @@ import { Command } from 'commander';
 import { QlayerError } from '../../errors.js';
 import { buildApp, listApps, resolveApp } from '../../layers/app.js';
 import {
+  abortOperation,
   assignApps,
   createDesktop,
   destroyDesktop,
@@ -21,6 +22,7 @@ import {
   type DesktopView,
 } from '../../layers/desktops.js';
 import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../layers/fleet.js';
+import { describeUndo } from '../../layers/guest-operation.js';
 import type { RecomposeReport } from '../../layers/recompose.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
@@ -43,6 +45,13 @@ function describeDesktop(view: DesktopView): string {
     `      <- ${view.paths.apps}`,
     `      <- ${view.paths.base}`,
     ...(view.pendingRecompose ? [`  unfinished recompose at phase ${view.pendingRecompose.phase}: run qlayer desktop recompose ${view.name}`] : []),
+    ...(view.operation
+      ? [
+          `  unfinished ${view.operation.kind} of ${view.operation.apps.join(', ')} (${view.operation.phase})${view.operation.failure ? `: ${view.operation.failure.message.split('\n')[0]}` : ''}`,
+          `    undo what the guest got: ${view.operation.undo}`,
+          `    or do it again:          ${view.operation.finish}`,
+        ]
+      : []),
   ].join('\n');
 }
 
@@ -201,9 +210,18 @@ export function registerLayerCommands(program: Command): void {
       .argument('[apps...]', 'APP or APP@VERSION')
       .option('--desktops <list>', 'comma-separated desktops to assign to')
       .option('--all', 'every desktop in the store (those that already have the app are skipped)')
-      .option('--parallel <n>', 'desktops at once (default: one per core, within free memory)'),
-  ).action(async (name: string, apps: string[], options: StoreCommandOptions & { desktops?: string; all?: boolean; parallel?: string }) => {
+      .option('--parallel <n>', 'desktops at once (default: one per core, within free memory)')
+      .option('--abort', 'undo an unfinished assign or update of NAME: delete the placeholders it left in the guest (only untouched ones) and its record'),
+  ).action(async (name: string, apps: string[], options: StoreCommandOptions & { desktops?: string; all?: boolean; parallel?: string; abort?: boolean }) => {
     const { store, runtime, config } = await openContext(options);
+    if (options.abort) {
+      if (apps.length || options.desktops !== undefined || options.all) throw new QlayerError('cli.usage', '--abort takes only the desktop: qlayer desktop assign --abort NAME');
+      const undone = await abortOperation(store, runtime, name, stepLogger(options));
+      printResult(options, { desktop: name, aborted: undone !== 'nothing', undone: undone === 'nothing' ? null : undone }, () =>
+        undone === 'nothing' ? `${name} has no unfinished assign or update` : `undone: ${describeUndo(undone)}`,
+      );
+      return;
+    }
     if (options.desktops === undefined && !options.all) {
       if (!apps.length) throw new QlayerError('cli.usage', 'name at least one app to assign: qlayer desktop assign NAME APP[@VERSION]...');
       const result = await assignApps(store, runtime, name, apps, stepLogger(options));
@@ -238,7 +256,9 @@ export function registerLayerCommands(program: Command): void {
   ).action(async (name: string, apps: string[], options: StoreCommandOptions) => {
     const { store, runtime } = await openContext(options);
     const report = await unassignApps(store, runtime, name, apps, stepLogger(options));
-    printResult(options, report, () => describeRecompose(report));
+    printResult(options, report, () =>
+      [describeRecompose(report), ...(report.alreadyGone.length ? [`  already deleted in the guest: ${report.alreadyGone.join(', ')}`] : [])].join('\n'),
+    );
   });
   storeOptions(desktop.command('recompose').description('run the offline recompose; finishes an interrupted one (refused while the desktop runs)').argument('<name>')).action(
     async (name: string, options: StoreCommandOptions) => {
