@@ -1,4 +1,5 @@
 import { Command, CommanderError } from 'commander';
+import { QlayerError } from '../errors.js';
 import { reportError } from './output.js';
 import { commandGroups } from './commands/index.js';
 
@@ -12,7 +13,9 @@ export function buildProgram(): Command {
     .version('0.1.0')
     // Root options only before the subcommand: `app build --version V` is the app's version.
     .enablePositionalOptions()
-    .showHelpAfterError()
+    // Usage errors are printed by main() like every other error (one line, or JSON with
+    // --json), not by commander with its help text; subcommands inherit this.
+    .configureOutput({ outputError: () => {} })
     .exitOverride();
   for (const register of commandGroups) register(program);
   return program;
@@ -27,9 +30,23 @@ export async function main(argv: string[]): Promise<number> {
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (error) {
     if (error instanceof CommanderError) {
-      // Commander already printed help or the usage error; --help and --version exit 0.
-      return error.exitCode;
+      // Help and version were printed as asked (a group without its subcommand prints its help).
+      if (SHOWN_BY_COMMANDER.has(error.code)) return error.exitCode;
+      return reportError(usageError(error), json);
     }
     return reportError(error, json);
   }
+}
+
+const SHOWN_BY_COMMANDER = new Set(['commander.helpDisplayed', 'commander.help', 'commander.version', 'commander.executeSubCommandAsync']);
+
+/**
+ * A command-line mistake as a QlayerError: code `usage.<commander's code>` in kebab case
+ * (usage.unknown-option, usage.missing-argument, usage.invalid-argument...), and commander's
+ * own sentence without its "error: " prefix.
+ */
+function usageError(error: CommanderError): QlayerError {
+  const kind = error.code.replace(/^commander\./, '').replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+  const message = error.message.replace(/^error: /, '').trim();
+  return new QlayerError(`usage.${kind}`, `${message} (see --help)`, { exitCode: error.exitCode });
 }

@@ -21,10 +21,11 @@ export function printResult(options: CommonOptions, value: unknown, human: () =>
 /** Print an error the way every command does, and return the exit code to use. */
 export function reportError(error: unknown, json: boolean): number {
   if (isQlayerError(error)) {
+    const message = oneLine(error.message);
     if (json) {
-      process.stdout.write(`${JSON.stringify({ error: { code: error.code, message: error.message } }, null, 2)}\n`);
+      process.stdout.write(`${JSON.stringify({ error: { code: error.code, message } }, null, 2)}\n`);
     }
-    process.stderr.write(`qlayer: ${error.message}\n`);
+    process.stderr.write(`qlayer: ${message}\n`);
     return error.exitCode;
   }
   const system = systemErrorText(error);
@@ -37,6 +38,14 @@ export function reportError(error: unknown, json: boolean): number {
   if (json) process.stdout.write(`${JSON.stringify({ error: { code: 'internal', message: String(error) } }, null, 2)}\n`);
   process.stderr.write(`qlayer: internal error: ${message}\n`);
   return 1;
+}
+
+/**
+ * An error is one line on stderr, whatever produced it: messages that quote a parser's
+ * multi-line output (a YAML error's code frame) are folded, so scripts can read the line.
+ */
+export function oneLine(message: string): string {
+  return message.replace(/\s*\n\s*/g, ' ').trim();
 }
 
 /** Progress on a terminal only (never in --json or when piped), overwriting one line. */

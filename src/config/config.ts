@@ -13,6 +13,11 @@ export interface QlayerConfig {
   guest: { accel: Accel; memoryMiB: number; vcpus: number };
   boot: { mode: 'test-guest' | 'kernel' | 'firmware'; kernel: string | null; initrd: string | null; cmdline: string | null; firmware: 'bios' | 'uefi' };
   timeouts: { boot: number; agent: number; shutdown: number };
+  /**
+   * Folders whose files any image may name as backing or data file, besides the image's own
+   * folder tree (like --allow on every command). Absolute.
+   */
+  allow: string[];
   /** The file the config came from, or null for built-in defaults. */
   source: string | null;
 }
@@ -29,6 +34,10 @@ type Validator = (value: unknown, key: string) => unknown;
 const text: Validator = (value, key) => {
   if (typeof value !== 'string' || value.length === 0) throw new ConfigError(`config key '${key}' must be a non-empty string`);
   return value;
+};
+const textList: Validator = (value, key) => {
+  if (!Array.isArray(value)) throw new ConfigError(`config key '${key}' must be a list of folders, not ${JSON.stringify(value)}`);
+  return value.map((item, i) => text(item, `${key}[${i}]`));
 };
 const optionalText: Validator = (value, key) => (value === null ? null : text(value, key));
 const positiveInteger =
@@ -54,6 +63,7 @@ const shape: Shape = {
   guest: { accel: oneOf('auto', 'kvm', 'tcg'), memoryMiB: positiveInteger(1 << 20), vcpus: positiveInteger(256) },
   boot: { mode: oneOf('test-guest', 'kernel', 'firmware'), kernel: optionalText, initrd: optionalText, cmdline: optionalText, firmware: oneOf('bios', 'uefi') },
   timeouts: { boot: positiveInteger(86_400), agent: positiveInteger(86_400), shutdown: positiveInteger(86_400) },
+  allow: textList,
 };
 
 export const defaultConfigValues = {
@@ -62,6 +72,7 @@ export const defaultConfigValues = {
   guest: { accel: 'auto', memoryMiB: 512, vcpus: 1 },
   boot: { mode: 'test-guest', kernel: null, initrd: null, cmdline: null, firmware: 'bios' },
   timeouts: { boot: 120, agent: 60, shutdown: 60 },
+  allow: [],
 } as const;
 
 /** Merge `given` over `defaults` following `shape`, validating every key and naming it in errors. */
@@ -117,7 +128,9 @@ export function parseConfig(yamlText: string, source: string | null, baseDir: st
   try {
     document = parseYaml(yamlText);
   } catch (error) {
-    throw new ConfigError(`${source ?? 'config'}: not valid YAML: ${(error as Error).message}`);
+    // The parser's message goes on with a code frame over several lines: keep its first line
+    // (it names the line and column), so the error stays one line.
+    throw new ConfigError(`${source ?? 'config'}: not valid YAML: ${(error as Error).message.split('\n')[0]!.replace(/:$/, '')}`);
   }
   const merged = validate(document, defaultConfigValues as unknown as Record<string, unknown>, shape, '') as unknown as QlayerConfig;
   const absolute = (path: string | null): string | null => (path === null ? null : isAbsolute(path) ? path : resolve(baseDir, path));
@@ -127,6 +140,7 @@ export function parseConfig(yamlText: string, source: string | null, baseDir: st
   return {
     ...merged,
     store: absolute(merged.store)!,
+    allow: merged.allow.map((dir) => absolute(dir)!),
     boot: { ...merged.boot, kernel: absolute(merged.boot.kernel), initrd: absolute(merged.boot.initrd) },
     source,
   };

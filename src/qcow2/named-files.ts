@@ -93,7 +93,7 @@ export class NamedFilePolicy {
       const [own, ...extra] = this.roots;
       throw new ChainError(
         'chain.outside-allowed',
-        `${what} is ${realPath}, outside the image's folder ${own}${extra.length ? ` and the allowed folders ${extra.join(', ')}` : ''} (allow its folder with --allow DIR if you trust this image)`,
+        `${what}${realPath === name ? '' : ` (real path ${realPath})`} is outside the image's folder ${own}${extra.length ? ` and the allowed folders ${extra.join(', ')}` : ''} (allow its folder with --allow DIR if you trust this image)`,
       );
     }
     await this.assertRegular(realPath, () => what);

@@ -16,6 +16,7 @@ import { checkImage } from '../../qcow2/repair.js';
 import { resizeImage } from '../../qcow2/resize.js';
 import { nodeFileSystem } from '../../io/host-file.js';
 import { printResult, progressReporter, type CommonOptions } from '../output.js';
+import { allowedDirectories, allowOptions, type AllowOptions } from '../allow.js';
 
 /** A usage mistake on the image command line (exit 1, like qemu-img). */
 export class ImageCommandError extends QlayerError {
@@ -138,20 +139,20 @@ export function registerImageCommands(program: Command): void {
     .option('--json', 'print JSON')
     .action((file: string, size: string | undefined, flags: CreateFlags) => runCreate(file, size, flags));
 
-  image
+  allowOptions(image
     .command('info')
     .summary("show an image's format, features, snapshots and backing chain")
     .description('Show an image\'s header, format features and snapshots (JSON like qemu-img info --output=json)')
     .argument('<file>')
     .option('-f <fmt>', 'image format: qcow2 (default) or raw')
     .option('--backing-chain', 'also show every backing file, top first (JSON: an array)')
-    .option('--json', 'print JSON')
-    .action(async (file: string, flags: CommonOptions & { f?: string; backingChain?: boolean }) => {
-      const infos = await infoImage(file, { format: format(flags.f, '-f', 'qcow2'), backingChain: flags.backingChain === true });
+    .option('--json', 'print JSON'))
+    .action(async (file: string, flags: CommonOptions & AllowOptions & { f?: string; backingChain?: boolean }) => {
+      const infos = await infoImage(file, { format: format(flags.f, '-f', 'qcow2'), backingChain: flags.backingChain === true, allowedDirectories: allowedDirectories(flags) });
       printResult(flags, flags.backingChain ? infos : infos[0], () => formatInfoText(infos));
     });
 
-  image
+  allowOptions(image
     .command('map')
     .summary('show which chain layer holds each range of the virtual disk')
     .description(
@@ -162,10 +163,11 @@ export function registerImageCommands(program: Command): void {
     .option('-f <fmt>', 'image format: qcow2 (default) or raw')
     .option('--start-offset <offset>', 'first byte to map')
     .option('--max-length <length>', 'bytes to map')
-    .option('--json', 'print JSON')
-    .action(async (file: string, flags: CommonOptions & { f?: string; startOffset?: string; maxLength?: string }) => {
+    .option('--json', 'print JSON'))
+    .action(async (file: string, flags: CommonOptions & AllowOptions & { f?: string; startOffset?: string; maxLength?: string }) => {
       const entries = await mapImage(file, {
         format: format(flags.f, '-f', 'qcow2'),
+        allowedDirectories: allowedDirectories(flags),
         start: flags.startOffset === undefined ? undefined : parseSize(flags.startOffset, '--start-offset'),
         length: flags.maxLength === undefined ? undefined : parseSize(flags.maxLength, '--max-length'),
       });
@@ -212,7 +214,7 @@ export function registerImageCommands(program: Command): void {
       process.exitCode = checkExitCode(result);
     });
 
-  image
+  allowOptions(image
     .command('convert')
     .summary('flatten an image or chain into a new raw or qcow2 file')
     .description(
@@ -227,8 +229,8 @@ export function registerImageCommands(program: Command): void {
     .option('-c', 'compress data clusters (deflate); qcow2 output only')
     .option('-p', 'show progress (on a terminal)')
     .option('--sync', 'fsync the output before exiting')
-    .option('--json', 'print JSON')
-    .action(async (source: string, output: string, flags: CommonOptions & { f?: string; O?: string; o?: string; c?: boolean; p?: boolean; sync?: boolean }) => {
+    .option('--json', 'print JSON'))
+    .action(async (source: string, output: string, flags: CommonOptions & AllowOptions & { f?: string; O?: string; o?: string; c?: boolean; p?: boolean; sync?: boolean }) => {
       const opts = parseCreateOptions(flags.o);
       for (const key of opts.keys()) if (key !== 'cluster_size') throw new ImageCommandError(`convert -o: unsupported option "${key}" (only cluster_size)`);
       const result = await convertImage(source, output, {
@@ -237,12 +239,13 @@ export function registerImageCommands(program: Command): void {
         clusterSize: opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster_size') : undefined,
         compress: flags.c === true,
         sync: flags.sync === true,
+        allowedDirectories: allowedDirectories(flags),
         progress: flags.p ? progressReporter(flags, 'converting') : undefined,
       });
       printResult(flags, { source, output, 'virtual-size': result.virtualSize, 'data-bytes': result.dataBytes, 'output-length': result.outputLength }, () => '');
     });
 
-  image
+  allowOptions(image
     .command('rebase')
     .summary("change an image's backing file (safe or -u unsafe)")
     .description(
@@ -255,19 +258,20 @@ export function registerImageCommands(program: Command): void {
     .option('-F <fmt>', 'new backing format (qcow2 or raw); required unless -b ""')
     .option('-u', 'unsafe: change only the header')
     .option('-p', 'show progress (on a terminal)')
-    .option('--json', 'print JSON')
-    .action(async (file: string, flags: CommonOptions & { b: string; F?: string; u?: boolean; p?: boolean }) => {
+    .option('--json', 'print JSON'))
+    .action(async (file: string, flags: CommonOptions & AllowOptions & { b: string; F?: string; u?: boolean; p?: boolean }) => {
       const backing = flags.b === '' ? null : flags.b;
       const result = await rebaseImage(file, {
         backing,
         backingFormat: backing === null ? undefined : format(flags.F, '-F'),
         unsafe: flags.u === true,
+        allowedDirectories: allowedDirectories(flags),
         progress: flags.p ? progressReporter(flags, 'rebasing') : undefined,
       });
       printResult(flags, { filename: file, 'backing-filename': backing, 'copied-bytes': result.copiedBytes }, () => '');
     });
 
-  image
+  allowOptions(image
     .command('commit')
     .summary("write an image's content into its backing file")
     .description(
@@ -277,9 +281,9 @@ export function registerImageCommands(program: Command): void {
     .argument('<file>')
     .option('-d', 'do not empty the image after the commit')
     .option('-p', 'show progress (on a terminal)')
-    .option('--json', 'print JSON')
-    .action(async (file: string, flags: CommonOptions & { d?: boolean; p?: boolean }) => {
-      const result = await commitImage(file, { keepTop: flags.d === true, progress: flags.p ? progressReporter(flags, 'committing') : undefined });
+    .option('--json', 'print JSON'))
+    .action(async (file: string, flags: CommonOptions & AllowOptions & { d?: boolean; p?: boolean }) => {
+      const result = await commitImage(file, { keepTop: flags.d === true, allowedDirectories: allowedDirectories(flags), progress: flags.p ? progressReporter(flags, 'committing') : undefined });
       printResult(flags, { filename: file, backing: result.backing, 'committed-bytes': result.committedBytes }, () => 'Image committed.');
     });
 
