@@ -30,6 +30,7 @@ import { nodeFileSystem, preadFully, syncParentDirectory, withPath } from '../io
 import { allocateAligned } from '../io/aligned-buffer.js';
 import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import { assertNotLocked } from '../io/in-use.js';
+import { removeOnInterrupt } from '../io/interrupt.js';
 import {
   ExtensionType,
   HEADER_V3_LENGTH,
@@ -38,7 +39,8 @@ import {
   type Qcow2Header,
 } from '../qcow2/header.js';
 import { COPIED_HI, encodeCompressed, encodeEntry, geometry, setRefcount } from '../qcow2/layout.js';
-import { chainStatus, closeLayers, openLayers, type MapLayer, type MapEntry } from './map.js';
+import { closeLayers, openLayers, type MapLayer, type MapEntry } from './map.js';
+import { MapCursor } from './map-cursor.js';
 
 const deflateRawAsync = promisify(deflateRaw);
 
@@ -460,10 +462,12 @@ export async function convertImage(source: string, output: string, options: Conv
   const layers = await openLayers(source, { fs, format: options.sourceFormat ?? 'qcow2', allowedDirectories: options.allowedDirectories });
   let out: HostFile | null = null;
   let completed = false;
+  let forgetOutput = (): void => {};
   try {
     await assertSafeOutput(output, layers);
     const size = layers[0]!.size;
     out = await fs.open(output, 'create');
+    forgetOutput = removeOnInterrupt(output);
     // QEMU sees a qcow2 disk in whole 512-byte sectors: round up, as qemu-img convert does.
     // Size the output first: writes inside the file are cheaper than extending it each time.
     if (outputFormat === 'raw') await out.truncate(size);
@@ -472,49 +476,54 @@ export async function convertImage(source: string, output: string, options: Conv
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
     const windowSize = Math.max(unit, Math.floor((options.windowSize ?? DEFAULT_WINDOW) / unit) * unit);
     let dataBytes = 0;
-    // Window w uses ring slot w % R. While window w is handed to the sink, window w + 1 is
-    // already being read (read-ahead) and up to WRITE_DEPTH earlier windows may still be
-    // written; before slot w + 1 is refilled, the write of window w + 1 - R must be done.
+    // The k-th window that holds data uses ring slot k % R. While window k is handed to the
+    // sink, window k + 1 is already being read (read-ahead) and up to WRITE_DEPTH earlier windows
+    // may still be written; before slot k + 1 is refilled, the write of window k + 1 - R must be
+    // done. Windows without data are never visited: the cursor skips them in whole spans.
     const R = WRITE_DEPTH + 2;
     // One page-aligned block for all slots (see io/aligned-buffer.ts: unaligned reads cost 2x).
     const ringMemory = allocateAligned(R * windowSize);
     const ring = Array.from({ length: R }, (_, slot) => ringMemory.subarray(slot * windowSize, (slot + 1) * windowSize));
-    const windows = Math.ceil(size / windowSize);
-    const pending: Array<{ window: number; write: Promise<void> }> = [];
+    const cursor = new MapCursor(layers, 0, size, windowSize);
+    const pending: Array<{ sequence: number; write: Promise<void> }> = [];
     let readBytes = 0;
-    const prepare = async (w: number): Promise<{ offset: number; buffer: Uint8Array; mayHaveData: boolean[] } | null> => {
-      const offset = w * windowSize;
+    type Prepared = { offset: number; buffer: Uint8Array; mayHaveData: boolean[] };
+    /** Read the first window at or after `from` that holds data into `slot`; null at the end. */
+    const prepare = async (from: number, slot: number): Promise<Prepared | null> => {
+      const dataAt = await cursor.nextData(from);
+      if (dataAt >= size) return null;
+      const offset = Math.floor(dataAt / windowSize) * windowSize;
       const length = Math.min(windowSize, size - offset);
-      const entries = await chainStatus(layers, offset, offset + length);
+      const entries = await cursor.window(offset, offset + length);
       const units = Math.ceil(length / unit);
       const mayHaveData = new Array<boolean>(units).fill(false);
       for (const e of entries) {
         if (!e.data) continue;
         for (let u = Math.floor((e.start - offset) / unit); u * unit < e.start - offset + e.length; u += 1) mayHaveData[u] = true;
       }
-      if (!mayHaveData.some(Boolean)) return null;
-      const buffer = ring[w % R]!.subarray(0, units * unit);
+      const buffer = ring[slot]!.subarray(0, units * unit);
       buffer.fill(0, length);
       await readWindow(layers, entries, offset, buffer.subarray(0, length), unit, mayHaveData);
       for (const e of entries) if (e.data) readBytes += e.length;
       return { offset, buffer, mayHaveData };
     };
-    let next: ReturnType<typeof prepare> | null = windows > 0 ? prepare(0) : null;
+    let next: Promise<Prepared | null> | null = prepare(0, 0);
     // Marked handled: if the loop fails first, a read-ahead rejection must not go unhandled.
-    next?.catch(() => undefined);
+    next.catch(() => undefined);
     try {
-      for (let w = 0; w < windows; w += 1) {
-        const current = await next!;
+      for (let sequence = 0; ; sequence += 1) {
+        const current: Prepared | null = await next!;
+        next = null;
+        if (!current) break;
         // Reads are synchronous: let the event loop turn once per window.
         await new Promise<void>((resolve) => setImmediate(resolve));
-        while (pending.length > 0 && pending[0]!.window <= w + 1 - R) await pending.shift()!.write;
-        next = w + 1 < windows ? prepare(w + 1) : null;
-        next?.catch(() => undefined);
-        if (!current) continue;
-        const done = current.offset + current.buffer.length;
+        while (pending.length > 0 && pending[0]!.sequence <= sequence + 1 - R) await pending.shift()!.write;
+        const done: number = current.offset + current.buffer.length;
+        next = done < size ? prepare(done, (sequence + 1) % R) : Promise.resolve(null);
+        next.catch(() => undefined);
         const write = sink.window(current.offset, current.buffer, current.mayHaveData).then(() => options.progress?.(Math.min(done, size), size));
         write.catch(() => undefined);
-        pending.push({ window: w, write });
+        pending.push({ sequence, write });
       }
     } catch (error) {
       // Let the writes already running finish before the output is closed.
@@ -535,6 +544,7 @@ export async function convertImage(source: string, output: string, options: Conv
     if (out) await out.close();
     // A half-written output is not an image (its header comes last): do not leave it behind.
     if (out && !completed) await fs.remove(output).catch(() => undefined);
+    forgetOutput();
     await closeLayers(layers);
   }
 }

@@ -2,7 +2,7 @@
  * The `qlayer image` commands run as a user runs them: bin/qlayer.js (compiled with tsc) in a
  * child process, checked against qemu-img on the same files.
  */
-import { copyFile, link, readFile, stat } from 'node:fs/promises';
+import { copyFile, link, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -149,5 +149,94 @@ describe('qlayer image (CLI)', () => {
       expect(help.exitCode).toBe(0);
       expect(help.stdout).toMatch(/--json/);
     }
+  });
+});
+
+/** Run `qlayer ARGS` as a child process (any command, not only image). */
+function qlayerChild(args: string[]) {
+  return execa('node', [join(root, 'bin', 'qlayer.js'), ...args], { reject: false, timeout: 120_000 });
+}
+
+/** Wait until `path` exists (or the child ends first: then fail). */
+async function whenExists(path: string, child: { exitCode?: number | null }, what: string): Promise<void> {
+  for (let i = 0; i < 3000; i++) {
+    if (await stat(path).then(() => true, () => false)) return;
+    if (child.exitCode !== undefined && child.exitCode !== null) throw new Error(`${what} ended before ${path} appeared`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error(`${path} never appeared`);
+}
+
+describe('interrupted writes (real signals to real child processes)', () => {
+  it('a convert stopped by SIGINT or SIGTERM removes its half-written output and dies of the signal', async () => {
+    await writeRandomRaw(p('sig-src.raw'), 4 * 1024 * 1024, 21);
+    // The child's output file has no descriptor and its second write never finishes: the
+    // signal always arrives mid-convert, however fast or slow this machine is.
+    const script = p('sig-child.mjs');
+    await writeFile(
+      script,
+      `import { convertImage } from ${JSON.stringify(join(root, 'dist', 'src', 'chain', 'convert.js'))};
+import { nodeFileSystem } from ${JSON.stringify(join(root, 'dist', 'src', 'io', 'host-file.js'))};
+let writes = 0;
+const fs = {
+  syncDirectory: (p) => nodeFileSystem.syncDirectory(p),
+  remove: (p) => nodeFileSystem.remove(p),
+  async open(path, mode, options) {
+    const file = await nodeFileSystem.open(path, mode, options);
+    if (mode === 'read') return file;
+    return {
+      path: file.path, writable: file.writable,
+      length: () => file.length(), read: (b, at) => file.read(b, at), truncate: (n) => file.truncate(n),
+      sync: () => file.sync(), close: () => file.close(),
+      write(data, at) {
+        if (++writes === 2) { process.stdout.write('writing\\n'); return new Promise(() => {}); }
+        return file.write(data, at);
+      },
+    };
+  },
+};
+await convertImage(process.argv[2], process.argv[3], { fs, sourceFormat: 'raw', windowSize: 65536 });
+`,
+    );
+    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+      const output = p(`sig-out-${signal}.qcow2`);
+      const child = execa('node', [script, p('sig-src.raw'), output], { reject: false, timeout: 60_000 });
+      child.stdout!.once('data', () => child.kill(signal));
+      const result = await child;
+      expect(result.stdout, result.stderr).toBe('writing');
+      expect(result.signal).toBe(signal);
+      await expect(stat(output)).rejects.toMatchObject({ code: 'ENOENT' });
+    }
+  });
+
+  it('a base import stopped by SIGTERM leaves no .importing and no lock; one killed by SIGKILL is swept by the next import', async () => {
+    // 1 GiB of non-zero data: seconds to import, so the signal lands while it runs.
+    const source = p('import-src.raw');
+    const handle = await open(source, 'w');
+    const block = Buffer.alloc(1 << 20, 0x5a);
+    for (let i = 0; i < 1024; i++) await handle.write(block, 0, block.length, i * block.length);
+    await handle.close();
+    const store = p('interrupt-store');
+    const partial = join(store, 'bases', 'big.qcow2.importing');
+    for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+      const child = qlayerChild(['base', 'import', 'big', source, '-f', 'raw', '--store', store]);
+      await whenExists(partial, child, 'base import');
+      child.kill(signal);
+      const result = await child;
+      expect(result.signal, result.stderr).toBe(signal);
+      if (signal === 'SIGTERM') {
+        await expect(stat(partial)).rejects.toMatchObject({ code: 'ENOENT' });
+        await expect(stat(join(store, 'lock'))).rejects.toMatchObject({ code: 'ENOENT' });
+      } else {
+        expect((await stat(partial)).isFile()).toBe(true); // SIGKILL cannot be caught
+      }
+    }
+    // The next import of that name sweeps the leftover (the lock of the killed one is stale).
+    const small = p('import-small.raw');
+    await writeRandomRaw(small, 1024 * 1024, 22);
+    const again = await qlayerChild(['base', 'import', 'big', small, '-f', 'raw', '--store', store, '--json']);
+    expect(again.exitCode, again.stderr).toBe(0);
+    await expect(stat(partial)).rejects.toMatchObject({ code: 'ENOENT' });
+    expect(await qemuCompare(small, join(store, 'bases', 'big.qcow2'), 'raw', 'qcow2')).toBe(true);
   });
 });
