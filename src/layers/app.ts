@@ -1,7 +1,8 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { lstat, mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join, posix, relative } from 'node:path';
+import { processStartTime, sameProcessAlive } from '../io/process.js';
 import { LayerError } from './errors.js';
 import { checkGuestPath, checkName, parseAppRef } from './names.js';
 import type { Store } from './store.js';
@@ -89,7 +90,8 @@ export async function buildApp(store: Store, options: BuildAppOptions): Promise<
   const { directories, files } = await walk(options.sourceDir);
   const guestPath = (hostPath: string): string => checkGuestPath(posix.join(prefix, relative(options.sourceDir, hostPath).split('\\').join('/')));
 
-  const staging = store.path('apps', `.staging-${name}-${process.pid}-${Date.now()}`);
+  await sweepStaging(store);
+  const staging = store.path('apps', stagingName(name));
   await mkdir(staging, { recursive: true });
   try {
     const payload = await open(join(staging, 'payload.bin'), 'w');
@@ -168,6 +170,34 @@ export async function buildApp(store: Store, options: BuildAppOptions): Promise<
     await rm(staging, { recursive: true, force: true });
     throw error;
   }
+}
+
+/**
+ * A build's temporary folder: .staging-NAME-PID-STARTTIME-RANDOM. The builder's pid and start
+ * time (io/process.ts) let a later build tell a dead build's leftover from a running one's,
+ * even after the pid was reused.
+ */
+function stagingName(name: string): string {
+  return `.staging-${name}-${process.pid}-${processStartTime(process.pid) ?? 'x'}-${randomBytes(4).toString('hex')}`;
+}
+
+/**
+ * Remove the staging folders of builds that died (killed half-way, so their own cleanup never
+ * ran). Folders of live builds are kept; so are names this cannot read. Older qlayers named
+ * them .staging-NAME-PID-MILLISECONDS: only the pid can be checked for those.
+ */
+export async function sweepStaging(store: Store): Promise<string[]> {
+  const swept: string[] = [];
+  for (const entry of await readdir(store.path('apps')).catch(() => [] as string[])) {
+    if (!entry.startsWith('.staging-')) continue;
+    const current = /-(\d+)-(\d+|x)-[0-9a-f]{8}$/.exec(entry);
+    const older = current ? null : /-(\d+)-\d{13}$/.exec(entry);
+    const owner = current ? { pid: Number(current[1]), start: current[2] === 'x' ? null : current[2]! } : older ? { pid: Number(older[1]), start: null } : null;
+    if (owner === null || sameProcessAlive(owner.pid, owner.start)) continue;
+    await rm(store.path('apps', entry), { recursive: true, force: true });
+    swept.push(entry);
+  }
+  return swept;
 }
 
 function sameContent(a: AppManifest, b: AppManifest): boolean {

@@ -3,6 +3,8 @@ import type { GuestShell } from './guest-script.js';
 /** What the layers need to know to run a desktop. */
 export interface DesktopHandle {
   name: string;
+  /** The store's id: two stores may both have a desktop NAME, and their domains must differ. */
+  storeId?: string;
   /** The top of the chain QEMU opens (absolute). */
   userPath: string;
   /** Every image of the chain, top first (absolute), for the domain's explicit backing chain. */

@@ -227,3 +227,20 @@ export function parseOwner(xml: string): { pid: number; host: string; started: s
 export function hasAgentChannel(xml: string): boolean {
   return /<target\b[^>]*\bname=['"]org\.qemu\.guest_agent\.0['"]/.test(xml);
 }
+
+/**
+ * The image each disk of a domain opens (its top <source file>, not its <backingStore>s), from
+ * live XML (libvirt adds attributes such as index='1'); device='disk' only, in order.
+ */
+export function diskSources(xml: string): string[] {
+  const unescape = (s: string): string => s.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
+  const sources: string[] = [];
+  for (const disk of xml.matchAll(/<disk\b([^>]*)>([\s\S]*?)<\/disk>/g)) {
+    if (!/\bdevice=['"]disk['"]/.test(disk[1]!)) continue;
+    // Backing stores nest <source> elements of their own: look only outside them.
+    const own = disk[2]!.replace(/<backingStore\b[\s\S]*<\/backingStore>/g, '');
+    const file = /<source\b[^>]*\bfile=(['"])(.*?)\1/.exec(own)?.[2];
+    if (file !== undefined) sources.push(unescape(file));
+  }
+  return sources;
+}

@@ -12,6 +12,7 @@ export type VirtErrorCode =
   | 'virt.image-unreadable' // a disk image does not exist or cannot be opened with the needed access
   | 'virt.invalid-spec' // a domain spec field is out of range or malformed (names the field)
   | 'virt.domain-exists' // a domain with this name exists and is not a stale qlayer domain
+  | 'virt.domain-conflict' // a desktop's domain name is taken by a domain that runs another disk (another store's)
   | 'virt.start-failed' // libvirt refused to define or start the domain
   | 'virt.boot-timeout' // the serial marker did not appear in time
   | 'virt.guest-stopped' // the guest powered off or crashed before the marker appeared

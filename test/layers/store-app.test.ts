@@ -1,11 +1,12 @@
 import { createHash } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { describe, expect, it } from 'vitest';
 import { buildApp, listApps, PAYLOAD_ALIGNMENT, resolveApp } from '../../src/layers/app.js';
 import { Store } from '../../src/layers/store.js';
+import { processStartTime } from '../../src/io/process.js';
 
 const sha256 = (data: Buffer): string => createHash('sha256').update(data).digest('hex');
 
@@ -30,16 +31,47 @@ describe('store', () => {
     expect(JSON.parse(readFileSync(store.path('state.json'), 'utf8')).bases.b.file).toBe('bases/b.qcow2');
   });
 
-  it('refuses a second writer while the first holds the lock, and takes over a stale lock', async () => {
+  it('refuses a second writer while the first holds the lock, naming the lock, the holder and the fix; takes over a stale lock', async () => {
     const store = await Store.open(mkdtempSync(join(tmpdir(), 'qlayer-store-')));
-    // Another live process holds the lock.
+    const lock = store.path('lock');
     const holder = execa('sleep', ['30']);
-    writeFileSync(store.path('lock'), `${holder.pid}\n`);
-    await expect(store.withLock(async () => 1)).rejects.toThrow(/in use by another qlayer \(pid \d+\)/);
-    holder.kill();
-    await holder.catch(() => {});
+    try {
+      // A live holder, as this qlayer writes it (pid, start time, host) and as an older one did (pid only).
+      for (const text of [`${holder.pid} ${processStartTime(holder.pid!)} ${hostname()}\n`, `${holder.pid}\n`]) {
+        writeFileSync(lock, text);
+        const refused = await store.withLock(async () => 1).catch((error: Error & { code?: string }) => error);
+        expect(refused).toMatchObject({ code: 'store.locked' });
+        const message = (refused as Error).message;
+        expect(message).toContain(lock);
+        expect(message).toContain(`pid ${holder.pid} (sleep 30)`);
+        expect(message).toContain(`rm ${lock}`);
+        expect(readFileSync(lock, 'utf8')).toBe(text); // untouched
+      }
+      // The same pid, but another start time: the pid was reused by another process. Stale.
+      writeFileSync(lock, `${holder.pid} 1 ${hostname()}\n`);
+      await expect(store.withLock(async () => readFileSync(lock, 'utf8'))).resolves.toBe(`${process.pid} ${processStartTime(process.pid)} ${hostname()}\n`);
+      expect(existsSync(lock)).toBe(false);
+      // Another host's lock cannot be judged from here: refused.
+      writeFileSync(lock, `1 1 some-other-host\n`);
+      await expect(store.withLock(async () => 1)).rejects.toThrow(/on host some-other-host/);
+    } finally {
+      holder.kill();
+      await holder.catch(() => {});
+    }
     // Now the holder is dead: the lock is stale and is taken over.
+    writeFileSync(lock, `${holder.pid} ${processStartTime(process.pid)} ${hostname()}\n`);
     await expect(store.withLock(async () => 2)).resolves.toBe(2);
+    // Two store operations of one process do not share the lock (the second would release it).
+    await expect(store.withLock(() => store.withLock(async () => 3))).rejects.toThrow(/already held by this process/);
+  });
+
+  it('gives each store its own id, kept across opens', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'qlayer-store-'));
+    const a = await Store.open(root);
+    expect(a.id).toMatch(/^[0-9a-f]{8}$/);
+    expect((await Store.open(root)).id).toBe(a.id);
+    expect(readFileSync(join(root, 'store-id'), 'utf8').trim()).toBe(a.id);
+    expect((await Store.open(mkdtempSync(join(tmpdir(), 'qlayer-store-')))).id).not.toBe(a.id);
   });
 
   it('refuses a state file it cannot read, naming it', async () => {
@@ -87,5 +119,40 @@ describe('app build', () => {
     await expect(buildApp(store, { name: 'linky', sourceDir: source })).rejects.toThrow(/symlink/);
     expect(await listApps(store)).toEqual({});
     await expect(buildApp(store, { name: '../evil', sourceDir: source })).rejects.toThrow(/not allowed/);
+  });
+
+  it('sweeps the staging folders of dead builds (killed for real), and keeps a live build\'s', async () => {
+    const store = await Store.open(mkdtempSync(join(tmpdir(), 'qlayer-store-')));
+    const source = sampleApp();
+    // A build killed half-way: a child process that stops inside buildApp's copy loop.
+    const { writeFile: write } = await import('node:fs/promises');
+    const big = join(source, 'share', 'doc', 'huge.dat');
+    await write(big, Buffer.alloc(64 << 20, 3));
+    const root = join(import.meta.dirname, '..', '..');
+    const child = execa('node', ['--input-type=module', '-e', `
+      import { Store } from ${JSON.stringify(join(root, 'dist', 'src', 'layers', 'store.js'))};
+      import { buildApp } from ${JSON.stringify(join(root, 'dist', 'src', 'layers', 'app.js'))};
+      const store = await Store.open(${JSON.stringify(store.root)});
+      await buildApp(store, { name: 'killed', sourceDir: ${JSON.stringify(source)} });
+    `], { reject: false });
+    let staged: string[] = [];
+    for (let i = 0; i < 2000 && staged.length === 0; i++) {
+      await new Promise((r) => setTimeout(r, 5));
+      staged = readdirSync(store.path('apps')).filter((e) => e.startsWith('.staging-killed-'));
+    }
+    expect(staged.length, 'the child build never made its staging folder').toBe(1);
+    child.kill('SIGKILL');
+    expect((await child).signal).toBe('SIGKILL');
+    expect(readdirSync(store.path('apps'))).toContain(staged[0]);
+    // A live build's folder (this process, its real start time) and an unreadable name stay.
+    const live = `.staging-other-${process.pid}-${processStartTime(process.pid)}-0123abcd`;
+    mkdirSync(store.path('apps', live));
+    mkdirSync(store.path('apps', '.staging-weird'));
+    // An older qlayer's name (pid, milliseconds) of a dead pid goes too.
+    const older = `.staging-old-${child.pid}-1700000000000`;
+    mkdirSync(store.path('apps', older));
+    await buildApp(store, { name: 'hello', sourceDir: sampleApp() });
+    const left = readdirSync(store.path('apps')).filter((e) => e.startsWith('.staging-'));
+    expect(left.sort()).toEqual([live, '.staging-weird'].sort());
   });
 });
