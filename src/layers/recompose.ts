@@ -199,9 +199,10 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
 
     // Phase 4: drop fully covered clusters, then their refcounts.
     if (plan.phase === 'user-patched') {
-      log(`dropping ${coverage.full.length} user clusters covered by placeholders`);
       const freed = await userImage.detachClusters(coverage.full);
       report.clustersDropped = freed.length;
+      // Fallocated placeholders wrote no data, so most of the clusters they cover hold none.
+      log(`${coverage.full.length} user clusters lie wholly under placeholders; ${freed.length} of them held data and now read from the apps layer`);
       await advance('detached');
       await userImage.releaseHostClusters(freed);
       // Only clusters whose refcount is durably 0 give their blocks back to the host.
