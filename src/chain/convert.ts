@@ -29,7 +29,7 @@ import type { FileSystemAccess, HostFile } from '../io/host-file.js';
 import { nodeFileSystem, preadFully, syncParentDirectory, withPath } from '../io/host-file.js';
 import { allocateAligned } from '../io/aligned-buffer.js';
 import { ChainError, Qcow2Error } from '../qcow2/errors.js';
-import { assertNotLocked } from '../io/in-use.js';
+import { assertNotBeingWritten, assertNotLocked } from '../io/in-use.js';
 import { removeOnInterrupt } from '../io/interrupt.js';
 import {
   ExtensionType,
@@ -60,6 +60,11 @@ export interface ConvertOptions {
   progress?: (done: number, total: number) => void;
   /** fsync the output (and its folder) before returning. */
   sync?: boolean;
+  /**
+   * Copy images a running QEMU writes anyway (qemu-img's -U, --force-share). Without it such a
+   * source is refused: the copy could mix bytes from before and after the guest's writes.
+   */
+  forceShare?: boolean;
   /** Bytes processed per window (default 2 MiB: measured best of 1, 2 and 4 MiB on a half-holes 1 GiB input). */
   windowSize?: number;
 }
@@ -464,6 +469,9 @@ export async function convertImage(source: string, output: string, options: Conv
   let completed = false;
   let forgetOutput = (): void => {};
   try {
+    if (!options.forceShare) {
+      for (const layer of layers) for (const path of new Set([layer.path, layer.dataFile.path])) await assertNotBeingWritten(path);
+    }
     await assertSafeOutput(output, layers);
     const size = layers[0]!.size;
     out = await fs.open(output, 'create');

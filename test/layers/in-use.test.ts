@@ -4,10 +4,11 @@ import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { describe, expect, it } from 'vitest';
 import { convertImage } from '../../src/chain/convert.js';
-import { locksOn } from '../../src/io/in-use.js';
+import { locksOn, openedBy, writerLocks } from '../../src/io/in-use.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
 import { checkImage } from '../../src/qcow2/repair.js';
 import { readFileSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
 
 describe('locksOn', () => {
   it('sees the locks a running QEMU holds on an image, refuses to write it, and sees none once QEMU exits', async () => {
@@ -43,5 +44,46 @@ describe('locksOn', () => {
       await qemu.catch(() => {});
     }
     expect(await locksOn(image)).toEqual([]);
+  });
+});
+
+/** Start a paused qemu-system on `image` (read-write, as a guest runs it) and wait for its locks. */
+async function qemuOn(image: string) {
+  const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${image},format=qcow2`, '-S'], { reject: false });
+  for (let i = 0; i < 200 && (await writerLocks(image)).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+  return { qemu }; // wrapped: an execa child is thenable, and returning it would wait for its exit
+}
+
+describe('images a running QEMU writes', () => {
+  it('are told apart from images it only reads (a shared base), and convert refuses them unless forceShare', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qlayer-writer-'));
+    const base = join(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 1M', base]);
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+    const { qemu } = await qemuOn(top);
+    try {
+      expect((await writerLocks(top)).length).toBeGreaterThan(0);
+      // The guest reads the base through the chain: locked, but not for writing.
+      expect((await locksOn(base)).length).toBeGreaterThan(0);
+      expect(await writerLocks(base)).toEqual([]);
+      // The holder is named by pid and command line (OFD locks carry no pid: found by open files).
+      expect((await openedBy(top)).join(' ')).toContain(`pid ${qemu.pid} (qemu-system-x86_64`);
+
+      const refused = await convertImage(top, join(dir, 'copy.qcow2')).catch((error: Error) => error);
+      expect(refused).toMatchObject({ code: 'image.being-written' });
+      expect((refused as Error).message).toMatch(/-U \(--force-share\)/);
+      await expect(stat(join(dir, 'copy.qcow2'))).rejects.toMatchObject({ code: 'ENOENT' });
+      await convertImage(top, join(dir, 'copy.qcow2'), { forceShare: true });
+      // The base a guest only reads converts without -U.
+      await convertImage(base, join(dir, 'base-copy.qcow2'));
+      expect((await execa('qemu-img', ['compare', base, join(dir, 'base-copy.qcow2')])).exitCode).toBe(0);
+    } finally {
+      qemu.kill('SIGKILL');
+      await qemu;
+    }
+    expect(await writerLocks(top)).toEqual([]);
+    await convertImage(top, join(dir, 'copy2.qcow2'));
   });
 });

@@ -240,3 +240,50 @@ await convertImage(process.argv[2], process.argv[3], { fs, sourceFormat: 'raw', 
     expect(await qemuCompare(small, join(store, 'bases', 'big.qcow2'), 'raw', 'qcow2')).toBe(true);
   });
 });
+
+describe('images a running QEMU has open (qemu-system on a real image)', () => {
+  it('create refuses to replace it; convert refuses it without -U; info, map and check warn on stderr (none with -U)', async () => {
+    await qemuCreate(p('running.qcow2'), '16M');
+    await qemuIo(p('running.qcow2'), ['write -P 9 0 1M']);
+    const before = sha256(await readFile(p('running.qcow2')));
+    const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${p('running.qcow2')},format=qcow2`, '-S'], { reject: false });
+    try {
+      const { writerLocks } = await import('../../src/io/in-use.js');
+      for (let i = 0; i < 200 && (await writerLocks(p('running.qcow2'))).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+      expect((await writerLocks(p('running.qcow2'))).length).toBeGreaterThan(0);
+
+      const created = await qlayer(['create', '--json', p('running.qcow2'), '1M']);
+      expect(created.exitCode, created.stderr).toBe(1);
+      expect(JSON.parse(created.stdout).error.code).toBe('image.in-use');
+
+      const converted = await qlayer(['convert', '--json', p('running.qcow2'), p('running-copy.qcow2')]);
+      expect(converted.exitCode, converted.stderr).toBe(1);
+      expect(JSON.parse(converted.stdout).error.code).toBe('image.being-written');
+      expect(JSON.parse(converted.stdout).error.message).toContain(`pid ${qemu.pid}`);
+      const forced = await qlayer(['convert', '-U', p('running.qcow2'), p('running-copy.qcow2')]);
+      expect(forced.exitCode, forced.stderr).toBe(0);
+
+      for (const command of [['info'], ['map'], ['check']]) {
+        const warned = await qlayer([...command, '--json', p('running.qcow2')]);
+        expect(warned.exitCode, warned.stderr).toBe(0);
+        expect(JSON.parse(warned.stdout)).toBeTruthy(); // stdout stays one JSON document
+        expect(warned.stderr).toMatch(/^qlayer: warning: .*running\.qcow2 is open for writing in another process \(pid \d+ \(qemu-system-x86_64/);
+        const quiet = await qlayer([...command, '-U', p('running.qcow2')]);
+        expect(quiet.exitCode, quiet.stderr).toBe(0);
+        expect(quiet.stderr).toBe('');
+      }
+      const repair = await qlayer(['check', '-r', 'leaks', '-U', p('running.qcow2')]);
+      expect(repair.exitCode).toBe(1);
+    } finally {
+      qemu.kill('SIGKILL');
+      await qemu;
+    }
+    expect(sha256(await readFile(p('running.qcow2')))).toBe(before);
+    // (qemu-img itself refuses to compare while QEMU runs: compared once it is gone.)
+    expect(await qemuCompare(p('running.qcow2'), p('running-copy.qcow2'), 'qcow2', 'qcow2')).toBe(true);
+    // Once QEMU is gone: no warning, and convert runs.
+    const after = await qlayer(['info', p('running.qcow2')]);
+    expect(after.stderr).toBe('');
+    expect((await qlayer(['convert', p('running.qcow2'), p('running-copy2.qcow2')])).exitCode).toBe(0);
+  });
+});

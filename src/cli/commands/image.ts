@@ -15,6 +15,7 @@ import { createImage } from '../../qcow2/create.js';
 import { checkImage } from '../../qcow2/repair.js';
 import { resizeImage } from '../../qcow2/resize.js';
 import { nodeFileSystem } from '../../io/host-file.js';
+import { assertNotLocked, beingWrittenWarning } from '../../io/in-use.js';
 import { printResult, progressReporter, type CommonOptions } from '../output.js';
 import { allowedDirectories, allowOptions, type AllowOptions } from '../allow.js';
 
@@ -71,7 +72,29 @@ interface CreateFlags extends CommonOptions {
   F?: string;
 }
 
+/** -U, --force-share: qemu-img's flag for reading an image another process writes. */
+const FORCE_SHARE_HELP = 'force-share: read an image a running guest (or any QEMU) has open for writing';
+
+interface ForceShareFlags {
+  forceShare?: boolean;
+}
+
+/**
+ * info, map and check of an image a QEMU writes still run, with a warning on stderr (qemu-img
+ * 7.2 refuses them without -U: "Failed to get shared "write" lock"). Reading is harmless to the
+ * guest; only the answer may be out of date, which the user should know.
+ */
+async function warnIfBeingWritten(file: string, flags: ForceShareFlags): Promise<void> {
+  if (flags.forceShare) return;
+  const warning = await beingWrittenWarning(file).catch(() => null);
+  if (warning !== null) process.stderr.write(`qlayer: ${warning}\n`);
+}
+
 async function runCreate(file: string, sizeText: string | undefined, flags: CreateFlags): Promise<void> {
+  // Replacing a file a guest (or any QEMU) has open would pull the disk from under it.
+  await assertNotLocked(file).catch((error: NodeJS.ErrnoException) => {
+    if (error.code !== 'ENOENT') throw error;
+  });
   const fmt = format(flags.f, '-f', 'qcow2');
   const opts = parseCreateOptions(flags.o);
   for (const key of opts.keys()) if (!KNOWN_CREATE_OPTIONS.has(key)) throw new ImageCommandError(`-o: unknown option "${key}" (known: ${[...KNOWN_CREATE_OPTIONS].join(', ')})`);
@@ -146,8 +169,10 @@ export function registerImageCommands(program: Command): void {
     .argument('<file>')
     .option('-f <fmt>', 'image format: qcow2 (default) or raw')
     .option('--backing-chain', 'also show every backing file, top first (JSON: an array)')
+    .option('-U, --force-share', FORCE_SHARE_HELP)
     .option('--json', 'print JSON'))
-    .action(async (file: string, flags: CommonOptions & AllowOptions & { f?: string; backingChain?: boolean }) => {
+    .action(async (file: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; backingChain?: boolean }) => {
+      await warnIfBeingWritten(file, flags);
       const infos = await infoImage(file, { format: format(flags.f, '-f', 'qcow2'), backingChain: flags.backingChain === true, allowedDirectories: allowedDirectories(flags) });
       printResult(flags, flags.backingChain ? infos : infos[0], () => formatInfoText(infos));
     });
@@ -163,8 +188,10 @@ export function registerImageCommands(program: Command): void {
     .option('-f <fmt>', 'image format: qcow2 (default) or raw')
     .option('--start-offset <offset>', 'first byte to map')
     .option('--max-length <length>', 'bytes to map')
+    .option('-U, --force-share', FORCE_SHARE_HELP)
     .option('--json', 'print JSON'))
-    .action(async (file: string, flags: CommonOptions & AllowOptions & { f?: string; startOffset?: string; maxLength?: string }) => {
+    .action(async (file: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; startOffset?: string; maxLength?: string }) => {
+      await warnIfBeingWritten(file, flags);
       const entries = await mapImage(file, {
         format: format(flags.f, '-f', 'qcow2'),
         allowedDirectories: allowedDirectories(flags),
@@ -195,9 +222,12 @@ export function registerImageCommands(program: Command): void {
     .argument('<file>')
     .option('-f <fmt>', 'image format (qcow2)')
     .addOption(new Option('-r, --repair <what>', 'repair leaks or all').choices(['leaks', 'all']))
+    .option('-U, --force-share', `${FORCE_SHARE_HELP} (never with -r: a repair is refused while it is open)`)
     .option('--json', 'print JSON (like qemu-img check --output=json)')
-    .action(async (file: string, flags: CommonOptions & { f?: string; repair?: 'leaks' | 'all' }) => {
+    .action(async (file: string, flags: CommonOptions & ForceShareFlags & { f?: string; repair?: 'leaks' | 'all' }) => {
       if (format(flags.f, '-f', 'qcow2') !== 'qcow2') throw new ImageCommandError('check: only qcow2 images can be checked');
+      if (flags.forceShare && flags.repair) throw new ImageCommandError('check: -U and -r cannot be combined (an image is never repaired while another process has it open)');
+      if (!flags.repair) await warnIfBeingWritten(file, flags);
       const result = await checkImage(file, { repair: flags.repair ?? 'none' });
       printResult(flags, toQemuJson(result), () => {
         const lines = [...result.messages];
@@ -229,8 +259,9 @@ export function registerImageCommands(program: Command): void {
     .option('-c', 'compress data clusters (deflate); qcow2 output only')
     .option('-p', 'show progress (on a terminal)')
     .option('--sync', 'fsync the output before exiting')
+    .option('-U, --force-share', `${FORCE_SHARE_HELP}; without it such a source is refused (the copy could be torn)`)
     .option('--json', 'print JSON'))
-    .action(async (source: string, output: string, flags: CommonOptions & AllowOptions & { f?: string; O?: string; o?: string; c?: boolean; p?: boolean; sync?: boolean }) => {
+    .action(async (source: string, output: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; O?: string; o?: string; c?: boolean; p?: boolean; sync?: boolean }) => {
       const opts = parseCreateOptions(flags.o);
       for (const key of opts.keys()) if (key !== 'cluster_size') throw new ImageCommandError(`convert -o: unsupported option "${key}" (only cluster_size)`);
       const result = await convertImage(source, output, {
@@ -239,6 +270,7 @@ export function registerImageCommands(program: Command): void {
         clusterSize: opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster_size') : undefined,
         compress: flags.c === true,
         sync: flags.sync === true,
+        forceShare: flags.forceShare === true,
         allowedDirectories: allowedDirectories(flags),
         progress: flags.p ? progressReporter(flags, 'converting') : undefined,
       });
