@@ -264,6 +264,7 @@ ln -sfn "$key" "$cache/current"
 kept=0
 for old in $(ls -1dt "$cache"/*/ 2>/dev/null); do
   old="${old%/}"
+  case "${old##*/}" in debian-*) continue ;; esac # the Debian guest's builds (build-debian.sh) keep their own count
   [ -L "$old" ] || [ ! -f "$old/manifest.json" ] || [ "$old" = "$out" ] && continue
   kept=$((kept + 1))
   [ "$kept" -le 2 ] || rm -rf "$old"

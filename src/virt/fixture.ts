@@ -107,3 +107,79 @@ export async function ensureFixture(options: { cacheDir?: string; force?: boolea
   }
   return loadFixture(cacheDir);
 }
+
+/** The Debian 12 guest built by vm-fixtures/build-debian.sh (boots through its own grub, BIOS). */
+export interface DebianFixture {
+  dir: string;
+  key: string;
+  /** base.qcow2: GPT, partition 1 BIOS boot, partition 2 the ext4 root. */
+  image: {
+    path: string;
+    sha256: string;
+    virtualSize: number;
+    /** Host bytes the qcow2 file holds. */
+    allocated: number;
+    rootDevice: string;
+    filesystemOffset: number;
+    filesystemUuid: string;
+  };
+  kernelRelease: string;
+  /** The kernel command line grub passes. */
+  cmdline: string;
+  /** The ordinary user. */
+  user: { name: string; uid: number; home: string };
+  agentVersion: string;
+  manifest: unknown;
+}
+
+/** Load the current Debian guest's manifest; 'virt.fixture-missing' says how to build it. */
+export function loadDebianFixture(cacheDir: string = fixtureCacheDir()): DebianFixture {
+  const current = join(cacheDir, 'debian-current');
+  const manifestPath = join(current, 'manifest.json');
+  if (!existsSync(manifestPath)) {
+    throw new VirtError('virt.fixture-missing', `the Debian test guest is not built (no ${manifestPath}); run vm-fixtures/build-debian.sh (as root, with mmdebstrap)`);
+  }
+  const dir = realpathSync(current);
+  const m = JSON.parse(readFileSync(manifestPath, 'utf8')) as {
+    key: string;
+    image: { path: string; sha256: string; virtualSize: number; allocated: number; rootDevice: string; filesystem: { offset: number; uuid: string } };
+    boot: { cmdline: string };
+    kernel: { release: string };
+    user: { name: string; uid: number; home: string };
+    agent: { version: string };
+  };
+  return {
+    dir,
+    key: m.key,
+    image: {
+      path: resolve(dir, m.image.path),
+      sha256: m.image.sha256,
+      virtualSize: m.image.virtualSize,
+      allocated: m.image.allocated,
+      rootDevice: m.image.rootDevice,
+      filesystemOffset: m.image.filesystem.offset,
+      filesystemUuid: m.image.filesystem.uuid,
+    },
+    kernelRelease: m.kernel.release,
+    cmdline: m.boot.cmdline,
+    user: m.user,
+    agentVersion: m.agent.version,
+    manifest: m,
+  };
+}
+
+/** Build the Debian guest if its inputs changed (seconds when cached, about a minute otherwise), then load it. */
+export async function ensureDebianFixture(options: { cacheDir?: string; force?: boolean } = {}): Promise<DebianFixture> {
+  const cacheDir = options.cacheDir ?? fixtureCacheDir();
+  const script = join(repoRoot(), 'vm-fixtures', 'build-debian.sh');
+  const { execa } = await loadExeca();
+  const result = await execa('bash', [script, ...(options.force ? ['--force'] : [])], {
+    reject: false,
+    env: { QLAYER_FIXTURES_CACHE: cacheDir },
+    timeout: 900_000,
+  });
+  if (result.exitCode !== 0) {
+    throw new VirtError('virt.fixture-missing', `vm-fixtures/build-debian.sh failed (exit ${result.exitCode}): ${result.stderr.trim().split('\n').slice(-5).join('\n')}`);
+  }
+  return loadDebianFixture(cacheDir);
+}

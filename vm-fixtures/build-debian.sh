@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Build the Debian 12 test guest: a real distribution system, from Debian packages with
+# mmdebstrap, that boots through its own bootloader (grub-pc, BIOS) from a GPT disk, runs
+# systemd, dbus and udev, and Debian's qemu-guest-agent (started by udev when the virtio channel
+# appears). See vm-fixtures/README.md ("The Debian guest").
+#
+# Output: $cache/debian-<key>/ {base.qcow2, manifest.json, packages.txt} and the symlink
+# $cache/debian-current -> debian-<key>. The key hashes this script and the versions (with archive
+# sha256) of every package the build can install, plus the host tools that shape the disk, so a
+# run with the same inputs only checks the key and returns (a few seconds).
+#
+# The apt mirror is the host's: its apt sources are handed to mmdebstrap at run time and are
+# removed from the guest afterwards; no mirror is written into any file of this repository.
+#
+# Usage: vm-fixtures/build-debian.sh [--force] [--print-dir]
+#   QLAYER_FIXTURES_CACHE  cache folder (default: <repo>/.cache/vm-fixtures)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+cache="${QLAYER_FIXTURES_CACHE:-$repo/.cache/vm-fixtures}"
+force=0
+print_dir=0
+for arg in "$@"; do
+  case "$arg" in
+    --force) force=1 ;;
+    --print-dir) print_dir=1 ;;
+    *) echo "build-debian.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "vm-fixtures (debian): $*" >&2; }
+die() { echo "vm-fixtures (debian): error: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "building the Debian guest needs root (mmdebstrap --mode=root)"
+for tool in mmdebstrap apt-cache mke2fs sgdisk qemu-img sha256sum flock perl; do
+  command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup-host.sh)"
+done
+
+suite=bookworm
+# The disk: 3 GiB virtual, GPT, partition 1 = BIOS boot (grub's core.img), partition 2 = ext4 root.
+disk_size=$((3 * 1024 * 1024 * 1024))
+bios_start=2048                    # sectors
+bios_sectors=2048                  # 1 MiB
+root_start=$((bios_start + bios_sectors))
+root_size=$((disk_size - root_start * 512 - 1024 * 1024)) # the last MiB holds the backup GPT
+fs_uuid=6a1d2b3c-4e5f-4a6b-8c7d-9e0f1a2b3c4d
+disk_guid=0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9
+root_part_guid=1c2d3e4f-5061-4728-93a4-b5c6d7e8f901
+user_name=user
+user_uid=1000
+cmdline="console=ttyS0"
+packages=(systemd-sysv dbus udev qemu-guest-agent linux-image-cloud-amd64 initramfs-tools grub-pc e2fsprogs)
+
+mkdir -p "$cache/debian-debs"
+exec 9>"$cache/debian.lock"
+flock 9 # one build at a time per cache folder
+
+# --- The key ---------------------------------------------------------------------------------------
+# Every package the build can install: the Essential set and the Depends/Pre-Depends closure of the
+# packages above, each with the candidate version and its sha256 (apt-cache show of the candidate).
+# A superset of what mmdebstrap installs is fine: the key only has to change when an input does.
+closure() {
+  local essential
+  essential="$(apt-cache dumpavail 2>/dev/null | awk '/^Package:/{p=$2} /^Essential: yes/{print p}' | sort -u)"
+  # shellcheck disable=SC2086
+  apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+    --no-replaces --no-enhances "${packages[@]}" $essential 2>/dev/null | grep -v '^ ' | grep -v '^<' | sort -u
+}
+pkg_lines="$(closure | xargs apt-cache show --no-all-versions 2>/dev/null | awk '/^Package:/{p=$2} /^Version:/{v=$2} /^SHA256:/{print p, v, $2}' | sort -u)"
+[ "$(grep -c '^linux-image-' <<<"$pkg_lines")" -ge 1 ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update?)"
+kernel_pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')"
+[ -n "$kernel_pkg" ] || die "cannot resolve linux-image-cloud-amd64 (apt-get update?)"
+kernel_release="${kernel_pkg#linux-image-}"
+
+key="$({
+  cat "$0"
+  echo "$pkg_lines"
+  mmdebstrap --version
+  mke2fs -V 2>&1 | head -1
+  sgdisk --version | head -1
+  qemu-img --version | head -1
+} | sha256sum | cut -c1-16)"
+name="debian-$key"
+out="$cache/$name"
+
+if [ "$force" -eq 0 ] && [ -f "$out/manifest.json" ]; then
+  ln -sfn "$name" "$cache/debian-current"
+  log "up to date ($out)"
+  [ "$print_dir" -eq 0 ] || echo "$out"
+  exit 0
+fi
+
+started=$(date +%s)
+work="$(mktemp -d "$cache/debian-build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+rf="$work/rootfs"
+
+# --- The root filesystem tree (mmdebstrap) -----------------------------------------------------------
+# The host's apt sources name the mirror (deb822 .sources or one-line .list files).
+sources=()
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
+  [ -f "$f" ] && [ -s "$f" ] && sources+=("$f")
+done
+((${#sources[@]})) || die "the host has no apt sources (/etc/apt/sources.list{,.d})"
+
+# Hooks (run by mmdebstrap with the root folder as $1):
+# - before the packages: initramfs-tools with the few modules a virtio disk needs (MODULES=list and
+#   a hook: the cloud kernel has ext4 built in), and no docs, man pages or translations;
+# - after: fstab by UUID, hostname, the ordinary user, the guest's own apt sources removed.
+essential_hook="$(cat <<'HOOK'
+set -e
+mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/etc/initramfs-tools/hooks"
+echo MODULES=list >"$1/etc/initramfs-tools/conf.d/qlayer.conf"
+cat >"$1/etc/initramfs-tools/hooks/qlayer-virtio" <<'EOF'
+#!/bin/sh
+# qlayer: the modules a virtio disk and the guest agent's channel need (MODULES=list)
+case "$1" in prereqs) exit 0 ;; esac
+. /usr/share/initramfs-tools/hook-functions
+for m in virtio_pci virtio_blk virtio_console; do force_load "$m"; done
+EOF
+chmod 755 "$1/etc/initramfs-tools/hooks/qlayer-virtio"
+HOOK
+)"
+customize_hook="$(cat <<HOOK
+set -e
+echo 'UUID=$fs_uuid / ext4 errors=remount-ro 0 1' >"\$1/etc/fstab"
+echo qlayer-debian >"\$1/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 qlayer-debian\n' >"\$1/etc/hosts"
+chroot "\$1" useradd --create-home --uid $user_uid --user-group --shell /bin/bash $user_name
+rm -f "\$1"/etc/apt/sources.list "\$1"/etc/apt/sources.list.d/*
+rm -f "\$1"/var/cache/apt/archives/*.deb
+HOOK
+)"
+
+log "mmdebstrap $suite (${packages[*]})"
+# Downloaded .debs are kept in $cache/debian-debs between builds (sync-in / sync-out).
+mmdebstrap --mode=root --format=directory --variant=essential \
+  --aptopt='Acquire::Check-Valid-Until "false"' \
+  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+  --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  --include="$(IFS=,; echo "${packages[*]}")" \
+  --essential-hook="$essential_hook" \
+  --skip=download/empty --skip=essential/unlink \
+  --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+  --setup-hook="sync-in $cache/debian-debs /var/cache/apt/archives/" \
+  --customize-hook="sync-out /var/cache/apt/archives $cache/debian-debs" \
+  --customize-hook="$customize_hook" \
+  "$suite" "$rf" "${sources[@]}" >"$work/mmdebstrap.log" 2>&1 ||
+  die "mmdebstrap failed: $(tail -5 "$work/mmdebstrap.log")"
+# The .debs of older versions are not needed again.
+find "$cache/debian-debs" -name '*.deb' -mtime +30 -delete 2>/dev/null || true
+
+[ -f "$rf/boot/vmlinuz-$kernel_release" ] || die "no /boot/vmlinuz-$kernel_release in the guest"
+[ -f "$rf/boot/initrd.img-$kernel_release" ] || die "no /boot/initrd.img-$kernel_release in the guest"
+installed="$(chroot "$rf" dpkg-query -W -f='${Package} ${Version}\n' | sort)"
+echo "$installed" >"$work/packages.txt"
+
+# --- grub-pc: its modules and config in /boot/grub, core.img for the BIOS boot partition -------------
+# grub-install cannot run here: it must find the disk behind /boot/grub, and loop devices on these
+# machines have no partitions (losetup -P makes none). The pieces are grub's own: grub-mkimage
+# builds core.img (it finds the root by UUID), and boot.img and core.img are placed and patched
+# below exactly as grub-bios-setup does for a GPT disk with a BIOS boot partition.
+gdir="$rf/boot/grub/i386-pc"
+mkdir -p "$gdir"
+cp "$rf"/usr/lib/grub/i386-pc/*.mod "$rf"/usr/lib/grub/i386-pc/*.lst "$rf/usr/lib/grub/i386-pc/boot.img" "$gdir/"
+cat >"$work/load.cfg" <<EOF
+search.fs_uuid $fs_uuid root hd0,gpt2
+set prefix=(\$root)/boot/grub
+EOF
+cp "$work/load.cfg" "$rf/tmp/qlayer-load.cfg"
+chroot "$rf" grub-mkimage -O i386-pc -o /boot/grub/i386-pc/core.img -c /tmp/qlayer-load.cfg \
+  -p /boot/grub biosdisk part_gpt ext2 search_fs_uuid >/dev/null 2>&1 || die "grub-mkimage failed"
+rm -f "$rf/tmp/qlayer-load.cfg"
+chroot "$rf" grub-editenv /boot/grub/grubenv create
+cat >"$rf/boot/grub/grub.cfg" <<EOF
+# Written by qlayer's vm-fixtures/build-debian.sh (update-grub in the guest rewrites it).
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set default=0
+set timeout=0
+insmod part_gpt
+insmod ext2
+search --no-floppy --fs-uuid --set=root $fs_uuid
+menuentry 'Debian GNU/Linux ($kernel_release)' {
+  linux /boot/vmlinuz-$kernel_release root=UUID=$fs_uuid ro $cmdline
+  initrd /boot/initrd.img-$kernel_release
+}
+EOF
+mkdir -p "$rf/etc/default/grub.d"
+echo "GRUB_CMDLINE_LINUX=\"$cmdline\"" >"$rf/etc/default/grub.d/qlayer.cfg"
+printf 'GRUB_TIMEOUT=0\nGRUB_TERMINAL="serial console"\n' >>"$rf/etc/default/grub.d/qlayer.cfg"
+core_size="$(stat -c %s "$gdir/core.img")"
+[ "$core_size" -le $((bios_sectors * 512)) ] || die "core.img ($core_size bytes) does not fit the BIOS boot partition"
+
+# --- The disk ------------------------------------------------------------------------------------------
+E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -b 4096 -L qlayer-debian -U "$fs_uuid" -E "hash_seed=$fs_uuid" \
+  -d "$rf" "$work/root.ext4" "$((root_size / 1024))k" >/dev/null || die "mke2fs failed"
+truncate -s "$disk_size" "$work/disk.raw"
+sgdisk -a 2048 -U "$disk_guid" \
+  -n "1:$bios_start:+$bios_sectors" -t 1:ef02 -c 1:bios-boot \
+  -n "2:$root_start:+$((root_size / 512))" -t 2:8300 -c 2:root -u "2:$root_part_guid" \
+  "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
+sgdisk -i 2 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $root_start " || die "sgdisk did not create partition 2"
+dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=$((root_start * 512 / 1048576)) conv=notrunc,sparse status=none
+rm -f "$work/root.ext4"
+
+# grub-bios-setup's work: core.img at the BIOS boot partition's first sector; its first sector
+# (diskboot.img) lists the rest: start sector (le64 at 0x1f4; the length at 0x1fc is grub-mkimage's);
+# boot.img in the MBR's code area (the partition table is kept) with the core's sector (le64 at 0x5c),
+# boot drive 0xff (= the one the BIOS booted from) and the drive check replaced by two nops (0x66).
+perl -e '
+  my ($disk, $boot, $core, $lba) = @ARGV;
+  local $/;
+  open(my $b, "<:raw", $boot) or die; my $bi = <$b>; close $b;
+  open(my $c, "<:raw", $core) or die; my $ci = <$c>; close $c;
+  length($bi) == 512 or die "boot.img is not 512 bytes\n";
+  unpack("v", substr($ci, 0x1fc, 2)) == int((length($ci) + 511) / 512) - 1 or die "unexpected core.img blocklist length\n";
+  substr($ci, 0x1f4, 8) = pack("Q<", $lba + 1);
+  substr($bi, 0x5c, 8) = pack("Q<", $lba);
+  substr($bi, 0x64, 1) = "\xff";
+  substr($bi, 0x66, 2) = "\x90\x90";
+  open(my $d, "+<:raw", $disk) or die;
+  seek($d, 0, 0); print $d substr($bi, 0, 0x1b8);
+  seek($d, $lba * 512, 0); print $d $ci;
+  close $d or die;
+' "$work/disk.raw" "$gdir/boot.img" "$gdir/core.img" "$bios_start" || die "placing grub's boot.img and core.img failed"
+
+mkdir -p "$out.tmp"
+rm -rf "${out:?}.tmp/"*
+qemu-img convert -f raw -O qcow2 "$work/disk.raw" "$out.tmp/base.qcow2"
+mv "$work/packages.txt" "$out.tmp/packages.txt"
+rm -f "$work/disk.raw"
+
+# --- Manifest ------------------------------------------------------------------------------------------
+allocated="$(qemu-img info --output=json "$out.tmp/base.qcow2" | awk -F'[:,]' '/"actual-size"/{gsub(/ /, "", $2); print $2; exit}')"
+version_of() { awk -v p="$1" '$1 == p {print $2; exit}' <<<"$installed"; }
+pkg_json="$(awk '{printf "%s{\"name\": \"%s\", \"version\": \"%s\"}", (NR > 1 ? ", " : ""), $1, $2}' <<<"$installed")"
+cat >"$out.tmp/manifest.json" <<EOF
+{
+  "schema": 1,
+  "kind": "debian",
+  "key": "$key",
+  "suite": "$suite",
+  "image": { "path": "base.qcow2", "size": $(stat -c %s "$out.tmp/base.qcow2"), "allocated": $allocated, "sha256": "$(sha256sum "$out.tmp/base.qcow2" | cut -d' ' -f1)",
+    "format": "qcow2", "virtualSize": $disk_size, "rootDevice": "/dev/vda2", "partitionTable": "gpt",
+    "partitions": [
+      { "number": 1, "type": "bios-boot", "offset": $((bios_start * 512)), "size": $((bios_sectors * 512)) },
+      { "number": 2, "type": "linux", "offset": $((root_start * 512)), "size": $root_size, "guid": "$root_part_guid" }
+    ],
+    "filesystem": { "type": "ext4", "blockSize": 4096, "offset": $((root_start * 512)), "size": $root_size, "uuid": "$fs_uuid", "label": "qlayer-debian" } },
+  "boot": { "mode": "firmware", "firmware": "bios", "bootloader": "grub-pc $(version_of grub-pc)", "cmdline": "root=UUID=$fs_uuid ro $cmdline" },
+  "kernel": { "release": "$kernel_release", "package": "$kernel_pkg", "version": "$(version_of "$kernel_pkg")" },
+  "user": { "name": "$user_name", "uid": $user_uid, "home": "/home/$user_name" },
+  "agent": { "channel": "org.qemu.guest_agent.0", "version": "$(version_of qemu-guest-agent)" },
+  "systemd": "$(version_of systemd)",
+  "packages": [$pkg_json]
+}
+EOF
+node -e 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))' "$out.tmp/manifest.json" 2>/dev/null \
+  || { command -v node >/dev/null && die "manifest.json is not valid JSON"; }
+
+rm -rf "$out"
+mv "$out.tmp" "$out"
+ln -sfn "$name" "$cache/debian-current"
+# Keep the two newest Debian builds (a test may still run on the older one).
+kept=0
+for old in $(ls -1dt "$cache"/debian-*/ 2>/dev/null); do
+  old="${old%/}"
+  case "$old" in */debian-debs | */debian-build.* | */debian-current) continue ;; esac
+  [ -L "$old" ] || [ ! -f "$old/manifest.json" ] || [ "$old" = "$out" ] && continue
+  kept=$((kept + 1))
+  [ "$kept" -le 1 ] || rm -rf "$old"
+done
+log "built $out in $(($(date +%s) - started)) s (kernel $kernel_release, $((allocated / 1048576)) MiB allocated of $((disk_size / 1048576)) MiB)"
+[ "$print_dir" -eq 0 ] || echo "$out"
