@@ -9,6 +9,7 @@ import { createImage } from '../qcow2/create.js';
 import { allocatePlaceholders, checkGuestSpace, createdBeforeFailure, removeAppFiles, type AllocationResult, type RollbackResult } from './allocate.js';
 import { appKey, payloadPath, resolveApp, type AppManifest } from './app.js';
 import { LayerError } from './errors.js';
+import { groupsWanting, recordDirect } from './app-sources.js';
 import { failAndUndo, newOperation, operationView, undoOperation, type UndoContext } from './guest-operation.js';
 import { runGuestScript, shellQuote } from './guest-script.js';
 import { locatePlaceholders } from './locate.js';
@@ -79,6 +80,21 @@ async function sniffFormat(path: string): Promise<'qcow2' | 'raw'> {
   }
 }
 
+/** Remove a base nothing uses any more; refuses, naming them, while desktops are on it. */
+export async function removeBase(store: Store, name: string): Promise<BaseRecord> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    const record = state.bases[name];
+    if (!record) throw new LayerError('base.not-found', `no base named ${name}`);
+    const users = Object.entries(state.desktops).filter(([, d]) => d.base === name).map(([desktop]) => desktop);
+    if (users.length) throw new LayerError('base.in-use', `base ${name} is in use by desktop${users.length === 1 ? '' : 's'} ${users.join(', ')}; move or destroy ${users.length === 1 ? 'it' : 'them'} first`);
+    delete state.bases[name];
+    await store.writeState(state); // the record goes first: a crash now leaves only an orphan file
+    await rm(store.path(record.file), { force: true });
+    return record;
+  });
+}
+
 // ---------------------------------------------------------------- desktops
 
 function desktopRecord(state: StoreState, name: string): DesktopRecord {
@@ -130,6 +146,7 @@ export async function createDesktop(store: Store, name: string, base: string): P
   return store.withLock(async () => {
     const state = await store.readState();
     if (state.desktops[name]) throw new LayerError('desktop.exists', `a desktop named ${name} exists already`);
+    if (state.groups?.[name]) throw new LayerError('desktop.name-taken', `${name} is already a group's name; a desktop needs a name of its own`);
     const baseRecord = state.bases[base];
     if (!baseRecord) throw new LayerError('base.not-found', `no base named ${base} (import one with: qlayer base import ${base} IMAGE)`);
     const dirRelative = join('desktops', name);
@@ -408,7 +425,10 @@ export async function assignApps(store: Store, runtime: DesktopRuntime, name: st
   return store.withLock(async () => {
     const state = await store.readState();
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
-    return assignLocked(store, state, runtime, name, manifests, log, hooks);
+    const result = await assignLocked(store, state, runtime, name, manifests, log, hooks);
+    recordDirect(desktopRecord(state, name), { add: result.apps });
+    await store.writeState(state);
+    return result;
   });
 }
 
@@ -425,34 +445,42 @@ export interface UpdateResult extends AssignResult {
 export async function updateApp(store: Store, runtime: DesktopRuntime, name: string, ref: string, log: Log = quiet, hooks: AssignHooks = {}): Promise<UpdateResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    idleDesktopRecord(state, name);
-    await settleOperation(store, state, runtime, name, log);
-    const record = idleDesktopRecord(state, name);
-    const next = await resolveApp(store, ref);
-    const current = record.apps.find((a) => a.split('@')[0] === next.name);
-    if (!current) throw new LayerError('update.not-assigned', `desktop ${name} has no version of ${next.name} to update (assign it: qlayer desktop assign ${name} ${ref})`);
-    if (current === appKey(next)) throw new LayerError('update.same-version', `desktop ${name} already has ${current}`);
-    const old = await resolveApp(store, current);
-    const without = planUnassign(record, [current]); // the record as it is once the old version is gone
-    checkPathConflicts({ apps: without.apps, files: without.files }, [next]);
-    const newPaths = new Set(next.files.map((f) => f.path));
-    const { allocation, located } = await guestSide(store, state, runtime, name, [next], {
-      kind: 'update',
-      replacing: [current],
-      log,
-      hooks,
-      beforeAllocate: async (handle) => {
-        log(`deleting ${current} in the guest`);
-        await removeAppFiles(runtime.shell(handle), [old]);
-      },
-      afterStop: (handle) => assertGoneOffline(store, handle, old.files.map((f) => f.path).filter((p) => !newPaths.has(p))),
-    });
-    record.recompose = planUpdate(record, current, next, located);
-    record.operation = null;
+    const result = await updateLocked(store, state, runtime, name, ref, log, hooks);
+    recordDirect(desktopRecord(state, name), { add: result.apps, remove: [result.replaced] });
     await store.writeState(state);
-    const report = await recomposeRecorded(store, state, name, log);
-    return { apps: [appKey(next)], replaced: current, allocation, located: located.length, report };
+    return result;
   });
+}
+
+/** The update of one desktop, for a caller that holds the store lock (see assignLocked). */
+export async function updateLocked(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, ref: string, log: Log = quiet, hooks: AssignHooks = {}): Promise<UpdateResult> {
+  idleDesktopRecord(state, name);
+  await settleOperation(store, state, runtime, name, log);
+  const record = idleDesktopRecord(state, name);
+  const next = await resolveApp(store, ref);
+  const current = record.apps.find((a) => a.split('@')[0] === next.name);
+  if (!current) throw new LayerError('update.not-assigned', `desktop ${name} has no version of ${next.name} to update (assign it: qlayer desktop assign ${name} ${ref})`);
+  if (current === appKey(next)) throw new LayerError('update.same-version', `desktop ${name} already has ${current}`);
+  const old = await resolveApp(store, current);
+  const without = planUnassign(record, [current]); // the record as it is once the old version is gone
+  checkPathConflicts({ apps: without.apps, files: without.files }, [next]);
+  const newPaths = new Set(next.files.map((f) => f.path));
+  const { allocation, located } = await guestSide(store, state, runtime, name, [next], {
+    kind: 'update',
+    replacing: [current],
+    log,
+    hooks,
+    beforeAllocate: async (handle) => {
+      log(`deleting ${current} in the guest`);
+      await removeAppFiles(runtime.shell(handle), [old]);
+    },
+    afterStop: (handle) => assertGoneOffline(store, handle, old.files.map((f) => f.path).filter((p) => !newPaths.has(p))),
+  });
+  record.recompose = planUpdate(record, current, next, located);
+  record.operation = null;
+  await store.writeState(state);
+  const report = await recomposeRecorded(store, state, name, log);
+  return { apps: [appKey(next)], replaced: current, allocation, located: located.length, report };
 }
 
 /** Unassign apps: delete their files in the guest, shut down, check they are gone, recompose. */
@@ -464,25 +492,40 @@ export interface UnassignResult extends RecomposeReport {
 export async function unassignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<UnassignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    idleDesktopRecord(state, name);
-    await settleOperation(store, state, runtime, name, log);
-    const record = idleDesktopRecord(state, name);
-    const plan = planUnassign(record, refs); // validates the names before the guest is touched
-    const removing = record.apps.filter((a) => !plan.apps.includes(a));
-    const manifests = await Promise.all(removing.map((ref) => resolveApp(store, ref)));
-    const handle = desktopHandle(store, state, name);
-    await ensureRunning(runtime, handle, name, log);
-    log(`deleting ${removing.join(', ')} in the guest`);
-    const alreadyGone = await removeAppFiles(runtime.shell(handle), manifests);
-    if (alreadyGone.length) log(`${alreadyGone.length} app files were already gone: ${alreadyGone.slice(0, 5).join(', ')}${alreadyGone.length > 5 ? ', ...' : ''}`);
-    log(`shutting ${name} down`);
-    await runtime.stop(handle);
-    await assertNotInUse(runtime, handle, 'unassign');
-    await assertGoneOffline(store, handle, manifests.flatMap((m) => m.files.map((f) => f.path)));
-    record.recompose = plan;
+    desktopRecord(state, name);
+    for (const ref of refs) {
+      const groups = groupsWanting(state, name, ref);
+      if (groups.length) {
+        throw new LayerError('unassign.from-group', `${ref} comes to ${name} from group ${groups.join(', ')}: take it out there (qlayer group unassign ${groups[0]} ${ref.split('@')[0]}) or take ${name} out of the group`);
+      }
+    }
+    const result = await unassignLocked(store, state, runtime, name, refs, log);
+    recordDirect(desktopRecord(state, name), { remove: refs });
     await store.writeState(state);
-    return { ...(await recomposeRecorded(store, state, name, log)), alreadyGone };
+    return result;
   });
+}
+
+/** The unassign of one desktop, for a caller that holds the store lock (see assignLocked). */
+export async function unassignLocked(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<UnassignResult> {
+  idleDesktopRecord(state, name);
+  await settleOperation(store, state, runtime, name, log);
+  const record = idleDesktopRecord(state, name);
+  const plan = planUnassign(record, refs); // validates the names before the guest is touched
+  const removing = record.apps.filter((a) => !plan.apps.includes(a));
+  const manifests = await Promise.all(removing.map((ref) => resolveApp(store, ref)));
+  const handle = desktopHandle(store, state, name);
+  await ensureRunning(runtime, handle, name, log);
+  log(`deleting ${removing.join(', ')} in the guest`);
+  const alreadyGone = await removeAppFiles(runtime.shell(handle), manifests);
+  if (alreadyGone.length) log(`${alreadyGone.length} app files were already gone: ${alreadyGone.slice(0, 5).join(', ')}${alreadyGone.length > 5 ? ', ...' : ''}`);
+  log(`shutting ${name} down`);
+  await runtime.stop(handle);
+  await assertNotInUse(runtime, handle, 'unassign');
+  await assertGoneOffline(store, handle, manifests.flatMap((m) => m.files.map((f) => f.path)));
+  record.recompose = plan;
+  await store.writeState(state);
+  return { ...(await recomposeRecorded(store, state, name, log)), alreadyGone };
 }
 
 /** Run (or finish) the desktop's pending recompose; offline only. */

@@ -7,6 +7,7 @@
  */
 import { availableParallelism, freemem } from 'node:os';
 import { appKey, resolveApp } from './app.js';
+import { recordDirect } from './app-sources.js';
 import { assignLocked, type AssignResult } from './desktops.js';
 import { LayerError } from './errors.js';
 import type { DesktopRuntime } from './runtime.js';
@@ -79,6 +80,8 @@ export async function assignToDesktops(store: Store, runtime: DesktopRuntime, na
       }
       try {
         const result = await assignLocked(store, state, runtime, desktop, manifests, log);
+        recordDirect(state.desktops[desktop]!, { add: result.apps });
+        await store.writeState(state);
         log(`assigned ${manifests.map(appKey).join(', ')}`);
         return { desktop, status: 'assigned', result, elapsedMs: Date.now() - started };
       } catch (error) {

@@ -8,6 +8,22 @@ export interface StoreState {
   format: 'qlayer-store/1';
   bases: Record<string, BaseRecord>;
   desktops: Record<string, DesktopRecord>;
+  /** Groups of desktops that share apps (absent in stores made before groups). */
+  groups?: Record<string, GroupRecord>;
+}
+
+/**
+ * A group: desktops that get the group's apps on top of their own. A change rolls out to the
+ * members; a member that is running when the rollout reaches it is left pending (the user is
+ * working there) and done by the next rollout of the group.
+ */
+export interface GroupRecord {
+  desktops: string[];
+  /** name@version, one version per app. */
+  apps: string[];
+  /** Members a rollout skipped because they ran: the next rollout does them. */
+  pending: string[];
+  createdAt: string;
 }
 
 export interface BaseRecord {
@@ -91,6 +107,11 @@ export interface DesktopRecord {
   appsGeneration: number;
   /** Composed apps with their located files, in assignment order. */
   apps: string[];
+  /**
+   * The apps assigned to this desktop itself, as opposed to through its groups (absent in
+   * stores made before groups: then every app is its own).
+   */
+  directApps?: string[];
   files: LocatedFile[];
   recompose: RecomposePlan | null;
   /** An assign or update whose guest side has not finished or not been undone (absent: none). */

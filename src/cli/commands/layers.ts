@@ -12,6 +12,7 @@ import {
   importBase,
   listDesktops,
   recomposeDesktop,
+  removeBase,
   showDesktop,
   startDesktop,
   stopDesktop,
@@ -23,6 +24,7 @@ import {
 } from '../../layers/desktops.js';
 import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../layers/fleet.js';
 import { describeUndo } from '../../layers/guest-operation.js';
+import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
 import type { RecomposeReport } from '../../layers/recompose.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
@@ -68,6 +70,19 @@ function describeRecompose(report: RecomposeReport | null): string {
   ].join('\n');
 }
 
+function describeRollout(outcomes: RolloutOutcome[]): string {
+  const detail = (o: RolloutOutcome): string =>
+    o.status === 'changed'
+      ? [o.added.length ? `added ${o.added.join(', ')}` : '', o.updated.length ? `updated to ${o.updated.join(', ')}` : '', o.removed.length ? `removed ${o.removed.join(', ')}` : ''].filter(Boolean).join('; ')
+      : (o.reason ?? '');
+  const rows = outcomes.map((o) => [o.desktop, o.status, `${(o.elapsedMs / 1000).toFixed(1)} s`, detail(o)]);
+  const widths = [0, 1, 2].map((i) => Math.max(...rows.map((r) => r[i]!.length), ['desktop', 'result', 'time'][i]!.length));
+  const line = (cells: string[]): string => cells.map((c, i) => (i < 3 ? c.padEnd(widths[i]!) : c)).join('  ').trimEnd();
+  const count = (status: RolloutOutcome['status']): number => outcomes.filter((o) => o.status === status).length;
+  const summary = `${outcomes.length} desktops: ${count('changed')} changed, ${count('unchanged')} unchanged, ${count('pending')} pending (running), ${count('failed')} failed`;
+  return [line(['desktop', 'result', 'time', 'detail']), ...rows.map(line), summary].join('\n');
+}
+
 function describeFleet(outcomes: FleetOutcome[]): string {
   const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
   const detail = (o: FleetOutcome): string => {
@@ -102,6 +117,13 @@ export function registerLayerCommands(program: Command): void {
     });
     printResult(options, { name, ...record, path: store.path(record.file) }, () => `imported base ${name}: ${store.path(record.file)} (${mib(record.virtualSize)} virtual)`);
   });
+  storeOptions(base.command('remove').description('remove base NAME from the store (refused while a desktop uses it, naming them)').argument('<name>')).action(
+    async (name: string, options: StoreCommandOptions) => {
+      const { store } = await openContext(options);
+      const record = await removeBase(store, name);
+      printResult(options, { name, removed: true, file: store.path(record.file) }, () => `removed base ${name} (${store.path(record.file)})`);
+    },
+  );
   storeOptions(base.command('list').description('list the bases in the store')).action(async (options: StoreCommandOptions) => {
     const { store } = await openContext(options);
     const state = await store.readState();
@@ -278,4 +300,45 @@ export function registerLayerCommands(program: Command): void {
       if (bad.length) process.exitCode = 2;
     },
   );
+
+  // ---------------------------------------------------------------- group
+  const group = program
+    .command('group')
+    .description('groups of desktops that share apps: a change rolls out to every member; a running member is left pending for the next rollout');
+  const rolloutOptions = (command: Command): Command => storeOptions(command.option('--parallel <n>', 'desktops at once (default: one per core, within free memory)'));
+  const runRollout = async (options: StoreCommandOptions & { parallel?: string }, work: (ctx: Awaited<ReturnType<typeof openContext>>, rollout: { parallel: number; log: (d: string, m: string) => void }) => Promise<RolloutOutcome[]>): Promise<void> => {
+    const ctx = await openContext(options);
+    const parallel = options.parallel === undefined ? defaultParallelism(ctx.config.guest.memoryMiB) : Number(options.parallel);
+    if (!Number.isInteger(parallel) || parallel < 1) throw new QlayerError('cli.usage', `--parallel must be a whole number of at least 1, not ${options.parallel}`);
+    const step = stepLogger(options);
+    const outcomes = await work(ctx, { parallel, log: (desktop, message) => step(`[${desktop}] ${message}`) });
+    printResult(options, { parallel, desktops: outcomes }, () => describeRollout(outcomes));
+    if (outcomes.some((o) => o.status === 'failed')) process.exitCode = 1;
+  };
+  storeOptions(group.command('create').description('create an empty group').argument('<group>')).action(async (name: string, options: StoreCommandOptions) => {
+    const { store } = await openContext(options);
+    const record = await createGroup(store, name);
+    printResult(options, { name, ...record }, () => `created group ${name}`);
+  });
+  rolloutOptions(group.command('add').description('add desktops to the group; they get its apps').argument('<group>').argument('<desktops...>')).action(
+    (name: string, desktops: string[], options: StoreCommandOptions & { parallel?: string }) => runRollout(options, ({ store, runtime }, rollout) => addToGroup(store, runtime, name, desktops, rollout)),
+  );
+  rolloutOptions(group.command('assign').description("give the group these app versions (another version of the same app is replaced) and roll out").argument('<group>').argument('<apps...>', 'APP or APP@VERSION')).action(
+    (name: string, apps: string[], options: StoreCommandOptions & { parallel?: string }) => runRollout(options, ({ store, runtime }, rollout) => groupAssign(store, runtime, name, apps, rollout)),
+  );
+  rolloutOptions(group.command('unassign').description("take apps out of the group and roll out (members keep apps that are their own)").argument('<group>').argument('<apps...>', 'APP')).action(
+    (name: string, apps: string[], options: StoreCommandOptions & { parallel?: string }) => runRollout(options, ({ store, runtime }, rollout) => groupUnassign(store, runtime, name, apps, rollout)),
+  );
+  rolloutOptions(group.command('rollout').description('roll the group out again: members left pending because they ran, and any that drifted; harmless when nothing changed').argument('<group>')).action(
+    (name: string, options: StoreCommandOptions & { parallel?: string }) => runRollout(options, ({ store, runtime }, rollout) => rollOutGroup(store, runtime, name, rollout)),
+  );
+  storeOptions(group.command('list').description('list groups with their desktops, apps and pending members')).action(async (options: StoreCommandOptions) => {
+    const { store } = await openContext(options);
+    const groups = listGroups(await store.readState());
+    printResult(options, groups, () =>
+      groups.length
+        ? groups.map((g) => `${g.name}\tdesktops: ${g.desktops.join(',') || '-'}\tapps: ${g.apps.join(',') || '-'}${g.pending.length ? `\tpending: ${g.pending.join(',')}` : ''}`).join('\n')
+        : 'no groups',
+    );
+  });
 }
