@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildDomainXml, hasAgentChannel, parseOwner, xmlEscape, type DomainSpec } from '../../src/virt/domain-xml.js';
+import { buildDomainXml, diskSources, hasAgentChannel, parseOwner, xmlEscape, type DomainSpec } from '../../src/virt/domain-xml.js';
 import { VirtError } from '../../src/virt/errors.js';
 import { LibvirtConnection } from '../../src/virt/libvirt.js';
 
@@ -174,5 +174,23 @@ describe('buildDomainXml', () => {
     } finally {
       await connection.close();
     }
+  });
+});
+
+describe('diskSources', () => {
+  it('reads each disk\'s top image from live XML, not its backing stores, not cdroms', () => {
+    const xml = `<domain type='qemu'><name>qlayer-x</name><devices>
+      <disk type='file' device='cdrom'><source file='/iso/x.iso' index='4'/><target dev='hdc'/></disk>
+      <disk type='file' device='disk'>
+        <driver name='qemu' type='qcow2'/>
+        <source file='/s/desktops/demo/user.qcow2' index='3'/>
+        <backingStore type='file' index='2'><format type='qcow2'/><source file='/s/desktops/demo/apps.0.qcow2'/>
+          <backingStore type='file' index='1'><format type='qcow2'/><source file='/s/bases/b.qcow2'/><backingStore/></backingStore>
+        </backingStore>
+        <target dev='vda' bus='virtio'/>
+      </disk>
+      <disk type="file" device="disk"><source file="/a&amp;b/o'k.qcow2"/></disk>
+    </devices></domain>`;
+    expect(diskSources(xml)).toEqual(['/s/desktops/demo/user.qcow2', "/a&b/o'k.qcow2"]);
   });
 });
