@@ -6,7 +6,7 @@
  * tests do the same through a real guest; this one makes every crash point cheap to test.
  */
 import { readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { execa } from 'execa';
 import { openChain } from '../../src/chain/chain.js';
 import { qemuReadRaw } from './qemu.js';
@@ -76,7 +76,9 @@ export async function writeBackChanges(
   /** Ranges the guest wrote even though their bytes did not change (zeros over zeros). */
   forced: Array<{ offset: number; length: number }> = [],
 ): Promise<number> {
-  const chain = await openChain(topImage, { writableTop: true });
+  // This stands in for QEMU running the desktop, which follows the chain wherever it leads; a
+  // desktop's chain spans its store (desktops/NAME -> ../../bases), so allow the store's folder.
+  const chain = await openChain(topImage, { writableTop: true, allowedDirectories: [resolve(dirname(topImage), '..', '..')] });
   let blocks = 0;
   try {
     const image = chain.topImage;
