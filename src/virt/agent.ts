@@ -179,36 +179,50 @@ export class GuestAgent {
       const { input: _dropped, ...rest } = options;
       return this.exec('/bin/sh', ['-c', wrapper, 'sh', staged, path, ...args], rest);
     }
-    const request: Record<string, unknown> = { path, arg: args, 'capture-output': true };
-    if (input !== undefined) request['input-data'] = input.toString('base64');
-    if (options.env !== undefined) request['env'] = options.env;
-    const { pid } = await this.command<{ pid: number }>('guest-exec', request);
+    const pid = await this.spawn(path, args, options);
     const timeoutMs = options.timeoutMs ?? 60_000;
     const deadline = Date.now() + timeoutMs;
     let delay = 10;
     for (;;) {
-      const status = await this.command<GuestExecStatus>('guest-exec-status', { pid });
-      if (status.exited) {
-        const stdoutBytes = Buffer.from(status['out-data'] ?? '', 'base64');
-        const stderrBytes = Buffer.from(status['err-data'] ?? '', 'base64');
-        const signal = status.signal;
-        const result: ExecResult = {
-          exitCode: status.exitcode ?? (signal !== undefined ? 128 + signal : -1),
-          stdout: stdoutBytes.toString('utf8'),
-          stderr: stderrBytes.toString('utf8'),
-          stdoutBytes,
-          stderrBytes,
-          truncated: Boolean(status['out-truncated'] || status['err-truncated']),
-        };
-        if (signal !== undefined) result.signal = signal;
-        return result;
-      }
+      const result = await this.execStatus(pid);
+      if (result !== null) return result;
       if (Date.now() >= deadline) {
         throw new VirtError('virt.agent-timeout', `${path} ${args.join(' ')} (pid ${pid}) still running in ${this.domain} after ${timeoutMs} ms`);
       }
       await sleep(delay);
       delay = Math.min(200, delay * 2);
     }
+  }
+
+  /**
+   * Start a program in the guest (guest-exec) and return its pid at once, for execStatus. For a
+   * program that may take the agent down with it (a power-off), where exec's polling would fail.
+   */
+  async spawn(path: string, args: string[] = [], options: Pick<ExecOptions, 'input' | 'env'> = {}): Promise<number> {
+    const request: Record<string, unknown> = { path, arg: args, 'capture-output': true };
+    if (options.input !== undefined) request['input-data'] = (Buffer.isBuffer(options.input) ? options.input : Buffer.from(options.input)).toString('base64');
+    if (options.env !== undefined) request['env'] = options.env;
+    const { pid } = await this.command<{ pid: number }>('guest-exec', request);
+    return pid;
+  }
+
+  /** guest-exec-status of a spawned program: its result once it exited, null while it runs. */
+  async execStatus(pid: number): Promise<ExecResult | null> {
+    const status = await this.command<GuestExecStatus>('guest-exec-status', { pid });
+    if (!status.exited) return null;
+    const stdoutBytes = Buffer.from(status['out-data'] ?? '', 'base64');
+    const stderrBytes = Buffer.from(status['err-data'] ?? '', 'base64');
+    const signal = status.signal;
+    const result: ExecResult = {
+      exitCode: status.exitcode ?? (signal !== undefined ? 128 + signal : -1),
+      stdout: stdoutBytes.toString('utf8'),
+      stderr: stderrBytes.toString('utf8'),
+      stdoutBytes,
+      stderrBytes,
+      truncated: Boolean(status['out-truncated'] || status['err-truncated']),
+    };
+    if (signal !== undefined) result.signal = signal;
+    return result;
   }
 
   /** Run a POSIX sh script; throws 'virt.agent-error' with its stderr unless it exits 0. */
@@ -329,6 +343,23 @@ export class GuestAgent {
       throw error;
     }
   }
+}
+
+/**
+ * The words of an agent or libvirt failure without qlayer's framing: the agent's `desc` when the
+ * reply carries one ({"class":"GenericError","desc":"..."}), else the message after "agent CMD on DOMAIN: ".
+ */
+export function agentErrorWords(error: unknown): string {
+  const message = error instanceof Error ? error.message : String(error);
+  const desc = /"desc"\s*:\s*"((?:[^"\\]|\\.)*)"/.exec(message)?.[1];
+  if (desc !== undefined) {
+    try {
+      return JSON.parse(`"${desc}"`) as string;
+    } catch {
+      return desc;
+    }
+  }
+  return message.replace(/^agent \S+ on \S+: /, '').trim();
 }
 
 function octal(mode: number): string {

@@ -3,7 +3,7 @@ import { accessSync, constants, mkdirSync, rmSync, statSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { kvmNoProgressMessage, kvmStatus, resolveAccel, type Accel, type KvmProbe } from './accel.js';
-import { GuestAgent } from './agent.js';
+import { GuestAgent, agentErrorWords, type ExecResult } from './agent.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { buildDomainXml, DOMAIN_NAME_PATTERN, hasAgentChannel, type DiskLayer, type DiskSpec, type DomainSpec, type DomainType } from './domain-xml.js';
 import { VirtError, messageOf } from './errors.js';
@@ -53,10 +53,49 @@ export interface BootOptions {
   vnc?: boolean;
 }
 
-export interface ShutdownResult {
-  /** How the guest stopped: its own agent-driven power-off, ACPI, a destroy, or it was already off. */
-  how: 'agent' | 'acpi' | 'destroyed' | 'already-off';
+/** One way of stopping the guest that stopDomain tried, in order. */
+export interface ShutdownStep {
+  /**
+   * agent: qemu-ga's guest-shutdown; systemctl: `systemctl poweroff` through guest-exec (needs
+   * no logind/dbus); guest-poweroff: a guest without systemd syncs, remounts / read-only and
+   * powers off through guest-exec; acpi: the ACPI power button; fsfreeze + destroy: the last resort.
+   */
+  how: 'agent' | 'systemctl' | 'guest-poweroff' | 'acpi' | 'fsfreeze' | 'destroy';
+  ok: boolean;
+  /** What happened, in the guest's (or libvirt's) own words when a step failed. */
+  detail: string;
   ms: number;
+}
+
+export interface ShutdownResult {
+  /**
+   * How the guest stopped: agent (guest-shutdown), systemctl or guest-poweroff (through
+   * guest-exec after guest-shutdown failed), acpi, destroyed (forced off at the deadline), or
+   * it was already off.
+   */
+  how: 'agent' | 'systemctl' | 'guest-poweroff' | 'acpi' | 'destroyed' | 'already-off';
+  ms: number;
+  /** Every way tried, in order, with why each one that failed did. */
+  steps: ShutdownStep[];
+  /** Set when the guest was destroyed: what that means for its disk. */
+  warning?: string;
+}
+
+/** Receives every stopDomain result in this process (the CLI prints them; tests record them). */
+export type ShutdownListener = (domain: string, result: ShutdownResult) => void;
+const shutdownListeners = new Set<ShutdownListener>();
+
+/** Observe every stop made by stopDomain in this process; returns the function that stops observing. */
+export function observeShutdowns(listener: ShutdownListener): () => void {
+  shutdownListeners.add(listener);
+  return () => shutdownListeners.delete(listener);
+}
+
+/** One line for people: how the guest stopped and, when a step failed, why. */
+export function describeShutdown(result: ShutdownResult): string {
+  const failed = result.steps.filter((s) => !s.ok && s.how !== 'fsfreeze' && s.how !== 'destroy');
+  const why = failed.map((s) => `${s.how} failed: ${s.detail}`).join('; ');
+  return `${result.how} in ${(result.ms / 1000).toFixed(1)} s${why ? ` (${why})` : ''}${result.warning ? `; ${result.warning}` : ''}`;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -141,7 +180,7 @@ export class RunningGuest {
    * (undefined too when persistent).
    */
   async shutdown(options: { timeoutMs?: number } = {}): Promise<ShutdownResult> {
-    if (this.closed) return { how: 'already-off', ms: 0 };
+    if (this.closed) return { how: 'already-off', ms: 0, steps: [] };
     try {
       const result = await stopDomain(this.connection, this.name, options.timeoutMs ?? 30_000);
       await this.finish();
@@ -191,41 +230,188 @@ export class RunningGuest {
 }
 
 /**
- * Stop a domain cleanly if it can, for sure in any case: guest-shutdown through the agent (the
- * test guest syncs, remounts / read-only and powers off; a desktop shuts down normally); without
- * an agent, an ACPI request (at most 10 s); if it is still running at the deadline, freeze the
- * filesystems through the agent (ext4 is then clean, nothing to replay) and destroy it.
+ * Stop a domain cleanly if it can, for sure in any case, and say how. In order:
+ * 1. the agent's guest-shutdown (the test guest syncs, remounts / read-only and powers off; a
+ *    distribution runs its shutdown);
+ * 2. if the agent reports a failure (a systemd guest without dbus or logind: "Failed to connect
+ *    to bus"), `systemctl poweroff` through guest-exec, which talks to systemd directly; on a
+ *    guest without systemd, sync + read-only remount + `poweroff -f`;
+ * 3. without an agent, or when that failed too, the ACPI power button;
+ * 4. only at the deadline (`timeoutMs` from the start): freeze the filesystems through the
+ *    agent (ext4 is then clean, nothing to replay) and destroy the domain.
+ * A step that fails moves on at once; only a step the guest accepted is waited for. Each step
+ * is in the result's `steps`, with the guest's own words when it failed.
  */
 export async function stopDomain(connection: LibvirtConnection, name: string, timeoutMs = 30_000): Promise<ShutdownResult> {
   const started = Date.now();
-  const result = (how: ShutdownResult['how']): ShutdownResult => ({ how, ms: Date.now() - started });
+  const deadline = started + timeoutMs;
+  const steps: ShutdownStep[] = [];
+  const step = (how: ShutdownStep['how'], ok: boolean, detail: string, since: number): void => {
+    steps.push({ how, ok, detail: oneLine(detail), ms: Date.now() - since });
+  };
+  const result = (how: ShutdownResult['how'], warning?: string): ShutdownResult => {
+    const r: ShutdownResult = { how, ms: Date.now() - started, steps, ...(warning === undefined ? {} : { warning }) };
+    for (const listener of shutdownListeners) {
+      try {
+        listener(name, r);
+      } catch {
+        // an observer's failure is not the stop's
+      }
+    }
+    return r;
+  };
   const off = async (): Promise<boolean> => {
     const state = await connection.state(name);
     return state === 'absent' || state === 'shutoff';
   };
-  const waitOff = async (ms: number): Promise<boolean> => {
-    const deadline = Date.now() + ms;
+  const waitOff = async (until: number): Promise<boolean> => {
     for (;;) {
       if (await off()) return true;
-      if (Date.now() >= deadline) return false;
+      if (Date.now() >= until) return false;
       await sleep(100);
     }
   };
+  const stillRunning = (what: string, since: number): string => `${what}, but ${name} was still running after ${((Date.now() - since) / 1000).toFixed(1)} s`;
   if (await off()) return result('already-off');
   const agent = new GuestAgent(name, { uri: connection.uri });
   const agentUp = await agentAnswers(connection, agent, name, timeoutMs);
+
+  let tryAcpi = true;
   if (agentUp) {
-    await agent.shutdown().catch(() => undefined);
-    if (await waitOff(timeoutMs)) return result('agent');
-  } else {
-    await connection.requestShutdown(name).catch(() => undefined);
-    if (await waitOff(Math.min(timeoutMs, 10_000))) return result('acpi');
+    // 1. guest-shutdown.
+    let t = Date.now();
+    let accepted = false;
+    try {
+      await agent.shutdown();
+      accepted = true;
+    } catch (error) {
+      if (await off()) return result('agent'); // it went down while the reply was lost
+      step('agent', false, `guest-shutdown: ${agentErrorWords(error)}`, t);
+    }
+    if (accepted) {
+      if (await waitOff(deadline)) {
+        step('agent', true, 'guest-shutdown: the guest powered off', t);
+        return result('agent');
+      }
+      step('agent', false, stillRunning('guest-shutdown was accepted', t), t);
+      tryAcpi = false; // the time is up
+    } else {
+      // 2. The guest's own power-off through guest-exec.
+      t = Date.now();
+      const way = await guestPowerOff(agent);
+      const failedAgent = steps.at(-1);
+      if (way.agentLog !== undefined && failedAgent?.how === 'agent') failedAgent.detail += ` (the guest's log: ${way.agentLog})`;
+      if (way.started) {
+        if (await waitOff(deadline)) {
+          step(way.how, true, way.detail, t);
+          return result(way.how);
+        }
+        step(way.how, false, stillRunning(way.detail, t), t);
+        tryAcpi = false;
+      } else {
+        if (await off()) return result(way.how);
+        step(way.how, false, way.detail, t);
+      }
+    }
   }
-  // Last resort: make the filesystems consistent if the agent still answers, then pull the plug.
-  await agent.fsfreeze().catch(() => undefined);
+  if (tryAcpi && Date.now() < deadline) {
+    // 3. ACPI: nothing tells whether the guest listens; wait for it until the deadline.
+    const t = Date.now();
+    let sent = true;
+    try {
+      await connection.requestShutdown(name);
+    } catch (error) {
+      sent = false;
+      step('acpi', false, `the ACPI request failed: ${messageOf(error)}`, t);
+    }
+    if (sent) {
+      if (await waitOff(deadline)) {
+        step('acpi', true, `${agentUp ? 'after the agent failed, ' : 'no guest agent; '}the guest powered off on ACPI`, t);
+        return result('acpi');
+      }
+      step('acpi', false, `no response to the ACPI power button within ${((Date.now() - t) / 1000).toFixed(1)} s${agentUp ? '' : ' (no guest agent answered)'}`, t);
+    }
+  }
+  if (await off()) return result(steps.at(-1)?.how === 'acpi' ? 'acpi' : 'agent');
+  // 4. Last resort: make the filesystems consistent if the agent still answers, then pull the plug.
+  let t = Date.now();
+  let frozen = false;
+  try {
+    const count = await agent.fsfreeze();
+    frozen = true;
+    step('fsfreeze', true, `froze ${count} filesystem(s): nothing left to replay`, t);
+  } catch (error) {
+    step('fsfreeze', false, `could not freeze the filesystems: ${agentErrorWords(error)}`, t);
+  }
+  t = Date.now();
   await connection.destroy(name);
-  return result('destroyed');
+  step('destroy', true, `forced off after ${((Date.now() - started) / 1000).toFixed(1)} s`, t);
+  return result(
+    'destroyed',
+    frozen
+      ? 'forced off after the filesystems were frozen; the next recompose still checks the filesystem (it refuses one whose journal needs recovery)'
+      : 'forced off without a freeze: the disk is as after a power cut; the next recompose checks the filesystem and refuses one whose journal needs recovery (boot the desktop once to replay it)',
+  );
 }
+
+/**
+ * Step 2: the guest powers itself off through guest-exec. A systemd guest (/run/systemd/system)
+ * runs `systemctl poweroff`, which as root talks to systemd over its private socket, without
+ * dbus or logind; another guest syncs, remounts / read-only (ext4 empties its journal) and runs
+ * `poweroff -f`, and if the remount fails nothing is powered off (the caller moves on).
+ */
+async function guestPowerOff(agent: GuestAgent): Promise<{ how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string; agentLog?: string }> {
+  let systemd: boolean;
+  let agentLog: string | undefined;
+  try {
+    // qemu-ga only says "child process has failed to shutdown"; shutdown's own words went to
+    // qemu-ga's stderr, which systemd keeps in the journal.
+    const probe = await agent.exec(
+      '/bin/sh',
+      ['-c', '[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 3; journalctl -q -b -u qemu-guest-agent.service -n 6 -o cat --no-pager 2>/dev/null | grep -v "called, mode:" | tail -n 2'],
+      { timeoutMs: 15_000 },
+    );
+    systemd = probe.exitCode === 0;
+    const words = probe.stdout.trim();
+    if (systemd && words !== '') agentLog = oneLine(words);
+  } catch (error) {
+    return { how: 'guest-poweroff', started: false, detail: `guest-exec: ${agentErrorWords(error)}` };
+  }
+  const done = <T extends { how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string }>(r: T): T & { agentLog?: string } => (agentLog === undefined ? r : { ...r, agentLog });
+  return done(await runPowerOff(agent, systemd));
+}
+
+async function runPowerOff(agent: GuestAgent, systemd: boolean): Promise<{ how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string }> {
+  const how = systemd ? 'systemctl' : 'guest-poweroff';
+  const [path, args, what] = systemd
+    ? ['systemctl', ['poweroff'], 'systemctl poweroff']
+    : ['/bin/sh', ['-c', 'sync && mount -o remount,ro / && sync && exec poweroff -f'], 'sync, read-only remount, poweroff -f'];
+  let pid: number;
+  try {
+    pid = await agent.spawn(path, args);
+  } catch (error) {
+    return { how, started: false, detail: `${what}: ${agentErrorWords(error)}` };
+  }
+  // It either exits at once with a failure, or the guest goes down (and the agent with it).
+  const deadline = Date.now() + 10_000;
+  for (let delay = 20; Date.now() < deadline; delay = Math.min(500, delay * 2)) {
+    let status: ExecResult | null;
+    try {
+      status = await agent.execStatus(pid);
+    } catch {
+      return { how, started: true, detail: `${what}: the guest went down` };
+    }
+    if (status !== null) {
+      if (status.exitCode === 0) return { how, started: true, detail: `${what} exited 0` };
+      const words = (status.stderr || status.stdout).trim();
+      return { how, started: false, detail: `${what} exited ${status.exitCode}${words ? `: ${words}` : ''}` };
+    }
+    await sleep(delay);
+  }
+  return { how, started: true, detail: `${what} still running after 10 s` };
+}
+
+const oneLine = (text: string): string => text.replace(/\s*\n\s*/g, ' / ').trim();
 
 /**
  * Whether to stop through the agent: when the domain has an agent channel, give the agent time

@@ -26,6 +26,7 @@ import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../l
 import { describeUndo } from '../../layers/guest-operation.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
 import type { RecomposeReport } from '../../layers/recompose.js';
+import { describeShutdown, observeShutdowns, type ShutdownResult } from '../../virt/boot.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
 
@@ -193,9 +194,19 @@ export function registerLayerCommands(program: Command): void {
   storeOptions(desktop.command('stop').description('shut the desktop down cleanly (agent shutdown; destroy after the timeout)').argument('<name>')).action(
     async (name: string, options: StoreCommandOptions) => {
       const { store, runtime } = await openContext(options);
-      await stopDesktop(store, runtime, name);
+      // Which way the guest went down (agent, systemctl, acpi, destroyed), with each failed step's words.
+      const stops: ShutdownResult[] = [];
+      const unobserve = observeShutdowns((_domain, result) => stops.push(result));
+      try {
+        await stopDesktop(store, runtime, name);
+      } finally {
+        unobserve();
+      }
       const view = await showDesktop(store, runtime, name);
-      printResult(options, view, () => `${name} is stopped`);
+      const stop: ShutdownResult = stops.at(-1) ?? { how: 'already-off', ms: 0, steps: [] };
+      printResult(options, { ...view, stop }, () =>
+        [`${name} is stopped: ${describeShutdown(stop)}`, ...(stop.steps.length > 1 ? stop.steps.map((s) => `  ${s.ok ? 'ok' : 'failed'} ${s.how}: ${s.detail}`) : [])].join('\n'),
+      );
     },
   );
   for (const [verb, help] of [

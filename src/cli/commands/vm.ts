@@ -5,7 +5,7 @@
  */
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import type { Accel } from '../../virt/accel.js';
-import { bootGuest, destroyAllGuests, stopDomain, type BootOptions, type RunningGuest } from '../../virt/boot.js';
+import { bootGuest, describeShutdown, destroyAllGuests, stopDomain, type BootOptions, type RunningGuest } from '../../virt/boot.js';
 import { VirtError } from '../../virt/errors.js';
 import { loadFixture, type Fixture } from '../../virt/fixture.js';
 import { DEFAULT_URI, withConnection } from '../../virt/libvirt.js';
@@ -243,7 +243,9 @@ export function registerVmCommands(program: Command): void {
         await c.remove(full);
         return stopped;
       });
-      printResult(options, { name: full, ...result }, () => `${full}: ${result.how} (${result.ms} ms)`);
+      printResult(options, { name: full, ...result }, () =>
+        [`${full}: ${describeShutdown(result)}`, ...(result.steps.length > 1 ? result.steps.map((s) => `  ${s.ok ? 'ok' : 'failed'} ${s.how}: ${s.detail}`) : [])].join('\n'),
+      );
     });
 
   vm.command('cleanup')
