@@ -13,6 +13,7 @@ if [ $# -eq 0 ]; then
   reports+=(.cache/vitest-node24.json)
   bash scripts/test-node24.sh --reporter=default --reporter=json --outputFile=.cache/vitest-node24.json \
     test/qcow2 test/chain test/layers test/config test/cli || status=$?
+  rm -f .cache/vitest-example.json; reports+=(.cache/vitest-example.json); bash examples/vm-test/run.sh --reporter=default --reporter=json --outputFile="$PWD/.cache/vitest-example.json" || status=$?  # the example project (qlayer/testing through the packed tarball); test/package/pack.test.ts runs in the main suite
 fi
 node -e '
   let passed = 0, failed = 0;

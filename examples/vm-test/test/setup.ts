@@ -1,0 +1,3 @@
+import { useVmDiagnostics } from 'qlayer/testing/vitest';
+
+useVmDiagnostics();
