@@ -7,7 +7,7 @@
  * Boots a guest under TCG (about 10-30 s).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { openChain, type Chain } from '../../src/chain/index.js';
 import { openGuestFilesystem, type GuestFilesystem } from '../../src/fs/index.js';
@@ -57,7 +57,8 @@ beforeAll(async () => {
   }
   raw = join(dir, 'export.raw');
   await qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', overlay, raw]);
-  chain = await openChain(overlay);
+  // The overlay lives in a scratch folder over the cached fixture base: allow that base's folder.
+  chain = await openChain(overlay, { allowedDirectories: [dirname(fixture.images.base.path)] });
   fs = await openGuestFilesystem(chain);
 }, 600_000);
 
