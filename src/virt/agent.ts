@@ -359,7 +359,10 @@ export function agentErrorWords(error: unknown): string {
       return desc;
     }
   }
-  return message.replace(/^agent \S+ on \S+: /, '').trim();
+  return message
+    .replace(/^agent \S+ on \S+: /, '')
+    .replace(/^internal error: unable to execute QEMU agent command '[^']*': /, '')
+    .trim();
 }
 
 function octal(mode: number): string {

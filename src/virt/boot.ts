@@ -365,10 +365,10 @@ async function guestPowerOff(agent: GuestAgent): Promise<{ how: 'systemctl' | 'g
   let agentLog: string | undefined;
   try {
     // qemu-ga only says "child process has failed to shutdown"; shutdown's own words went to
-    // qemu-ga's stderr, which systemd keeps in the journal.
+    // qemu-ga's stderr, which systemd keeps in the journal (qemu-ga's own lines start "info: ").
     const probe = await agent.exec(
       '/bin/sh',
-      ['-c', '[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 3; journalctl -q -b -u qemu-guest-agent.service -n 6 -o cat --no-pager 2>/dev/null | grep -v "called, mode:" | tail -n 2'],
+      ['-c', '[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 3; journalctl -q -b -u qemu-guest-agent.service -n 40 -o cat --no-pager 2>/dev/null | grep -v "^info: " | tail -n 2'],
       { timeoutMs: 15_000 },
     );
     systemd = probe.exitCode === 0;

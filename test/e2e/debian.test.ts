@@ -1,0 +1,185 @@
+/**
+ * The whole flow on a real distribution guest: the Debian 12 fixture (vm-fixtures/build-debian.sh)
+ * boots through its own grub (BIOS, GPT) under TCG, runs systemd, dbus, udev and Debian's
+ * qemu-guest-agent. Start, a file written by the ordinary user, assign an app, verify (hashes in
+ * the guest), unassign, stop; then e2fsck -fn on a raw export of the root partition and the user
+ * file read offline. Then a guest whose guest-shutdown fails (dbus stopped: "Failed to connect to
+ * bus") stops in seconds through systemctl poweroff, and says why.
+ *
+ * Timings go to the test output (console.log) for the README.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
+import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
+import { Store } from '../../src/layers/store.js';
+import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
+import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
+import { qemuImg, tempDir } from '../helpers/qemu.js';
+import { debugfsCat, fileSha256 } from './guest-helpers.js';
+
+let fixture: DebianFixture;
+let dir: string;
+let cleanup: () => Promise<void>;
+let store: Store;
+let runtime: LibvirtDesktopRuntime;
+let app: AppManifest;
+const appSource: Record<string, Buffer> = {};
+const shutdowns: Array<{ domain: string; result: ShutdownResult }> = [];
+let unobserve: () => void = () => undefined;
+const SHUTDOWN_TIMEOUT_MS = 120_000;
+
+const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
+
+/** The root partition of a desktop's chain as a raw file (for e2fsck and debugfs, which take no offset). */
+async function rootPartitionRaw(top: string, out: string): Promise<string> {
+  const { offset, size } = { offset: fixture.image.filesystemOffset, size: (fixture.manifest as { image: { filesystem: { size: number } } }).image.filesystem.size };
+  await qemuImg(['convert', '-O', 'raw', '--image-opts', `driver=raw,offset=${offset},size=${size},file.driver=qcow2,file.file.filename=${top}`, out]);
+  return out;
+}
+
+beforeAll(async () => {
+  const built = Date.now();
+  fixture = await ensureDebianFixture();
+  console.log(`[debian] fixture ${fixture.dir}: ${(fixture.image.allocated / 1048576).toFixed(0)} MiB allocated of ${(fixture.image.virtualSize / 1048576).toFixed(0)} MiB, kernel ${fixture.kernelRelease}, ensured in ${seconds(Date.now() - built)}`);
+  ({ dir, cleanup } = await tempDir('qlayer-e2e-debian-'));
+  store = await Store.open(join(dir, 'store'));
+  await importBase(store, 'debian', fixture.image.path, { format: 'qcow2' });
+  runtime = testGuestRuntime({
+    logDir: join(dir, 'logs'),
+    mode: 'firmware',
+    firmware: 'bios',
+    accel: 'tcg',
+    memoryMiB: 1024,
+    bootTimeoutMs: 400_000,
+    agentTimeoutMs: 300_000,
+    shutdownTimeoutMs: SHUTDOWN_TIMEOUT_MS,
+  });
+  const source = join(dir, 'src', 'tools');
+  appSource['bin/tool'] = Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(1_500_001)]);
+  appSource['share/tool/data.bin'] = randomBytes(3 * 1048576 + 12_345);
+  appSource['share/tool/README'] = Buffer.from('a small app for the Debian guest\n');
+  for (const [path, content] of Object.entries(appSource)) {
+    await mkdir(join(source, path, '..'), { recursive: true });
+    await writeFile(join(source, path), content, { mode: path.startsWith('bin/') ? 0o755 : 0o644 });
+  }
+  app = await store.withLock(() => buildApp(store, { name: 'tools', sourceDir: source, version: '1' }));
+  unobserve = observeShutdowns((domain, result) => shutdowns.push({ domain, result }));
+}, 900_000);
+
+afterAll(async () => {
+  unobserve();
+  for (const name of ['deb', 'nobus']) {
+    if ((await store?.readState())?.desktops[name]) await stopDesktop(store, runtime, name).catch(() => undefined);
+  }
+  await cleanup?.();
+});
+
+describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
+  it('start, user file, assign, verify, unassign, stop: e2fsck clean and the user file intact', async () => {
+    const basePath = store.path((await store.readState()).bases['debian']!.file);
+    const baseSha = await fileSha256(basePath);
+    await createDesktop(store, 'deb', 'debian');
+    let t = Date.now();
+    await startDesktop(store, runtime, 'deb');
+    const bootMs = Date.now() - t;
+    console.log(`[debian] start to agent ready: ${seconds(bootMs)}`);
+    const handle = desktopHandle(store, await store.readState(), 'deb');
+    const shell = runtime.shell(handle);
+
+    // A file written by the ordinary user, as that user.
+    const userFile = `${fixture.user.home}/notes.txt`;
+    const userText = `written by ${fixture.user.name} ${randomBytes(8).toString('hex')}\n`;
+    const userSha = createHash('sha256').update(userText).digest('hex');
+    const owner = await runGuestScript(
+      shell,
+      `runuser -u ${fixture.user.name} -- sh -c ${shellQuote(`printf %s ${shellQuote(userText)} > ${userFile}`)} && sync && stat -c %u:%U ${userFile}\n`,
+      'user write',
+    );
+    expect(owner.trim()).toBe(`${fixture.user.uid}:${fixture.user.name}`);
+
+    // Assign, with each phase timed from the step lines.
+    const phases: Array<{ line: string; at: number }> = [];
+    t = Date.now();
+    const assigned = await assignApps(store, runtime, 'deb', ['tools@1'], (line) => phases.push({ line, at: Date.now() }));
+    const assignMs = Date.now() - t;
+    const timeline = phases.map((p, i) => `  +${seconds(p.at - t)} (${seconds((phases[i + 1]?.at ?? t + assignMs) - p.at)}) ${p.line}`);
+    console.log(`[debian] assign tools@1 (${app.files.length} files, ${(app.files.reduce((n, f) => n + f.size, 0) / 1048576).toFixed(1)} MiB) in ${seconds(assignMs)}:\n${timeline.join('\n')}`);
+    expect(assigned.apps).toEqual(['tools@1']);
+    expect(assigned.located).toBe(app.files.length);
+    const assignStop = shutdowns.at(-1)!.result;
+    console.log(`[debian] assign's shutdown: ${assignStop.how} in ${seconds(assignStop.ms)}`);
+    expect(assignStop.how).toBe('agent');
+
+    t = Date.now();
+    await startDesktop(store, runtime, 'deb');
+    console.log(`[debian] boot on base <- apps <- user, to agent ready: ${seconds(Date.now() - t)}`);
+    const ran = await runGuestScript(runtime.shell(desktopHandle(store, await store.readState(), 'deb')), `${app.prefix}/bin/tool\n`, 'run the tool');
+    expect(ran).toContain('tool from the apps layer');
+    t = Date.now();
+    const verified = await verifyDesktop(store, runtime, 'deb', [userFile]);
+    console.log(`[debian] verify (hashes in the guest) in ${seconds(Date.now() - t)}`);
+    expect(verified.files.length).toBe(app.files.length);
+    expect(verified.files.filter((f) => !f.ok)).toEqual([]);
+    expect(verified.extra[userFile]).toBe(userSha);
+
+    t = Date.now();
+    await unassignApps(store, runtime, 'deb', ['tools'], (line) => console.log(`[debian] unassign: +${seconds(Date.now() - t)} ${line}`));
+    console.log(`[debian] unassign in ${seconds(Date.now() - t)}`);
+    await startDesktop(store, runtime, 'deb');
+    const afterUnassign = await verifyDesktop(store, runtime, 'deb', [userFile, `${app.prefix}/bin/tool`]);
+    expect(afterUnassign.files).toEqual([]);
+    expect(afterUnassign.extra[userFile]).toBe(userSha);
+    expect(afterUnassign.extra[`${app.prefix}/bin/tool`]).toBeNull();
+
+    t = Date.now();
+    const before = shutdowns.length;
+    await stopDesktop(store, runtime, 'deb');
+    const stop = shutdowns.slice(before).at(-1)!.result;
+    console.log(`[debian] stop: ${stop.how} in ${seconds(stop.ms)}`);
+    expect(stop.how).toBe('agent');
+    expect(stop.ms).toBeLessThan(60_000);
+
+    // Offline: the root filesystem is clean, and the user's file is there, as the user wrote it.
+    const top = desktopHandle(store, await store.readState(), 'deb').chain[0]!.path;
+    const raw = await rootPartitionRaw(top, join(dir, 'deb-root.raw'));
+    const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+    expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
+    expect((await debugfsCat(raw, userFile)).toString()).toBe(userText);
+    expect(await fileSha256(basePath)).toBe(baseSha);
+  }, 1_800_000);
+
+  it('a guest whose guest-shutdown fails (no dbus) stops in seconds through systemctl poweroff, and says why', async () => {
+    await createDesktop(store, 'nobus', 'debian');
+    await startDesktop(store, runtime, 'nobus');
+    const handle = desktopHandle(store, await store.readState(), 'nobus');
+    // What a systemd guest without dbus looks like: `shutdown` (what guest-shutdown runs) fails.
+    const words = await runGuestScript(runtime.shell(handle), 'systemctl stop dbus.socket dbus.service; rm -f /run/dbus/system_bus_socket; shutdown -P +0 2>&1; echo "exit $?"\n', 'stop dbus');
+    console.log(`[debian] without dbus, shutdown says: ${words.trim().replace(/\n/g, ' / ')}`);
+    expect(words).toMatch(/Failed to connect to bus|Failed to schedule shutdown/);
+
+    const before = shutdowns.length;
+    const t = Date.now();
+    await stopDesktop(store, runtime, 'nobus');
+    const elapsed = Date.now() - t;
+    const stop = shutdowns.slice(before).at(-1)!.result;
+    console.log(`[debian] stop without dbus: ${stop.how} in ${seconds(stop.ms)} (${seconds(elapsed)} with the domain lookup); steps:\n${stop.steps.map((s) => `  ${s.ok ? 'ok' : 'failed'} ${s.how} (${seconds(s.ms)}): ${s.detail}`).join('\n')}`);
+    expect(stop.how).toBe('systemctl');
+    expect(stop.steps[0]).toMatchObject({ how: 'agent', ok: false });
+    expect(stop.steps[0]!.detail).toMatch(/failed to shutdown/);
+    expect(stop.steps[0]!.detail).toMatch(/Failed to connect to bus|Failed to schedule shutdown/);
+    expect(stop.steps.at(-1)).toMatchObject({ how: 'systemctl', ok: true });
+    expect(stop.warning).toBeUndefined();
+    expect(stop.ms).toBeLessThan(SHUTDOWN_TIMEOUT_MS / 3);
+
+    // It went down cleanly: nothing to replay.
+    const raw = await rootPartitionRaw(handle.userPath, join(dir, 'nobus-root.raw'));
+    const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+    expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
+  }, 900_000);
+});
