@@ -12,14 +12,17 @@ export interface AllowOptions {
   config?: string;
 }
 
+/** The --allow option alone (repeatable), for commands that have --config already. */
+export function allowOption(): Option {
+  return new Option('--allow <dir>', 'also accept backing and data files inside DIR (repeatable; default: only the image\'s own folder tree)').argParser(
+    (value: string, previous: string[] | undefined) => [...(previous ?? []), value],
+  );
+}
+
 /** Add --allow (repeatable) and --config to an image-opening command. */
 export function allowOptions(command: Command): Command {
   return command
-    .addOption(
-      new Option('--allow <dir>', 'also accept backing and data files inside DIR (repeatable; default: only the image\'s own folder tree)').argParser(
-        (value: string, previous: string[] | undefined) => [...(previous ?? []), value],
-      ),
-    )
+    .addOption(allowOption())
     .option('--config <file>', 'config file whose `allow` list is added (default: $QLAYER_CONFIG, ./qlayer.yaml, ~/.config/qlayer/config.yaml)');
 }
 

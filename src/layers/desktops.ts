@@ -33,7 +33,7 @@ export async function importBase(
   store: Store,
   name: string,
   image: string,
-  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void } = {},
+  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void; allowedDirectories?: string[] } = {},
 ): Promise<BaseRecord> {
   checkName('base', name);
   return store.withLock(async () => {
@@ -50,10 +50,12 @@ export async function importBase(
       const result = await convertImage(image, partial, {
         sourceFormat: options.format ?? (await sniffFormat(image)),
         outputFormat: 'qcow2',
+        ...(options.allowedDirectories ? { allowedDirectories: options.allowedDirectories } : {}),
         sync: true,
         ...(options.progress ? { progress: options.progress } : {}),
       });
-      await chmod(partial, 0o444);
+      // Read-only, and for the owner and group alone: a base holds whatever its guest had.
+      await chmod(partial, 0o440);
       await rename(partial, target);
       const record: BaseRecord = { file, virtualSize: result.virtualSize, importedFrom: image, importedAt: new Date().toISOString() };
       state.bases[name] = record;
@@ -68,13 +70,28 @@ export async function importBase(
   });
 }
 
-/** qcow2 by its magic, raw otherwise: the user names the file, so this is not backing-format probing. */
+/**
+ * The format of a file the user names without -f: raw without the qcow2 magic; qcow2 with it,
+ * but only when the header names no other file. A raw guest disk can start with a forged qcow2
+ * header (qemu's probing CVEs), and taking it for qcow2 would make qlayer read whatever backing
+ * or data file it names; such a file needs the user to say which it is.
+ */
 async function sniffFormat(path: string): Promise<'qcow2' | 'raw'> {
   const handle = await open(path, 'r');
   try {
-    const magic = Buffer.alloc(4);
-    await handle.read(magic, 0, 4, 0);
-    return magic.toString('latin1') === 'QFI\xfb' ? 'qcow2' : 'raw';
+    const header = Buffer.alloc(80);
+    const { bytesRead } = await handle.read(header, 0, header.length, 0);
+    if (bytesRead < 4 || header.toString('latin1', 0, 4) !== 'QFI\xfb') return 'raw';
+    const version = header.readUInt32BE(4);
+    const namesBacking = bytesRead >= 16 && header.readBigUInt64BE(8) !== 0n;
+    const namesDataFile = version >= 3 && bytesRead >= 80 && (header.readBigUInt64BE(72) & 4n) !== 0n;
+    if (namesBacking || namesDataFile) {
+      throw new LayerError(
+        'base.format-ambiguous',
+        `${path} starts with a qcow2 header that names ${namesBacking ? 'a backing file' : 'an external data file'}; say -f qcow2 to import it as that qcow2 chain, or -f raw to import its bytes as a raw disk`,
+      );
+    }
+    return 'qcow2';
   } finally {
     await handle.close();
   }

@@ -308,10 +308,16 @@ describe('hostile images', () => {
     let i = 0;
     for (const c of cases) {
       if (c.refusal === null) continue;
-      const run = await qlayer(['base', 'import', `b${i++}`, c.image, '--store', store, '--json'], work);
-      // base import has no --allow yet (importBase takes no allowed folders): the cases that
-      // allow /dev, /proc or /sys to reach the file-kind check stop at confinement here.
-      expectRefused(run, c.args?.includes('--allow') ? 'chain.outside-allowed' : c.refusal, `base import ${c.name}`);
+      // Without -f: a qcow2 header that names another file is not taken for qcow2 at all.
+      const sniffed = await qlayer(['base', 'import', `b${i++}`, c.image, '--store', store, '--json'], work);
+      const header = await readFile(c.image).then((b) => b.subarray(0, 80), () => Buffer.alloc(0));
+      const namesOther = header.toString('latin1', 0, 4) === 'QFI\xfb' && (header.readBigUInt64BE(8) !== 0n || (header.readBigUInt64BE(72) & 4n) !== 0n);
+      if (namesOther) expectRefused(sniffed, 'base.format-ambiguous', `base import ${c.name} without -f`);
+      else expect(sniffed.exitCode, `base import ${c.name} without -f`).not.toBe(0);
+      // Told qcow2, with the same --allow as the other commands: the same refusal as theirs.
+      const allow = c.args?.filter((a, k, all) => a === '--allow' || all[k - 1] === '--allow') ?? [];
+      const told = await qlayer(['base', 'import', `b${i++}`, c.image, '-f', 'qcow2', ...allow, '--store', store, '--json'], work);
+      expectRefused(told, c.refusal, `base import -f qcow2 ${c.name}`);
     }
     // Told raw, the raw disk with a header is imported as the raw bytes it is.
     const rawDisk = cases.find((c) => c.name === 'raw-disk-with-qcow2-header')!.image;

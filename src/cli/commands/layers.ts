@@ -27,6 +27,7 @@ import { describeUndo } from '../../layers/guest-operation.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
 import type { RecomposeReport } from '../../layers/recompose.js';
 import { describeShutdown, observeShutdowns, type ShutdownResult } from '../../virt/boot.js';
+import { allowOption, allowedDirectories } from '../allow.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
 
@@ -109,11 +110,13 @@ export function registerLayerCommands(program: Command): void {
       .description('import IMAGE (qcow2 with its backing chain, or raw) as base NAME: flattened into one qcow2 in the store, read-only from then on')
       .argument('<name>', 'base name')
       .argument('<image>', 'qcow2 or raw image')
-      .option('-f, --format <fmt>', 'format of IMAGE (qcow2 or raw; default: qcow2 if it has the qcow2 magic, else raw)'),
-  ).action(async (name: string, image: string, options: StoreCommandOptions & { format?: 'qcow2' | 'raw' }) => {
+      .option('-f, --format <fmt>', 'format of IMAGE (qcow2 or raw; default: qcow2 if it has the qcow2 magic and names no other file, raw without the magic; a qcow2 header that names a backing or data file needs -f)')
+      .addOption(allowOption()),
+  ).action(async (name: string, image: string, options: StoreCommandOptions & { format?: 'qcow2' | 'raw'; allow?: string[] }) => {
     const { store } = await openContext(options);
     const record = await importBase(store, name, image, {
       ...(options.format ? { format: options.format } : {}),
+      allowedDirectories: allowedDirectories(options),
       progress: progressReporter(options, `importing ${name}`),
     });
     printResult(options, { name, ...record, path: store.path(record.file) }, () => `imported base ${name}: ${store.path(record.file)} (${mib(record.virtualSize)} virtual)`);
