@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { formatTable, runBench } from './harness.js';
 import './qcow2-ops.js';
 import './fs-lookups.js';
+import './testing.js';
 import { formatAssignBench, runAssignBench, type AssignBench } from './recompose.js';
 
 export { registerBenchSection, runBench, formatTable, type BenchSection, type BenchCase, type BenchRow } from './harness.js';
