@@ -11,7 +11,7 @@ import { appKey, payloadPath, resolveApp, type AppManifest } from './app.js';
 import { LayerError } from './errors.js';
 import { groupsWanting, recordDirect } from './app-sources.js';
 import { failAndUndo, newOperation, operationView, undoOperation, type UndoContext } from './guest-operation.js';
-import { runGuestScript, shellQuote } from './guest-script.js';
+import { runGuestScript, shellQuote, type GuestShell } from './guest-script.js';
 import { locatePlaceholders } from './locate.js';
 import { checkName } from './names.js';
 import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
@@ -568,8 +568,23 @@ export interface VerifiedFile {
  * Boot the desktop (if needed), hash every assigned app file in the guest, compare with the
  * manifests, and stop it again if it was not running before.
  */
+/**
+ * Files under the assigned apps' folders that no assigned app has: leftovers of an app (an
+ * undo that had to leave a file the user wrote into), or files the user made there. Reported,
+ * never a failure.
+ */
+async function unknownFilesUnder(shell: GuestShell, manifests: AppManifest[]): Promise<string[]> {
+  const prefixes = [...new Set(manifests.map((m) => m.prefix))];
+  if (!prefixes.length) return [];
+  const known = new Set(manifests.flatMap((m) => m.files.map((f) => f.path)));
+  const output = await runGuestScript(shell, `find ${prefixes.map(shellQuote).join(' ')} -type f 2>/dev/null || true\n`, 'listing the app folders');
+  return output.split('\n').filter((path) => path && !known.has(path)).sort();
+}
+
 export interface VerifyResult {
   files: VerifiedFile[];
+  /** Files under the apps' folders that belong to no assigned app (reported, not a failure). */
+  unknownFiles: string[];
   /** sha256 of each extra path asked for (null when missing): e.g. a user file to prove intact. */
   extra: Record<string, string | null>;
 }
@@ -583,6 +598,13 @@ export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name:
 async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[], log: Log): Promise<VerifyResult> {
   const state = await store.readState();
   const record = idleDesktopRecord(state, name);
+  if (record.operation) {
+    const view = operationView(name, record.operation);
+    throw new LayerError(
+      'desktop.operation-pending',
+      `desktop ${name} has an unfinished ${view.kind} of ${view.apps.join(', ')}: its guest may hold placeholders that are no app yet; undo it with ${view.undo}, or do it again: ${view.finish}`,
+    );
+  }
   const handle = desktopHandle(store, state, name);
   const manifests = await Promise.all(record.apps.map((ref) => resolveApp(store, ref)));
   const wasRunning = await runtime.isRunning(handle);
@@ -610,6 +632,7 @@ async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string,
     return {
       files: files.map((f) => ({ ...f, actual: hashOf(f.path), ok: hashOf(f.path) === f.expected })),
       extra: Object.fromEntries(extraPaths.map((p) => [p, hashOf(p)])),
+      unknownFiles: await unknownFilesUnder(runtime.shell(handle), manifests),
     };
   } finally {
     if (!wasRunning) {

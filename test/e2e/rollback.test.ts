@@ -163,12 +163,16 @@ describe('a failed assign leaves the guest as it found it (real guest)', () => {
     expect(view.state).toBe('stopped');
     expect(view.operation).toMatchObject({ kind: 'assign', apps: ['mid@1'], phase: 'rolling-back', undo: 'qlayer desktop assign --abort rb', failure: { code: 'test.locate-failed' } });
     expect(view.apps).toEqual(['small@1']);
+    await expect(verifyDesktop(store, libvirt, NAME)).rejects.toMatchObject({ code: 'desktop.operation-pending', message: expect.stringMatching(/undo it with qlayer desktop assign --abort rb/) });
 
     const undone = await abortOperation(store, libvirt, NAME);
     expect(undone).toMatchObject({ removed: 3, left: [] });
     expect((await showDesktop(store, libvirt, NAME)).operation).toBeNull();
     expect(await optTree(libvirt)).toBe(before); // it was running before the assign: running again
+    // A file the user makes under an app's folder is reported, and is no failure.
+    await sh(libvirt.shell(desktopHandle(store, await store.readState(), NAME)), 'echo mine > /opt/small/notes.txt && sync');
     const verified = await verifyDesktop(store, libvirt, NAME);
+    expect(verified.unknownFiles).toEqual(['/opt/small/notes.txt']);
     expect(verified.files.map((f) => [f.path, f.ok])).toEqual([
       ['/opt/small/bin/small', true],
       ['/opt/small/etc/small.conf', true],

@@ -309,7 +309,11 @@ export function registerLayerCommands(program: Command): void {
       const result = await verifyDesktop(store, runtime, name, [], stepLogger(options));
       const bad = result.files.filter((f) => !f.ok);
       printResult(options, result, () =>
-        [...result.files.map((f) => `${f.ok ? 'ok     ' : 'WRONG  '} ${f.app}\t${f.path}`), bad.length ? `${bad.length} of ${result.files.length} files do not match` : `all ${result.files.length} app files match their manifests`].join('\n'),
+        [
+          ...result.files.map((f) => `${f.ok ? 'ok     ' : 'WRONG  '} ${f.app}\t${f.path}`),
+          result.files.length === 0 ? `${name} has no apps assigned: nothing to verify` : bad.length ? `${bad.length} of ${result.files.length} files do not match` : `all ${result.files.length} app files match their manifests`,
+          ...(result.unknownFiles.length ? [`note: ${result.unknownFiles.length} file(s) under the apps' folders belong to no assigned app (the user's, or left by an undo): ${result.unknownFiles.join(', ')}`] : []),
+        ].join('\n'),
       );
       if (bad.length) process.exitCode = 2;
     },
