@@ -21,13 +21,22 @@ import {
   type VerifyResult,
 } from '../layers/desktops.js';
 import { runGuestScript, shellQuote } from '../layers/guest-script.js';
-import { ensureFixture } from '../virt/fixture.js';
+import { LibvirtDesktopRuntime } from '../virt/desktop-runtime.js';
+import { ensureDebianFixture, ensureFixture } from '../virt/fixture.js';
 import { QlayerError } from '../errors.js';
 import type { CommandContext } from './context.js';
 
-const DESKTOP = 'demo';
-const BASE = 'demo-base';
 const USER_FILE = '/home/user/notes.txt';
+
+/** Which guest the demo runs on: the tiny busybox test guest, or the Debian 12 guest (grub, systemd). */
+export type DemoGuest = 'tiny' | 'debian';
+
+interface DemoTarget {
+  desktop: string;
+  base: string;
+  /** Runs the user's write: as root on the tiny guest, as the ordinary user on Debian. */
+  asUser: (script: string) => string;
+}
 
 export interface DemoStep {
   step: string;
@@ -61,19 +70,52 @@ async function makeDemoApps(dir: string): Promise<{ hello: string; atlas: string
   return { hello, atlas };
 }
 
-export async function runDemo(context: CommandContext, say: (line: string) => void): Promise<DemoStep[]> {
-  const { store, runtime } = context;
+export async function runDemo(context: CommandContext, say: (line: string) => void, options: { guest?: DemoGuest } = {}): Promise<DemoStep[]> {
   const steps: DemoStep[] = [];
   const record = (step: string, detail: string, ok = true): void => {
     steps.push({ step, detail, ok });
     say(`${ok ? '✓' : '✗'} ${step}: ${detail}`);
   };
 
-  const fixture = await ensureFixture();
-  record('test guest', `kernel ${fixture.kernelRelease}, base disk ${fixture.images.base.path}`);
+  let baseImage: string;
+  let target: DemoTarget;
+  if (options.guest === 'debian') {
+    const fixture = await ensureDebianFixture();
+    baseImage = fixture.image.path;
+    record('test guest', `Debian 12 (grub-pc, systemd, qemu-guest-agent ${fixture.agentVersion}), kernel ${fixture.kernelRelease}, base disk ${baseImage} (${(fixture.image.allocated / 1048576).toFixed(0)} MiB of ${(fixture.image.virtualSize / 1048576).toFixed(0)} MiB)`);
+    const user = fixture.user.name;
+    target = { desktop: 'demo-debian', base: 'demo-debian-base', asUser: (script) => `runuser -u ${user} -- sh -c ${shellQuote(script)}` };
+    // The Debian guest boots through its own bootloader, and needs more memory and time than the tiny one.
+    context = {
+      ...context,
+      runtime: new LibvirtDesktopRuntime({
+        uri: context.config.libvirt.uri,
+        accel: context.config.guest.accel,
+        memoryMiB: Math.max(1024, context.config.guest.memoryMiB),
+        vcpus: context.config.guest.vcpus,
+        mode: 'firmware',
+        kernel: null,
+        initrd: null,
+        cmdline: null,
+        firmware: 'bios',
+        bootTimeoutMs: Math.max(300_000, context.config.timeouts.boot * 1000),
+        agentTimeoutMs: Math.max(300_000, context.config.timeouts.agent * 1000),
+        shutdownTimeoutMs: Math.max(120_000, context.config.timeouts.shutdown * 1000),
+        logDir: join(context.store.root, 'logs'),
+      }),
+    };
+  } else {
+    const fixture = await ensureFixture();
+    baseImage = fixture.images.base.path;
+    record('test guest', `kernel ${fixture.kernelRelease}, base disk ${baseImage}`);
+    target = { desktop: 'demo', base: 'demo-base', asUser: (script) => script };
+  }
+  const { store, runtime } = context;
+  const DESKTOP = target.desktop;
+  const BASE = target.base;
 
   const state = await store.readState();
-  if (!state.bases[BASE]) await importBase(store, BASE, fixture.images.base.path, { format: 'qcow2' });
+  if (!state.bases[BASE]) await importBase(store, BASE, baseImage, { format: 'qcow2' });
   const basePath = store.path((await store.readState()).bases[BASE]!.file);
   const baseHash = await fileSha256(basePath);
   record('base', `${BASE} at ${basePath} (read-only), sha256 ${baseHash.slice(0, 16)}…`);
@@ -105,7 +147,7 @@ export async function runDemo(context: CommandContext, say: (line: string) => vo
   await runtime.start(handle);
   const userText = `written by the user at ${new Date().toISOString()}, before any app arrived\n`;
   const userHash = createHash('sha256').update(userText).digest('hex');
-  await runGuestScript(runtime.shell(handle), `mkdir -p /home/user && printf %s ${shellQuote(userText)} > ${USER_FILE} && sync\n`, 'writing the user file');
+  await runGuestScript(runtime.shell(handle), `${target.asUser(`mkdir -p /home/user && printf %s ${shellQuote(userText)} > ${USER_FILE}`)} && sync\n`, 'writing the user file');
   record('user write', `${USER_FILE} written in the running guest (sha256 ${userHash.slice(0, 16)}…)`);
 
   const assigned = await assignApps(store, runtime, DESKTOP, ['hello@1.0', 'atlas@2.3'], (m) => say(`    ${m}`));
@@ -114,11 +156,11 @@ export async function runDemo(context: CommandContext, say: (line: string) => vo
     `${assigned.apps.join(', ')}: ${assigned.located} files located offline; ${(assigned.report.appBytesWritten / 1048576).toFixed(1)} MiB into apps.${assigned.report.generation}.qcow2, ${assigned.report.clustersDropped} user clusters now read from it`,
   );
 
-  await bootAndProve(context, [manifests.hello, manifests.atlas], [], userHash, record, 'after assign');
+  await bootAndProve(context, DESKTOP, [manifests.hello, manifests.atlas], [], userHash, record, 'after assign');
 
   const unassigned = await unassignApps(store, runtime, DESKTOP, ['atlas'], (m) => say(`    ${m}`));
   record('unassign', `atlas removed; apps layer rebuilt as apps.${unassigned.generation}.qcow2`);
-  await bootAndProve(context, [manifests.hello], manifests.atlas.files.map((f) => f.path), userHash, record, 'after unassign');
+  await bootAndProve(context, DESKTOP, [manifests.hello], manifests.atlas.files.map((f) => f.path), userHash, record, 'after unassign');
 
   const baseAfter = await fileSha256(basePath);
   record('base untouched', `sha256 ${baseAfter.slice(0, 16)}…`, baseAfter === baseHash);
@@ -129,6 +171,7 @@ export async function runDemo(context: CommandContext, say: (line: string) => vo
 /** Boot, run the hello app, hash every file in the guest, stop. */
 async function bootAndProve(
   context: CommandContext,
+  DESKTOP: string,
   present: AppManifest[],
   absent: string[],
   userHash: string,

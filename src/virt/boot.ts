@@ -300,7 +300,7 @@ export async function stopDomain(connection: LibvirtConnection, name: string, ti
       t = Date.now();
       const way = await guestPowerOff(agent);
       const failedAgent = steps.at(-1);
-      if (way.agentLog !== undefined && failedAgent?.how === 'agent') failedAgent.detail += ` (the guest's log: ${way.agentLog})`;
+      if (way.shutdownWords !== undefined && failedAgent?.how === 'agent') failedAgent.detail += ` (shutdown says: ${way.shutdownWords})`;
       if (way.started) {
         if (await waitOff(deadline)) {
           step(way.how, true, way.detail, t);
@@ -360,24 +360,25 @@ export async function stopDomain(connection: LibvirtConnection, name: string, ti
  * dbus or logind; another guest syncs, remounts / read-only (ext4 empties its journal) and runs
  * `poweroff -f`, and if the remount fails nothing is powered off (the caller moves on).
  */
-async function guestPowerOff(agent: GuestAgent): Promise<{ how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string; agentLog?: string }> {
+async function guestPowerOff(agent: GuestAgent): Promise<{ how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string; shutdownWords?: string }> {
   let systemd: boolean;
-  let agentLog: string | undefined;
+  let shutdownWords: string | undefined;
   try {
-    // qemu-ga only says "child process has failed to shutdown"; shutdown's own words went to
-    // qemu-ga's stderr, which systemd keeps in the journal (qemu-ga's own lines start "info: ").
+    // qemu-ga only says "child process has failed to shutdown" (it sends the child's output to
+    // /dev/null). To hear shutdown's own words, ask it for a dry run (-k: a wall message only,
+    // scheduled through logind like the real one), cancelled at once if it works.
     const probe = await agent.exec(
       '/bin/sh',
-      ['-c', '[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 3; journalctl -q -b -u qemu-guest-agent.service -n 40 -o cat --no-pager 2>/dev/null | grep -v "^info: " | tail -n 2'],
+      ['-c', '[ -d /run/systemd/system ] && command -v systemctl >/dev/null || exit 3; words=$(shutdown -k +1 2>&1 >/dev/null) && shutdown -c >/dev/null 2>&1; printf %s "$words"'],
       { timeoutMs: 15_000 },
     );
     systemd = probe.exitCode === 0;
     const words = probe.stdout.trim();
-    if (systemd && words !== '') agentLog = oneLine(words);
+    if (systemd && words !== '') shutdownWords = oneLine(words);
   } catch (error) {
     return { how: 'guest-poweroff', started: false, detail: `guest-exec: ${agentErrorWords(error)}` };
   }
-  const done = <T extends { how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string }>(r: T): T & { agentLog?: string } => (agentLog === undefined ? r : { ...r, agentLog });
+  const done = <T extends { how: 'systemctl' | 'guest-poweroff'; started: boolean; detail: string }>(r: T): T & { shutdownWords?: string } => (shutdownWords === undefined ? r : { ...r, shutdownWords });
   return done(await runPowerOff(agent, systemd));
 }
 

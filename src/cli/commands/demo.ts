@@ -1,7 +1,12 @@
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import { openContext, storeOptions, type StoreCommandOptions } from '../context.js';
-import { DemoFailed, runDemo } from '../demo.js';
+import { DemoFailed, runDemo, type DemoGuest } from '../demo.js';
 import { printResult } from '../output.js';
+
+function parseGuest(value: string): DemoGuest {
+  if (value !== 'tiny' && value !== 'debian') throw new InvalidArgumentError('the guest is tiny or debian');
+  return value;
+}
 
 export function registerDemoCommand(program: Command): void {
   storeOptions(
@@ -10,10 +15,12 @@ export function registerDemoCommand(program: Command): void {
       .description(
         "the main job on the test guest: compose a desktop from base + apps + user, boot it, and prove the apps are there and the user's file is intact; then unassign one app and prove it again. The desktop stays in the store.",
       ),
-  ).action(async (options: StoreCommandOptions) => {
+  )
+    .option('--guest <guest>', 'tiny: the busybox test guest (seconds per boot); debian: the Debian 12 guest (grub, systemd, qemu-ga; built on first use, about 20 s per boot under TCG)', parseGuest, 'tiny' as DemoGuest)
+    .action(async (options: StoreCommandOptions & { guest: DemoGuest }) => {
     const context = await openContext(options);
     const started = Date.now();
-    const steps = await runDemo(context, (line) => (options.json ? process.stderr : process.stdout).write(`${line}\n`));
+    const steps = await runDemo(context, (line) => (options.json ? process.stderr : process.stdout).write(`${line}\n`), { guest: options.guest });
     const failed = steps.filter((s) => !s.ok);
     printResult(options, { ok: failed.length === 0, seconds: (Date.now() - started) / 1000, steps }, () =>
       failed.length ? '' : `demo passed in ${((Date.now() - started) / 1000).toFixed(1)} s: every proof holds`,
