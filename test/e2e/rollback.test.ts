@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HELPER_WRAPPER } from '../../src/layers/allocate.js';
 import { buildApp } from '../../src/layers/app.js';
-import { abortOperation, assignApps, createDesktop, desktopHandle, importBase, showDesktop, verifyDesktop } from '../../src/layers/desktops.js';
+import { abortOperation, assignApps, createDesktop, desktopHandle, importBase, showDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import type { GuestShell } from '../../src/layers/guest-script.js';
 import { DelegatingRuntime, type DesktopHandle } from '../../src/layers/runtime.js';
 import { Store } from '../../src/layers/store.js';
@@ -178,4 +178,13 @@ describe('a failed assign leaves the guest as it found it (real guest)', () => {
       ['/opt/small/etc/small.conf', true],
     ]);
   }, 600_000);
+
+  it('unassign after the user deleted some app files removes the rest, completes, and says which were gone', async () => {
+    const handle = desktopHandle(store, await store.readState(), NAME);
+    await sh(libvirt.shell(handle), 'rm -f /opt/small/etc/small.conf && sync');
+    const result = await unassignApps(store, libvirt, NAME, ['small']);
+    expect(result.alreadyGone).toEqual(['/opt/small/etc/small.conf']);
+    const view = await showDesktop(store, libvirt, NAME);
+    expect([view.apps, view.operation, view.pendingRecompose]).toEqual([[], null, null]);
+  }, 300_000);
 });
