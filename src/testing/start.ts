@@ -37,7 +37,7 @@ export async function startGuest(spec: StartSpec): Promise<RunningGuest> {
     ...(options.uri === undefined ? {} : { uri: options.uri }),
   });
   try {
-    await waitForAgent(guest, Math.max(1000, options.timeoutMs - (Date.now() - started)));
+    await waitForAgent(guest, Math.max(1000, options.timeoutMs - (Date.now() - started)), options.timeoutMs);
     return guest;
   } catch (error) {
     await guest.destroy().catch(() => undefined);
@@ -45,8 +45,11 @@ export async function startGuest(spec: StartSpec): Promise<RunningGuest> {
   }
 }
 
-/** Ping the agent until it answers; stop early (with the console) if the guest stops. */
-async function waitForAgent(guest: RunningGuest, timeoutMs: number): Promise<void> {
+/**
+ * Ping the agent until it answers; stop early (with the console) if the guest stops. The message
+ * names the caller's whole timeout (`totalMs`), which is what the user set, not what was left.
+ */
+async function waitForAgent(guest: RunningGuest, timeoutMs: number, totalMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const state = await guest.state();
@@ -62,7 +65,7 @@ async function waitForAgent(guest: RunningGuest, timeoutMs: number): Promise<voi
     if (Date.now() >= deadline) {
       throw new TestingError(
         'testing.no-agent',
-        `${guest.name}: no guest agent answered within ${Math.round(timeoutMs / 1000)} s. The image must run qemu-guest-agent on the ` +
+        `${guest.name}: no guest agent answered within ${Math.round(totalMs / 1000)} s. The image must run qemu-guest-agent on the ` +
           `virtio channel org.qemu.guest_agent.0 (Debian: apt install qemu-guest-agent), or the guest did not finish booting ` +
           `(raise timeoutSec under TCG)${consoleTail(guest.serial)}`,
       );
