@@ -18,7 +18,8 @@ packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvi
   lz4 # lz4: vm-fixtures/build.sh extracts the PVH vmlinux from the LZ4 bzImage
   musl-tools # musl-tools: a small static native/build/qlayer-guest-alloc (scripts/build-native.mjs)
   xfsprogs # xfsprogs: the reflink tests put a store on an XFS made in a file
-  mmdebstrap) # mmdebstrap: vm-fixtures/build-debian.sh builds the Debian test guest
+  mmdebstrap # mmdebstrap: vm-fixtures/build-debian.sh builds the Debian test guest
+  virtinst) # virtinst: test/e2e/libvirt-native.test.ts makes an ordinary VM with virt-install --import to adopt
 
 missing=()
 for pkg in "${packages[@]}"; do
