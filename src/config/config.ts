@@ -14,6 +14,12 @@ export interface QlayerConfig {
   boot: { mode: 'test-guest' | 'kernel' | 'firmware'; kernel: string | null; initrd: string | null; cmdline: string | null; firmware: 'bios' | 'uefi' };
   timeouts: { boot: number; agent: number; shutdown: number };
   /**
+   * The hardware of a desktop defined with qlayer's defaults (not --like/--xml): a libvirt
+   * network for one virtio NIC (null: none) and a display. Once defined, the domain is the
+   * administrator's to change (virsh edit, virt-manager); these apply at definition only.
+   */
+  desktop: { network: string | null; graphics: 'spice' | 'vnc' | 'none' };
+  /**
    * Folders whose files any image may name as backing or data file, besides the image's own
    * folder tree (like --allow on every command). Absolute.
    */
@@ -63,6 +69,7 @@ const shape: Shape = {
   guest: { accel: oneOf('auto', 'kvm', 'tcg'), memoryMiB: positiveInteger(1 << 20), vcpus: positiveInteger(256) },
   boot: { mode: oneOf('test-guest', 'kernel', 'firmware'), kernel: optionalText, initrd: optionalText, cmdline: optionalText, firmware: oneOf('bios', 'uefi') },
   timeouts: { boot: positiveInteger(86_400), agent: positiveInteger(86_400), shutdown: positiveInteger(86_400) },
+  desktop: { network: optionalText, graphics: oneOf('spice', 'vnc', 'none') },
   allow: textList,
 };
 
@@ -72,6 +79,8 @@ export const defaultConfigValues = {
   guest: { accel: 'auto', memoryMiB: 512, vcpus: 1 },
   boot: { mode: 'test-guest', kernel: null, initrd: null, cmdline: null, firmware: 'bios' },
   timeouts: { boot: 120, agent: 60, shutdown: 60 },
+  // No NIC and no display by default: the test guest needs neither, and each costs start-up time under TCG.
+  desktop: { network: null, graphics: 'none' },
   allow: [],
 } as const;
 

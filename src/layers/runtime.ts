@@ -9,6 +9,20 @@ export interface DesktopHandle {
   userPath: string;
   /** Every image of the chain, top first (absolute), for the domain's explicit backing chain. */
   chain: Array<{ path: string; format: 'qcow2' | 'raw' }>;
+  /** The domain this desktop runs as when it is not the runtime's own name for it (an adopted VM keeps its name). */
+  domain?: string;
+}
+
+/** The hardware of a new desktop's domain: another domain's (`--like`), or a domain XML document (`--xml`). */
+export type DesktopTemplate = { kind: 'domain'; name: string } | { kind: 'xml'; xml: string; source: string };
+
+/** A domain that is not a desktop yet, as `desktop adopt` needs to judge it. */
+export interface ForeignDomain {
+  name: string;
+  exists: boolean;
+  running: boolean;
+  /** The first disk (device=disk): libvirt's type (file, block, network, volume), and the image and format of a file disk. */
+  disk: { type: string | undefined; file: string | undefined; format: string | undefined } | undefined;
 }
 
 /**
@@ -23,6 +37,24 @@ export interface DesktopRuntime {
   stop(desktop: DesktopHandle): Promise<void>;
   /** A shell into the running guest (the guest agent). */
   shell(desktop: DesktopHandle): GuestShell;
+
+  // Persistent definitions (optional: a runtime without them runs desktops as it likes).
+  /** Define the new desktop's domain (hardware from `template`, or the runtime's defaults). */
+  define?(desktop: DesktopHandle, template?: DesktopTemplate): Promise<void>;
+  /**
+   * Make the desktop's definition open the handle's chain (only the disk's image chain changes;
+   * defined first if it has none). Called after each recompose, so that a start from outside
+   * qlayer (virsh start, virt-manager) boots the new apps generation.
+   */
+  updateDefinition?(desktop: DesktopHandle): Promise<void>;
+  /** Forget the desktop's domain (with its NVRAM); refused while it runs. */
+  undefine?(desktop: DesktopHandle): Promise<void>;
+  /** What `desktop adopt` needs to know of a domain. */
+  describeDomain?(domain: string): Promise<ForeignDomain>;
+  /** Redefine the shut-off domain `desktop.domain` (not yet this desktop's) on the desktop's chain, keeping all its other settings: `desktop adopt`. */
+  adopt?(desktop: DesktopHandle): Promise<void>;
+  /** Redefine the desktop's (shut-off) domain on an image other than its chain: `desktop release`. Returns the domain's name. */
+  redefineOn?(desktop: DesktopHandle, image: { path: string; format: 'qcow2' | 'raw' }): Promise<string>;
 }
 
 /** Passes every call to another runtime; extend it to observe or change one step (tests, bench). */
@@ -39,5 +71,27 @@ export class DelegatingRuntime implements DesktopRuntime {
   }
   shell(desktop: DesktopHandle): GuestShell {
     return this.inner.shell(desktop);
+  }
+  // The optional hooks pass through when the inner runtime has them, and do nothing when not.
+  async define(desktop: DesktopHandle, template?: DesktopTemplate): Promise<void> {
+    await this.inner.define?.(desktop, template);
+  }
+  async updateDefinition(desktop: DesktopHandle): Promise<void> {
+    await this.inner.updateDefinition?.(desktop);
+  }
+  async undefine(desktop: DesktopHandle): Promise<void> {
+    await this.inner.undefine?.(desktop);
+  }
+  async describeDomain(domain: string): Promise<ForeignDomain> {
+    if (!this.inner.describeDomain) throw new Error('this runtime cannot look at other domains');
+    return this.inner.describeDomain(domain);
+  }
+  async adopt(desktop: DesktopHandle): Promise<void> {
+    if (!this.inner.adopt) throw new Error('this runtime keeps no domain definitions');
+    await this.inner.adopt(desktop);
+  }
+  async redefineOn(desktop: DesktopHandle, image: { path: string; format: 'qcow2' | 'raw' }): Promise<string> {
+    if (!this.inner.redefineOn) throw new Error('this runtime keeps no domain definitions');
+    return this.inner.redefineOn(desktop, image);
   }
 }

@@ -1,15 +1,18 @@
 import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
-import { join } from 'node:path';
-import type { DesktopHandle, DesktopRuntime } from '../layers/runtime.js';
+import { dirname, join } from 'node:path';
+import type { DesktopHandle, DesktopRuntime, DesktopTemplate, ForeignDomain } from '../layers/runtime.js';
 import type { GuestShell } from '../layers/guest-script.js';
-import type { Accel } from './accel.js';
+import { resolveAccel, type Accel } from './accel.js';
 import { GuestAgent } from './agent.js';
-import { bootGuest, stopDomain } from './boot.js';
+import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
-import { diskSources } from './domain-xml.js';
+import { domainFromTemplate, firstDisk, replaceFirstDiskChain } from './domain-edit.js';
+import { buildDomainXml, diskSources, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
-import { DEFAULT_URI, withConnection, type LibvirtConnection } from './libvirt.js';
+import { fixtureKvmProbe } from './kvm-probe.js';
+import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
 
 export interface DesktopRuntimeOptions {
   uri?: string;
@@ -28,6 +31,10 @@ export interface DesktopRuntimeOptions {
   shutdownTimeoutMs: number;
   /** Folder for serial logs (one per desktop). */
   logDir: string;
+  /** A libvirt network for one virtio NIC of each new desktop (config desktop.network); none when null or absent. */
+  network?: string | null;
+  /** The display of each new desktop (config desktop.graphics); none by default. */
+  graphics?: 'spice' | 'vnc' | 'none';
 }
 
 /** libvirt's limit on our domain names (DOMAIN_NAME_PATTERN in domain-xml.ts). */
@@ -39,7 +46,8 @@ const MAX_DOMAIN_NAME = 63;
  * reach the other's guest. A name too long for libvirt is cut and given a hash of the whole.
  * Without a store id (a handle made by hand): the name alone, as qlayer before store ids.
  */
-export function desktopDomain(desktop: Pick<DesktopHandle, 'name' | 'storeId'>): string {
+export function desktopDomain(desktop: Pick<DesktopHandle, 'name' | 'storeId' | 'domain'>): string {
+  if (desktop.domain !== undefined) return desktop.domain; // an adopted VM keeps its own name
   if (desktop.storeId === undefined) return legacyDesktopDomain(desktop);
   const full = `qlayer-${desktop.storeId}-${desktop.name}`;
   if (full.length <= MAX_DOMAIN_NAME) return full;
@@ -57,10 +65,20 @@ async function sameFile(a: string, b: string): Promise<boolean> {
   return x !== null && y !== null && x.dev === y.dev && x.ino === y.ino;
 }
 
+/** A domain found under one of this desktop's names. */
+interface FoundDomain {
+  name: string;
+  state: DomainRunState;
+}
+
 /**
- * Desktops as libvirt domains: transient, named qlayer-STOREID-NAME, disk = the desktop's chain
- * with every backing layer and format spelled out, the guest agent channel, a serial log in the
- * store. A started desktop outlives the qlayer process that started it.
+ * Desktops as persistent libvirt domains, named qlayer-STOREID-NAME (an adopted VM keeps its
+ * own name), so that `virsh list --all`, virt-manager and `virsh start` see them. The disk is
+ * the desktop's chain with every backing layer and format spelled out; the rest of the
+ * definition is the administrator's once it exists (memory, NICs, graphics, channels): qlayer
+ * rewrites only the disk's image chain, at each start and after each recompose. A desktop of an
+ * older store that has no definition gets one at its first start. A started desktop outlives
+ * the qlayer process that started it.
  */
 export class LibvirtDesktopRuntime implements DesktopRuntime {
   constructor(private readonly options: DesktopRuntimeOptions) {}
@@ -69,35 +87,46 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
     return this.options.uri ?? DEFAULT_URI;
   }
 
+  /** This runtime with other hardware defaults for new definitions (config desktop.network/graphics). */
+  withHardware(hardware: Pick<DesktopRuntimeOptions, 'network' | 'graphics'>): LibvirtDesktopRuntime {
+    return new LibvirtDesktopRuntime({ ...this.options, ...hardware });
+  }
+
   serialLogOf(desktop: DesktopHandle): string {
     return join(this.options.logDir, `${desktop.name}.serial.log`);
   }
 
   /**
-   * The running domain of this desktop, checked to be this desktop's by its disk: the domain's
-   * top image must be the desktop's own user.qcow2. A domain under this desktop's name that runs
-   * another disk belongs to another store (or a copy of this one): it is never touched, and
-   * every start, stop or "is it running" fails with virt.domain-conflict. A guest started by a
-   * qlayer from before store ids runs under the old name, and is this desktop's only if its
-   * disk says so.
+   * This desktop's domain, checked to be this desktop's by its disk: the domain's top image
+   * must be the desktop's own user.qcow2. A domain under this desktop's name on another disk
+   * belongs to another store (or a copy of this one): it is never touched, and every start,
+   * stop or "is it running" fails with virt.domain-conflict. The exception is a shut-off
+   * definition whose disk file no longer exists: the leftover of a deleted store, which a new
+   * definition replaces. Shut-off domains count only with `includeShutOff` (a start, a
+   * definition update); "is it running" looks at live ones alone. A guest started by a qlayer
+   * from before store ids runs under the old name, and is this desktop's only if its disk says so.
    */
-  private async ownDomain(connection: LibvirtConnection, desktop: DesktopHandle): Promise<string | null> {
+  private async ownDomain(connection: LibvirtConnection, desktop: DesktopHandle, includeShutOff = false): Promise<FoundDomain | null> {
     const primary = desktopDomain(desktop);
-    const names = [primary, legacyDesktopDomain(desktop)].filter((name, i, all) => all.indexOf(name) === i);
+    const names = desktop.domain !== undefined ? [primary] : [primary, legacyDesktopDomain(desktop)].filter((name, i, all) => all.indexOf(name) === i);
     for (const name of names) {
       const state = await connection.state(name);
-      if (state === 'absent' || state === 'shutoff') continue;
-      const xml = await connection.xml(name);
+      if (state === 'absent' || (state === 'shutoff' && !includeShutOff)) continue;
+      const xml = state === 'shutoff' ? await connection.inactiveXml(name) : await connection.xml(name);
       if (xml === undefined) continue; // gone meanwhile
       const disk = diskSources(xml)[0];
       if (disk !== undefined && (await sameFile(disk, desktop.userPath))) {
         this.domains.set(desktop.userPath, name);
-        return name;
+        return { name, state };
       }
       if (name !== primary) continue; // an old-style name another store's desktop may hold
+      if (state === 'shutoff' && (disk === undefined || !existsSync(disk))) {
+        await connection.undefine(name); // a definition whose store is gone: nobody's
+        continue;
+      }
       throw new VirtError(
         'virt.domain-conflict',
-        `domain ${name} runs ${disk ?? 'no disk'}, not desktop ${desktop.name}'s ${desktop.userPath}: it belongs to another store ` +
+        `domain ${name} ${state === 'shutoff' ? 'is defined on' : 'runs'} ${disk ?? 'no disk'}, not desktop ${desktop.name}'s ${desktop.userPath}: it belongs to another store ` +
           `(or a copy of this one, which shares its id: give the copy its own by deleting its store-id file). qlayer leaves that guest alone.`,
       );
     }
@@ -105,7 +134,7 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
     return null;
   }
 
-  /** Domain names found running by ownDomain, by user.qcow2 path (an old-style name, or the new one). */
+  /** Domain names found by ownDomain, by user.qcow2 path (an old-style name, or the new one). */
   private readonly domains = new Map<string, string>();
 
   private domainOf(desktop: DesktopHandle): string {
@@ -116,35 +145,36 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
     return (await withConnection(this.uri, (c) => this.ownDomain(c, desktop))) !== null;
   }
 
+  /**
+   * virsh start semantics: the desktop's persistent domain is (re)pointed at the handle's chain
+   * and started; a desktop without a definition (an older store) is defined first with the
+   * runtime's defaults. Returns once the guest agent answers; a guest that does not get there
+   * is destroyed (its definition stays).
+   */
   async start(desktop: DesktopHandle): Promise<void> {
-    // A conflict is refused here, before bootGuest would find the name taken and say less.
-    if (await withConnection(this.uri, (c) => this.ownDomain(c, desktop))) {
-      throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is already running (domain ${this.domainOf(desktop)})`);
-    }
-    const { kernel, initrd, cmdline } = this.bootFiles();
-    const [top, ...below] = desktop.chain;
-    await bootGuest({
-      name: desktopDomain(desktop),
-      disk: { path: top!.path, format: top!.format, backingChain: below.map((l) => ({ path: l.path, format: l.format })) },
-      ...(kernel ? { kernel } : { firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' }),
-      ...(initrd ? { initrd } : {}),
-      ...(cmdline ? { cmdline } : {}),
-      memoryMiB: this.options.memoryMiB,
-      vcpus: this.options.vcpus,
-      accel: this.options.accel,
-      timeoutMs: this.options.bootTimeoutMs,
-      waitForAgent: true,
-      serialLog: this.serialLogOf(desktop),
-      uri: this.uri,
-      detached: true,
+    await withConnection(this.uri, async (connection) => {
+      const found = await this.ownDomain(connection, desktop, true);
+      if (found !== null && found.state !== 'shutoff') {
+        throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is already running (domain ${found.name})`);
+      }
+      const name = found?.name ?? desktopDomain(desktop);
+      if (found === null) await connection.define(await this.defaultXml(desktop), name);
+      else await this.pointAtChain(connection, name, desktop);
+      await connection.startDefined(name);
+      try {
+        await new GuestAgent(name, { uri: this.uri }).waitReady(this.options.bootTimeoutMs);
+      } catch (error) {
+        await connection.destroy(name).catch(() => undefined);
+        throw error;
+      }
     });
   }
 
   async stop(desktop: DesktopHandle): Promise<void> {
     // The virt layer's clean stop: agent shutdown, ACPI without an agent, fsfreeze + destroy last.
     await withConnection(this.uri, async (connection) => {
-      const name = await this.ownDomain(connection, desktop);
-      if (name !== null) await stopDomain(connection, name, this.options.shutdownTimeoutMs);
+      const found = await this.ownDomain(connection, desktop);
+      if (found !== null) await stopDomain(connection, found.name, this.options.shutdownTimeoutMs);
     });
   }
 
@@ -155,6 +185,119 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       exec: (path, args, options) => agent.exec(path, args, { timeoutMs, ...options }),
       writeFile: (path, data) => agent.writeFile(path, data),
     };
+  }
+
+  /** Define a new desktop's domain: the template's hardware with the desktop's disk, or the runtime's defaults. */
+  async define(desktop: DesktopHandle, template?: DesktopTemplate): Promise<void> {
+    await withConnection(this.uri, async (connection) => {
+      const name = desktopDomain(desktop);
+      if ((await this.ownDomain(connection, desktop, true)) !== null) throw new VirtError('virt.domain-exists', `desktop ${desktop.name} has a domain already (${name})`);
+      if (await connection.exists(name)) throw new VirtError('virt.domain-exists', `a domain named ${name} exists already`);
+      let xml: string;
+      if (template === undefined) xml = await this.defaultXml(desktop);
+      else {
+        const source = template.kind === 'xml' ? template.xml : await connection.inactiveXml(template.name);
+        if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
+        xml = domainFromTemplate(source, name, this.layers(desktop));
+      }
+      try {
+        await connection.define(xml, name);
+      } catch (error) {
+        const from = template === undefined ? '' : template.kind === 'xml' ? ` from the template ${template.source}` : ` like domain ${template.name}`;
+        throw new VirtError('virt.start-failed', `libvirt refused the definition of desktop ${desktop.name}${from}: ${(error as Error).message.replace(/^libvirt could not define [^:]+: /, '')}`, { cause: error });
+      }
+    });
+  }
+
+  /** After a recompose: the definition opens the new chain, so that a `virsh start` boots it. */
+  async updateDefinition(desktop: DesktopHandle): Promise<void> {
+    await withConnection(this.uri, async (connection) => {
+      const found = await this.ownDomain(connection, desktop, true);
+      if (found === null) await connection.define(await this.defaultXml(desktop), desktopDomain(desktop));
+      // A running transient guest of an older qlayer has no definition to update: its next start defines one.
+      else if (await connection.isPersistent(found.name)) await this.pointAtChain(connection, found.name, desktop);
+    });
+  }
+
+  /** Forget the desktop's domain (and its NVRAM file); refused while it runs. */
+  async undefine(desktop: DesktopHandle): Promise<void> {
+    await withConnection(this.uri, async (connection) => {
+      const found = await this.ownDomain(connection, desktop, true);
+      if (found === null) return;
+      if (found.state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${found.name}); stop it first`);
+      await connection.undefine(found.name);
+    });
+  }
+
+  async describeDomain(domain: string): Promise<ForeignDomain> {
+    return withConnection(this.uri, async (connection) => {
+      const state = await connection.state(domain);
+      if (state === 'absent') return { name: domain, exists: false, running: false, disk: undefined };
+      const xml = await connection.inactiveXml(domain);
+      return { name: domain, exists: true, running: state !== 'shutoff', disk: xml === undefined ? undefined : firstDisk(xml) };
+    });
+  }
+
+  /** An existing shut-off VM becomes the desktop's domain: its first disk opens the chain, the rest stays (adopt). */
+  async adopt(desktop: DesktopHandle): Promise<void> {
+    const name = desktop.domain;
+    if (name === undefined) throw new VirtError('virt.invalid-spec', `adopt needs the domain's name in the desktop handle`);
+    await withConnection(this.uri, async (connection) => {
+      const state = await connection.state(name);
+      if (state === 'absent') throw new VirtError('virt.invalid-spec', `libvirt knows no domain ${name}`);
+      if (state !== 'shutoff') throw new VirtError('virt.domain-exists', `domain ${name} is ${state}; shut it down first`);
+      if (!(await connection.isPersistent(name))) throw new VirtError('virt.invalid-spec', `domain ${name} is transient: there is no definition to adopt`);
+      await this.pointAtChain(connection, name, desktop);
+    });
+  }
+
+  /** The desktop's shut-off domain moved onto one image (release): only its first disk changes. */
+  async redefineOn(desktop: DesktopHandle, image: { path: string; format: 'qcow2' | 'raw' }): Promise<string> {
+    return withConnection(this.uri, async (connection) => {
+      const found = await this.ownDomain(connection, desktop, true);
+      if (found === null) throw new VirtError('virt.invalid-spec', `desktop ${desktop.name} has no domain to move onto ${image.path}`);
+      if (found.state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${found.name}); stop it first`);
+      const xml = await connection.inactiveXml(found.name);
+      if (xml === undefined) throw new VirtError('virt.invalid-spec', `domain ${found.name} went away`);
+      await connection.define(replaceFirstDiskChain(xml, [image]), found.name);
+      return found.name;
+    });
+  }
+
+  private layers(desktop: DesktopHandle): Array<{ path: string; format: 'qcow2' | 'raw' }> {
+    return desktop.chain.map((l) => ({ path: l.path, format: l.format }));
+  }
+
+  /** Rewrite the definition's first disk onto the handle's chain; nothing else changes (no define when nothing would). */
+  private async pointAtChain(connection: LibvirtConnection, name: string, desktop: DesktopHandle): Promise<void> {
+    const xml = await connection.inactiveXml(name);
+    if (xml === undefined) throw new VirtError('virt.start-failed', `domain ${name} went away`);
+    const updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    if (updated !== xml) await connection.define(updated, name);
+  }
+
+  /** The runtime's own hardware for a desktop: what qlayer's transient domains had, plus the config's network and display. */
+  private async defaultXml(desktop: DesktopHandle): Promise<string> {
+    const { kernel, initrd, cmdline } = this.bootFiles();
+    const accel = await resolveAccel(this.options.accel, { probe: fixtureKvmProbe(this.uri), probeKey: this.uri });
+    const [top, ...below] = this.layers(desktop);
+    const serialLog = this.serialLogOf(desktop);
+    mkdirSync(dirname(serialLog), { recursive: true });
+    const spec: DomainSpec = {
+      name: desktopDomain(desktop),
+      type: accel.type,
+      memoryMiB: this.options.memoryMiB,
+      vcpus: this.options.vcpus,
+      boot: kernel
+        ? { kind: 'kernel', kernel, ...(initrd ? { initrd } : {}), ...(cmdline ? { cmdline } : {}) }
+        : { kind: 'firmware', firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' },
+      disks: [{ ...top!, backingChain: below }],
+      serialLog,
+      guestAgent: true,
+      ...(this.options.network ? { network: this.options.network } : {}),
+      ...(this.options.graphics && this.options.graphics !== 'none' ? { graphics: this.options.graphics } : {}),
+    };
+    return buildDomainXml(spec);
   }
 
   /** Kernel, initrd and command line for the configured boot mode (all null: firmware boot). */

@@ -54,6 +54,8 @@ export interface DomainSpec {
   network?: string;
   /** Add a VNC display (firmware-booted desktops); none by default. */
   vnc?: boolean;
+  /** A graphical display (desktops: config desktop.graphics); none by default. `vnc: true` is the same as 'vnc'. */
+  graphics?: 'vnc' | 'spice';
   /** Recorded in <metadata> so that a later run can tell a stale qlayer domain from a live one. */
   owner?: { pid: number; host: string; started: string };
   /** Keep libvirt from relabelling (chowning) the images: default true, see README. */
@@ -199,7 +201,9 @@ export function buildDomainXml(spec: DomainSpec): string {
   if (spec.network !== undefined) {
     lines.push(`    <interface type='network'>`, `      <source network='${xmlEscape(spec.network)}'/>`, `      <model type='virtio'/>`, '    </interface>');
   }
-  if (spec.vnc) lines.push(`    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>`, '    <video>', `      <model type='virtio'/>`, '    </video>');
+  const graphics = spec.graphics ?? (spec.vnc ? 'vnc' : undefined);
+  // Local-only listening: a desktop's screen is reached through virt-manager or an SSH tunnel.
+  if (graphics !== undefined) lines.push(`    <graphics type='${graphics}' autoport='yes' listen='127.0.0.1'/>`, '    <video>', `      <model type='virtio'/>`, '    </video>');
   lines.push(`    <memballoon model='none'/>`, '  </devices>');
   if (spec.noSecurityLabel ?? true) lines.push(`  <seclabel type='none'/>`);
   lines.push('</domain>');

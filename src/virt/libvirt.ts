@@ -1,6 +1,8 @@
+import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
 import type { Domain, Hypervisor } from '@unraid/libvirt';
-import { parseOwner } from './domain-xml.js';
+import { execa } from 'execa';
+import { diskSources, parseOwner } from './domain-xml.js';
 import { VirtError, messageOf } from './errors.js';
 
 export const DEFAULT_URI = 'qemu:///system';
@@ -168,6 +170,71 @@ export class LibvirtConnection {
     }
   }
 
+  /**
+   * The domain's persistent definition as `virsh dumpxml --inactive --security-info` gives it:
+   * the document to edit and define again. Without SECURE, a VNC or SPICE password would be
+   * dropped from the definition by the round trip.
+   */
+  async inactiveXml(name: string): Promise<string | undefined> {
+    const { DomainGetXMLDescFlags } = await loadBinding();
+    const domain = await this.lookup(name);
+    if (domain === undefined) return undefined;
+    try {
+      return await this.hypervisor.domainGetXMLDesc(domain, DomainGetXMLDescFlags.INACTIVE | DomainGetXMLDescFlags.SECURE);
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw new VirtError('virt.libvirt-unreachable', `libvirt XML of ${name} failed: ${messageOf(error)}`, { cause: error });
+    }
+  }
+
+  /** Is the domain persistent (defined), as opposed to transient or absent? */
+  async isPersistent(name: string): Promise<boolean> {
+    const domain = await this.lookup(name);
+    if (domain === undefined) return false;
+    const { ConnectListAllDomainsFlags } = await loadBinding();
+    for (const persistent of await this.hypervisor.connectListAllDomains(ConnectListAllDomainsFlags.PERSISTENT)) {
+      if ((await this.hypervisor.domainGetName(persistent)) === name) return true;
+    }
+    return false;
+  }
+
+  /**
+   * Define (or redefine) a persistent domain. libvirt's own words go into the error: a template
+   * or an edited definition it rejects says why in them.
+   */
+  async define(xml: string, name: string): Promise<void> {
+    try {
+      await this.hypervisor.domainDefineXML(xml);
+    } catch (error) {
+      throw new VirtError('virt.start-failed', `libvirt could not define ${name}: ${messageOf(error)}`, { cause: error });
+    }
+  }
+
+  /** Start a defined domain (virsh start). */
+  async startDefined(name: string): Promise<void> {
+    const domain = await this.lookup(name);
+    if (domain === undefined) throw new VirtError('virt.start-failed', `libvirt could not start ${name}: no such domain is defined`);
+    try {
+      await this.hypervisor.domainCreate(domain);
+    } catch (error) {
+      throw new VirtError('virt.start-failed', `libvirt could not start ${name}: ${messageOf(error)}`, { cause: error });
+    }
+  }
+
+  /**
+   * Undefine a shut-off persistent domain with its NVRAM file (virsh undefine --nvram; the
+   * binding's undefine takes no flags, and a UEFI domain without the flag is refused).
+   */
+  async undefine(name: string): Promise<void> {
+    if (!(await this.exists(name))) return;
+    const result = await execa('virsh', ['-c', this.uri, 'undefine', '--nvram', name], { reject: false, stdin: 'ignore' });
+    if (result.exitCode === 0) return;
+    const words = `${result.stderr}`.replace(/^error:\s*/gm, '').trim();
+    if (/Domain not found|failed to get domain/i.test(words)) return;
+    if ((result as { code?: string }).code === 'ENOENT') throw new VirtError('virt.virsh-missing', 'virsh is not installed (Debian package libvirt-clients)');
+    throw new VirtError('virt.libvirt-unreachable', `libvirt could not undefine ${name}: ${words}`);
+  }
+
   /** Ask the guest to shut down; libvirt uses the guest agent when one is connected, else ACPI. */
   async requestShutdown(name: string): Promise<void> {
     const domain = await this.lookup(name);
@@ -228,6 +295,17 @@ export class LibvirtConnection {
   }
 
   /**
+   * Whether a domain's first disk is a file that exists. A desktop's persistent domain is shut
+   * off between uses and carries no owner: it is kept while its user.qcow2 exists, and counts as
+   * a leftover once its store (say, a test's folder) is gone.
+   */
+  private async hasDiskFile(name: string): Promise<boolean> {
+    const xml = await this.inactiveXml(name).catch(() => undefined);
+    const disk = xml === undefined ? undefined : diskSources(xml)[0];
+    return disk !== undefined && existsSync(disk);
+  }
+
+  /**
    * Remove qlayer domains left behind by processes that died (their owner pid on this host is
    * gone). With `all`, remove every qlayer- domain, including ones without an owner record.
    */
@@ -238,7 +316,7 @@ export class LibvirtConnection {
       const stale =
         options.all === true ||
         (info.owner !== undefined && info.owner.host === host && !processAlive(info.owner.pid)) ||
-        (info.owner === undefined && info.state === 'shutoff');
+        (info.owner === undefined && info.state === 'shutoff' && !(await this.hasDiskFile(info.name)));
       if (!stale) continue;
       await this.remove(info.name);
       removed.push(info.name);

@@ -1,17 +1,20 @@
 /**
  * `qlayer base|app|desktop ...`: the store, its apps and its desktops.
  */
+import { readFile } from 'node:fs/promises';
 import { Command } from 'commander';
 import { QlayerError } from '../../errors.js';
 import { buildApp, listApps, resolveApp } from '../../layers/app.js';
 import {
   abortOperation,
+  adoptDesktop,
   assignApps,
   createDesktop,
   destroyDesktop,
   importBase,
   listDesktops,
   recomposeDesktop,
+  releaseDesktop,
   removeBase,
   showDesktop,
   startDesktop,
@@ -26,6 +29,7 @@ import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../l
 import { describeUndo } from '../../layers/guest-operation.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
 import type { RecomposeReport } from '../../layers/recompose.js';
+import type { DesktopTemplate } from '../../layers/runtime.js';
 import { describeShutdown, observeShutdowns, type ShutdownResult } from '../../virt/boot.js';
 import { allowOption, allowedDirectories } from '../allow.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
@@ -180,14 +184,58 @@ export function registerLayerCommands(program: Command): void {
 
   // ---------------------------------------------------------------- desktop
   const desktop = program.command('desktop').description('desktops: base <- apps <- user chains that boot under libvirt');
-  storeOptions(desktop.command('create').description('create desktop NAME on a base').argument('<name>').requiredOption('--base <base>', 'base to build on')).action(
-    async (name: string, options: StoreCommandOptions & { base: string }) => {
-      const { store, runtime } = await openContext(options);
-      await createDesktop(store, name, options.base);
-      const view = await showDesktop(store, runtime, name);
-      printResult(options, view, () => describeDesktop(view));
-    },
-  );
+  storeOptions(
+    desktop
+      .command('create')
+      .description('create desktop NAME on a base, and define its persistent libvirt domain (virsh list --all shows it)')
+      .argument('<name>')
+      .requiredOption('--base <base>', 'base to build on')
+      .option('--like <domain>', "copy another domain's hardware (memory, CPUs, NICs, graphics, ...); its disks are replaced by the desktop's")
+      .option('--xml <file>', 'take the hardware from a libvirt domain XML file; its disks are replaced by the desktop\'s'),
+  ).action(async (name: string, options: StoreCommandOptions & { base: string; like?: string; xml?: string }) => {
+    const { store, runtime, config } = await openContext(options);
+    if (options.like !== undefined && options.xml !== undefined) throw new QlayerError('cli.usage', 'give --like or --xml, not both');
+    const template: DesktopTemplate | undefined =
+      options.like !== undefined ? { kind: 'domain', name: options.like } : options.xml !== undefined ? { kind: 'xml', xml: await readFile(options.xml, 'utf8'), source: options.xml } : undefined;
+    const defining = runtime.withHardware({ network: config.desktop.network, graphics: config.desktop.graphics });
+    await createDesktop(store, name, options.base, { runtime: defining, ...(template ? { template } : {}) });
+    const view = await showDesktop(store, runtime, name);
+    printResult(options, view, () => describeDesktop(view));
+  });
+  storeOptions(
+    desktop
+      .command('adopt')
+      .description(
+        "make a shut-off VM a desktop: its first disk's content becomes a new base (flattened, read-only), the desktop gets a fresh user delta, " +
+          'and the domain is redefined on the composed chain keeping its name and every other setting. The original disk file is left untouched',
+      )
+      .argument('<domain>', 'the libvirt domain')
+      .option('--as <name>', 'desktop (and base) name; default: the domain name')
+      .addOption(allowOption()),
+  ).action(async (domain: string, options: StoreCommandOptions & { as?: string; allow?: string[] }) => {
+    const { store, runtime } = await openContext(options);
+    const result = await adoptDesktop(store, runtime, domain, {
+      ...(options.as === undefined ? {} : { as: options.as }),
+      allowedDirectories: allowedDirectories(options),
+      progress: progressReporter(options, `importing ${domain}'s disk`),
+    });
+    printResult(options, result, () => `adopted domain ${result.domain} as desktop ${result.desktop} on base ${result.base} (imported from ${result.importedFrom}, which is left as it was)`);
+  });
+  storeOptions(
+    desktop
+      .command('release')
+      .description(
+        'write the desktop\'s composed disk out as one image FILE, redefine its domain on it (every other setting kept), and take the desktop out of the store (its apps and user layers are deleted; the base stays)',
+      )
+      .argument('<name>')
+      .requiredOption('--to <file>', 'the new image (must not exist)')
+      .option('-O, --format <fmt>', 'qcow2 or raw (default: raw for .raw/.img, else qcow2)'),
+  ).action(async (name: string, options: StoreCommandOptions & { to: string; format?: 'qcow2' | 'raw' }) => {
+    const { store, runtime } = await openContext(options);
+    if (options.format !== undefined && options.format !== 'qcow2' && options.format !== 'raw') throw new QlayerError('cli.usage', `--format must be qcow2 or raw, not ${options.format}`);
+    const result = await releaseDesktop(store, runtime, name, options.to, { ...(options.format ? { format: options.format } : {}), progress: progressReporter(options, `writing ${options.to}`) });
+    printResult(options, result, () => `released ${name}: domain ${result.domain} now runs ${result.image} (${result.format}, ${mib(result.virtualSize)} virtual)`);
+  });
   storeOptions(desktop.command('start').description('boot the desktop and wait for its guest agent').argument('<name>')).action(async (name: string, options: StoreCommandOptions) => {
     const { store, runtime } = await openContext(options);
     await startDesktop(store, runtime, name);
