@@ -147,23 +147,34 @@ const HELPER_MACHINE: string = ({ x64: 'x86_64', arm64: 'aarch64', ia32: 'i686',
 const HELPER_TAG = 'qlayer-guest-alloc: ';
 
 /**
- * Upload the helper into a tmpfs (/run; /tmp when /run cannot take it) under a name no one else
- * uses. Returns the guest path, or the reason when no upload worked (an agent that forbids
- * guest-file-write, say).
+ * Folders the helper is uploaded to and run from, in order. /run is a tmpfs on every system
+ * (nothing reaches the guest's disk), but systemd mounts it noexec; Debian's /tmp is on the root
+ * disk and allows exec; /var/tmp is a last resort. The wrapper deletes the upload either way.
  */
-async function uploadHelper(guest: GuestShell, binary: Buffer): Promise<{ path: string } | { reason: string }> {
+const HELPER_FOLDERS = ['/run', '/tmp', '/var/tmp'];
+
+/**
+ * Upload the helper and run it once with `input`, trying the next folder where the upload fails
+ * or the folder does not allow running programs (exit 126). Returns the run's result, or why it
+ * could not run anywhere.
+ */
+async function runHelper(guest: GuestShell, helper: string, input: Buffer, timeoutMs: number | undefined): Promise<{ exitCode: number; stdout: string; stderr: string } | { reason: string }> {
+  const binary = await readFile(helper);
   const name = `.qlayer-guest-alloc-${randomBytes(8).toString('hex')}`;
   const reasons: string[] = [];
-  for (const dir of ['/run', '/tmp']) {
+  for (const dir of HELPER_FOLDERS) {
     const path = `${dir}/${name}`;
     try {
       await guest.writeFile(path, binary);
-      return { path };
     } catch (error) {
-      reasons.push(`${path}: ${(error as Error).message}`);
+      reasons.push(`upload to ${path}: ${(error as Error).message}`);
+      continue;
     }
+    const result = await guest.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', path, HELPER_MACHINE], timeoutMs === undefined ? { input } : { input, timeoutMs });
+    if (result.exitCode !== 126) return result;
+    reasons.push(`${dir} does not allow running programs (${(result.stderr || result.stdout).trim().split('\n')[0]?.slice(0, 120) ?? 'exit 126'})`);
   }
-  return { reason: `upload failed (${reasons.join('; ')})` };
+  return { reason: reasons.join('; ') };
 }
 
 /**
@@ -171,11 +182,9 @@ async function uploadHelper(guest: GuestShell, binary: Buffer): Promise<{ path: 
  * its own is wrong and the script may take over). Its refusals and failures are thrown.
  */
 async function allocateWithHelper(guest: GuestShell, manifests: AppManifest[], helper: string, options: AllocateOptions, what: string): Promise<AllocationResult | { reason: string }> {
-  const upload = await uploadHelper(guest, await readFile(helper));
-  if ('reason' in upload) return upload;
-  const input = helperManifest(manifests, options.placeholders ?? 'auto');
-  const result = await guest.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', upload.path, HELPER_MACHINE], options.timeoutMs === undefined ? { input } : { input, timeoutMs: options.timeoutMs });
-  // 126/127: not run there (another machine, a noexec mount). Any other failure without the
+  const result = await runHelper(guest, helper, helperManifest(manifests, options.placeholders ?? 'auto'), options.timeoutMs);
+  if ('reason' in result) return { reason: `helper could not run in the guest: ${result.reason}` };
+  // 126/127: not run there (another machine, every folder noexec). Any other failure without the
   // helper's own tag on stderr also means it never ran (say, the shell killed).
   if (result.exitCode !== 0 && (result.exitCode === 126 || result.exitCode === 127 || !result.stderr.includes(HELPER_TAG))) {
     const detail = (result.stderr || result.stdout).trim().split('\n')[0] ?? '';
@@ -289,10 +298,8 @@ export async function removePlaceholders(guest: GuestShell, paths: GuestPaths, o
   const what = 'undoing the placeholders';
   const helper = options.helper === undefined ? guestHelperPath() : options.helper;
   if (helper !== null) {
-    const upload = await uploadHelper(guest, await readFile(helper));
-    if (!('reason' in upload)) {
-      const input = rollbackManifest(paths);
-      const result = await guest.exec('/bin/sh', ['-c', HELPER_WRAPPER, 'sh', upload.path, HELPER_MACHINE], options.timeoutMs === undefined ? { input } : { input, timeoutMs: options.timeoutMs });
+    const result = await runHelper(guest, helper, rollbackManifest(paths), options.timeoutMs);
+    if (!('reason' in result)) {
       if (result.exitCode === 0) {
         const records = parseHelperRecords(result.stdout);
         return {

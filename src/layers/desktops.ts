@@ -147,10 +147,9 @@ function basePathOf(store: Store, state: StoreState, record: DesktopRecord): str
  * A desktop made by `desktop adopt` runs as the VM it was, under that VM's domain name.
  * (Kept beside DesktopRecord until state.ts has the field: absent for every other desktop.)
  */
-type AdoptedRecord = DesktopRecord & { domain?: string };
 
 export function desktopHandle(store: Store, state: StoreState, name: string): DesktopHandle {
-  const record = desktopRecord(state, name) as AdoptedRecord;
+  const record = desktopRecord(state, name);
   const dir = store.path(record.dir);
   return {
     name,
@@ -282,9 +281,9 @@ export async function destroyDesktop(store: Store, runtime: DesktopRuntime | nul
 }
 
 /** Persist-and-run the desktop's recompose plan (the record is inside `state`). */
-async function recomposeRecorded(store: Store, state: StoreState, name: string, log: Log): Promise<RecomposeReport> {
+async function recomposeRecorded(store: Store, state: StoreState, name: string, log: Log, runtime: DesktopRuntime | null): Promise<RecomposeReport> {
   const record = desktopRecord(state, name);
-  return runRecompose({
+  const report = await runRecompose({
     desktopDir: store.path(record.dir),
     basePath: basePathOf(store, state, record),
     allowedDirectories: [store.root],
@@ -296,6 +295,10 @@ async function recomposeRecorded(store: Store, state: StoreState, name: string, 
     persist: () => store.writeState(state),
     log,
   });
+  // The apps generation changed: a persistent domain's definition must open the new chain, so
+  // that a start outside qlayer (virsh start, virt-manager) boots what the store says.
+  await runtime?.updateDefinition?.(desktopHandle(store, state, name));
+  return report;
 }
 
 /** Locate placeholders offline, reading the guest filesystem from the stopped desktop's chain. */
@@ -443,7 +446,7 @@ export async function assignLocked(
   record.recompose = planAssign(record, manifests, located);
   record.operation = null; // the plan takes over: from here the way is forward (desktop recompose)
   await store.writeState(state);
-  const report = await recomposeRecorded(store, state, name, log);
+  const report = await recomposeRecorded(store, state, name, log, runtime);
   return { apps: manifests.map(appKey), allocation, located: located.length, report };
 }
 
@@ -521,7 +524,7 @@ export async function updateLocked(store: Store, state: StoreState, runtime: Des
   record.recompose = planUpdate(record, current, next, located);
   record.operation = null;
   await store.writeState(state);
-  const report = await recomposeRecorded(store, state, name, log);
+  const report = await recomposeRecorded(store, state, name, log, runtime);
   return { apps: [appKey(next)], replaced: current, allocation, located: located.length, report };
 }
 
@@ -567,7 +570,7 @@ export async function unassignLocked(store: Store, state: StoreState, runtime: D
   await assertGoneOffline(store, handle, manifests.flatMap((m) => m.files.map((f) => f.path)));
   record.recompose = plan;
   await store.writeState(state);
-  return { ...(await recomposeRecorded(store, state, name, log)), alreadyGone };
+  return { ...(await recomposeRecorded(store, state, name, log, runtime)), alreadyGone };
 }
 
 /** Run (or finish) the desktop's pending recompose; offline only. */
@@ -577,7 +580,7 @@ export async function recomposeDesktop(store: Store, runtime: DesktopRuntime | n
     const record = desktopRecord(state, name);
     if (!record.recompose) return null;
     await assertNotInUse(runtime, desktopHandle(store, state, name), 'recompose');
-    return recomposeRecorded(store, state, name, log);
+    return recomposeRecorded(store, state, name, log, runtime);
   });
 }
 
@@ -699,7 +702,7 @@ export async function adoptDesktop(
   }
   if (!runtime.describeDomain || !runtime.adopt) throw new LayerError('adopt.unsupported', 'this runtime cannot adopt domains');
   const state = await store.readState();
-  const adoptedAlready = Object.entries(state.desktops).find(([, r]) => (r as AdoptedRecord).domain === domain)?.[0];
+  const adoptedAlready = Object.entries(state.desktops).find(([, r]) => r.domain === domain)?.[0];
   if (adoptedAlready !== undefined || domain.startsWith(`qlayer-${store.id}-`)) {
     throw new LayerError('adopt.already-desktop', `domain ${domain} is already a desktop of this store${adoptedAlready ? ` (${adoptedAlready})` : ''}`);
   }
@@ -723,7 +726,7 @@ export async function adoptDesktop(
     await createDesktop(store, name, name);
     try {
       await store.update((s) => {
-        (desktopRecord(s, name) as AdoptedRecord).domain = domain;
+        desktopRecord(s, name).domain = domain;
       });
       await runtime.adopt(desktopHandle(store, await store.readState(), name));
     } catch (error) {

@@ -114,6 +114,8 @@ export interface DesktopRecord {
   directApps?: string[];
   files: LocatedFile[];
   recompose: RecomposePlan | null;
+  /** The libvirt domain of an adopted VM, which keeps its own name (absent: qlayer's name). */
+  domain?: string;
   /** An assign or update whose guest side has not finished or not been undone (absent: none). */
   operation?: GuestOperation | null;
   createdAt: string;

@@ -15,6 +15,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp, type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
+import { guestHelperPath } from '../../src/layers/guest-alloc.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
@@ -112,6 +113,8 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     console.log(`[debian] assign tools@1 (${app.files.length} files, ${(app.files.reduce((n, f) => n + f.size, 0) / 1048576).toFixed(1)} MiB) in ${seconds(assignMs)}:\n${timeline.join('\n')}`);
     expect(assigned.apps).toEqual(['tools@1']);
     expect(assigned.located).toBe(app.files.length);
+    // systemd mounts /run noexec: the helper must still run (from /tmp), fallocating every file.
+    if (guestHelperPath() !== null) expect(assigned.allocation).toMatchObject({ method: 'helper', fallocated: app.files.length, zeroFilled: 0 });
     const assignStop = shutdowns.at(-1)!.result;
     console.log(`[debian] assign's shutdown: ${assignStop.how} in ${seconds(assignStop.ms)}`);
     expect(assignStop.how).toBe('agent');
@@ -153,6 +156,37 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     expect((await debugfsCat(raw, userFile)).toString()).toBe(userText);
     expect(await fileSha256(basePath)).toBe(baseSha);
   }, 1_800_000);
+
+  it('a 300-file, 100 MiB app: allocation and assign times against the clean shutdown (logged for the README)', async () => {
+    const source = join(dir, 'src', 'wide');
+    await mkdir(join(source, 'share'), { recursive: true });
+    await mkdir(join(source, 'lib'), { recursive: true });
+    let small = 0;
+    for (let i = 0; i < 290; i++) {
+      const size = 1024 + ((i * 7919) % 31) * 1024;
+      await writeFile(join(source, 'share', `f${i}.dat`), randomBytes(size));
+      small += size;
+    }
+    for (let i = 0; i < 10; i++) await writeFile(join(source, 'lib', `big${i}.bin`), randomBytes(Math.floor((100 * 1048576 - small) / 10)));
+    const wide = await store.withLock(() => buildApp(store, { name: 'wide', sourceDir: source, version: '1' }));
+    await startDesktop(store, runtime, 'deb');
+    const phases: Array<{ line: string; at: number }> = [];
+    const t = Date.now();
+    const before = shutdowns.length;
+    const assigned = await assignApps(store, runtime, 'deb', ['wide@1'], (line) => phases.push({ line, at: Date.now() }));
+    const assignMs = Date.now() - t;
+    const at = (prefix: string): number => phases.find((p) => p.line.startsWith(prefix))?.at ?? NaN;
+    const allocateMs = at('allocated ') - at('allocating ');
+    const stop = shutdowns.slice(before).at(-1)!.result;
+    console.log(
+      `[debian] assign wide@1 (${wide.files.length} files, ${(wide.files.reduce((n, f) => n + f.size, 0) / 1048576).toFixed(1)} MiB): allocation ${seconds(allocateMs)}, ` +
+        `assign ${seconds(assignMs)} against its clean shutdown ${seconds(stop.ms)} (assign - shutdown = ${seconds(assignMs - stop.ms)}); ${JSON.stringify(assigned.allocation)}`,
+    );
+    expect(assigned.located).toBe(wide.files.length);
+    if (guestHelperPath() !== null) expect(assigned.allocation).toMatchObject({ method: 'helper', fallocated: wide.files.length });
+    const verified = await verifyDesktop(store, runtime, 'deb');
+    expect(verified.files.filter((f) => !f.ok)).toEqual([]);
+  }, 900_000);
 
   it('a guest whose guest-shutdown fails (no dbus) stops in seconds through systemctl poweroff, and says why', async () => {
     await createDesktop(store, 'nobus', 'debian');

@@ -30,7 +30,7 @@ import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/des
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
 import { debugfsFlip } from '../helpers/offline-guest.js';
 import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
-import { debugfsCat, fileSha256, fsckClean, qlayerDomains, rawExport } from './guest-helpers.js';
+import { debugfsCat, fileSha256, fsckClean, rawExport } from './guest-helpers.js';
 
 let fixture: Fixture;
 let dir: string;
@@ -146,7 +146,7 @@ describe('desktop: assign, recompose, boot (real guest)', () => {
     expect(verified.files.length).toBe(5);
     expect(verified.files.filter((f) => !f.ok)).toEqual([]);
     expect(verified.extra['/home/alice/todo.txt']).toBe(createHash('sha256').update(userText).digest('hex'));
-    expect(await qlayerDomains()).not.toContain('qlayer-desktop-alice');
+    expect(await libvirtRuntime.isRunning(desktopHandle(store, await store.readState(), 'alice'))).toBe(false); // verify stopped it again
   }, 600_000);
 
   it('refuses two apps that claim the same path, before the guest is touched', async () => {

@@ -107,7 +107,8 @@ describe('two stores with a desktop of the same name (one real guest)', () => {
     expect(await runtime.isRunning(await handleOf(a))).toBe(true); // it was running: verify leaves it so
 
     await stopDesktop(a, runtime, 'demo');
-    expect(await qlayerDomains()).not.toContain(domainA);
+    // Desktops are persistent domains now: stopped, A's domain stays defined, shut off.
+    expect(await runtime.isRunning(await handleOf(a))).toBe(false);
     // With A's guest gone, the copy's desktop is free to be seen as stopped.
     expect(await runtime.isRunning(await handleOf(c))).toBe(false);
   });

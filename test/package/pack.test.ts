@@ -63,7 +63,10 @@ console.log(JSON.stringify({ node: process.version, images: infos.length, layers
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'qlayer-pack-'));
-  const { stdout } = await run('npm', ['pack', '--pack-destination', dir, '--silent'], { cwd: repo, timeout: 300_000 });
+  // --ignore-scripts: no prepack build. The test command built dist/ before the suite started,
+  // and rebuilding it here would rewrite files that other test files run the CLI from meanwhile.
+  if (!existsSync(join(repo, 'dist', 'src', 'index.js'))) throw new Error('dist/ is not built: run npm run build first');
+  const { stdout } = await run('npm', ['pack', '--ignore-scripts', '--pack-destination', dir, '--silent'], { cwd: repo, timeout: 300_000 });
   const tarball = join(dir, stdout.trim().split('\n').pop()!);
   project = join(dir, 'consumer');
   mkdirSync(project);

@@ -10,6 +10,7 @@ import {
   adoptDesktop,
   assignApps,
   createDesktop,
+  desktopHandle,
   destroyDesktop,
   importBase,
   listDesktops,
@@ -25,6 +26,7 @@ import {
   type AssignResult,
   type DesktopView,
 } from '../../layers/desktops.js';
+import { desktopDomain } from '../../virt/desktop-runtime.js';
 import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../layers/fleet.js';
 import { describeUndo } from '../../layers/guest-operation.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
@@ -240,7 +242,8 @@ export function registerLayerCommands(program: Command): void {
     const { store, runtime } = await openContext(options);
     await startDesktop(store, runtime, name);
     const view = await showDesktop(store, runtime, name);
-    printResult(options, view, () => `${name} is running (domain qlayer-desktop-${name})`);
+    const handle = desktopHandle(store, await store.readState(), name);
+    printResult(options, view, () => `${name} is running (domain ${handle.domain ?? desktopDomain(handle)})`);
   });
   storeOptions(desktop.command('stop').description('shut the desktop down cleanly (agent shutdown; destroy after the timeout)').argument('<name>')).action(
     async (name: string, options: StoreCommandOptions) => {
