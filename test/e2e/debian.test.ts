@@ -180,7 +180,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     const stop = shutdowns.slice(before).at(-1)!.result;
     console.log(
       `[debian] assign wide@1 (${wide.files.length} files, ${(wide.files.reduce((n, f) => n + f.size, 0) / 1048576).toFixed(1)} MiB): allocation ${seconds(allocateMs)}, ` +
-        `assign ${seconds(assignMs)} against its clean shutdown ${seconds(stop.ms)} (assign - shutdown = ${seconds(assignMs - stop.ms)}); ${JSON.stringify(assigned.allocation)}`,
+        `assign ${seconds(assignMs)} against its clean shutdown ${seconds(stop.ms)} (assign - shutdown = ${seconds(assignMs - stop.ms)}); ${assigned.allocation.method}: fallocate ${assigned.allocation.fallocated}, zeros ${assigned.allocation.zeroFilled}, ${assigned.allocation.processes} guest processes`,
     );
     expect(assigned.located).toBe(wide.files.length);
     if (guestHelperPath() !== null) expect(assigned.allocation).toMatchObject({ method: 'helper', fallocated: wide.files.length });
