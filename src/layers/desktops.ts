@@ -55,6 +55,12 @@ export async function importBase(
         sync: true,
         ...(options.progress ? { progress: options.progress } : {}),
       });
+      if (result.virtualSize < MIN_BASE_BYTES) {
+        throw new LayerError(
+          'base.too-small',
+          `${image} is ${result.virtualSize} bytes: too small to hold a guest's disk (at least ${MIN_BASE_BYTES} bytes: a partition table and a filesystem); nothing was imported`,
+        );
+      }
       // Read-only, and for the owner and group alone: a base holds whatever its guest had.
       await chmod(partial, 0o440);
       await rename(partial, target);
@@ -70,6 +76,9 @@ export async function importBase(
     }
   });
 }
+
+/** The smallest disk a base can be: room for a partition table and the smallest ext4. */
+const MIN_BASE_BYTES = 1 << 20;
 
 /**
  * The format of a file the user names without -f: raw without the qcow2 magic; qcow2 with it,

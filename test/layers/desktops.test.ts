@@ -1,4 +1,5 @@
-import { rename, stat } from 'node:fs/promises';
+import { readdirSync } from 'node:fs';
+import { rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openChain } from '../../src/chain/chain.js';
@@ -35,6 +36,13 @@ describe('store: bases and desktops (no guest)', () => {
     expect((await qemuCheck(path)).exitCode).toBe(0);
     await expect(importBase(store, 'os', source, { format: 'qcow2' })).rejects.toThrow(/already has a base named os/);
     await expect(importBase(store, 'other', join(temp.dir, 'missing.qcow2'))).rejects.toThrow();
+    // An empty file, or one too small for any disk, is not a base; nothing is left behind.
+    const empty = join(temp.dir, 'empty.raw');
+    await writeFile(empty, '');
+    await expect(importBase(store, 'empty', empty)).rejects.toMatchObject({ code: 'base.too-small', message: expect.stringMatching(/is 0 bytes: too small/) });
+    await writeFile(empty, Buffer.alloc(4096));
+    await expect(importBase(store, 'empty', empty, { format: 'raw' })).rejects.toMatchObject({ code: 'base.too-small' });
+    expect(readdirSync(store.path('bases'))).toEqual(['os.qcow2']);
     expect(Object.keys((await store.readState()).bases)).toEqual(['os']);
   });
 
