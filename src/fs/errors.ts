@@ -23,6 +23,7 @@ export type Ext4ErrorCode =
   | 'fs.partition-ambiguous'
   | 'fs.partition-table-corrupt'
   | 'fs.layout-changed'
+  | 'fs.orphans-pending'
   | 'fs.not-writable';
 
 /** Every error the filesystem reader raises on purpose (bad input never escapes as a TypeError). */

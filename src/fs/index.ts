@@ -196,6 +196,14 @@ async function openExt4(disk: ByteSource, options: OpenGuestFilesystemOptions): 
       'the filesystem journal needs recovery: the guest did not shut down cleanly; boot it and shut it down, or run e2fsck',
     );
   }
+  if (hasRoCompat(fs.superblock, RO_COMPAT.ORPHAN_PRESENT) && !options.allowNeedsRecovery) {
+    // orphan_file (e2fsprogs >= 1.47.1 default): files deleted or truncated while open are still
+    // listed, so blocks the guest let go of are not free yet. Like a journal to replay.
+    throw new Ext4Error(
+      'fs.orphans-pending',
+      'the filesystem\'s orphan file is not empty: the guest did not shut down cleanly; boot it and shut it down, or run e2fsck',
+    );
+  }
   return { partition, fs };
 }
 

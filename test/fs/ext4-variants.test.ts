@@ -138,6 +138,7 @@ const VARIANTS: Variant[] = [
   { name: 'ext2 revision 0 (no features, no file types in entries)', options: { blockSize: 1024, type: 'ext2', extra: ['-r', '0'] }, expectRevision0: true },
   { name: 'ext4 4k inline_data', options: { blockSize: 4096, features: ['inline_data'] }, expectInline: true },
   { name: 'ext4 1k inline_data metadata_csum 64bit', options: { blockSize: 1024, features: ['inline_data', '64bit'] }, expectInline: true },
+  { name: 'ext4 4k orphan_file, metadata_csum_seed (the e2fsprogs >= 1.47.1 defaults)', options: { blockSize: 4096, features: ['orphan_file', 'metadata_csum_seed'] } },
 ];
 
 describe('ext4 reader vs debugfs', () => {

@@ -56,6 +56,7 @@ const variants: Array<{ name: string; blockSize: 1024 | 4096; features?: string[
   { name: '4 KiB blocks, no 64bit', blockSize: 4096, features: ['^64bit'] },
   { name: '1 KiB blocks, neither metadata_csum nor 64bit', blockSize: 1024, features: ['^metadata_csum', '^64bit'] },
   { name: '128-byte inodes (no high checksum half)', blockSize: 4096, extra: ['-I', '128'] },
+  { name: 'orphan_file, metadata_csum_seed (e2fsprogs >= 1.47.1)', blockSize: 4096, features: ['orphan_file', 'metadata_csum_seed'] },
 ];
 
 describe('unwritten-extent flip, against debugfs', () => {
@@ -124,6 +125,21 @@ describe('unwritten-extent flip, against debugfs', () => {
     }
     expect((await debugfsLeaves(raw, 'dir/mixed')).every((l) => !l.unwritten)).toBe(true);
   }, 60_000);
+
+  it('refuses a filesystem whose orphan file is not empty (a dirty guest), writing nothing', async () => {
+    const raw = join(temp.dir, 'orphans.raw');
+    await mkfs(raw, { size: 16 << 20, blockSize: 4096, features: ['orphan_file'] });
+    await debugfsWrite(raw, ['write /dev/null f', 'fallocate f 0 9', 'sif f size 40960', 'feature orphan_present']);
+    const before = await readFile(raw);
+    const { source, close } = await rawWritable(raw);
+    try {
+      await expect(openGuestFilesystem(source)).rejects.toMatchObject({ code: 'fs.orphans-pending' });
+      await expect(markPlaceholdersWritten(source, [{ path: 'f', extents: [] }])).rejects.toMatchObject({ code: 'fs.orphans-pending' });
+    } finally {
+      await close();
+    }
+    expect((await readFile(raw)).equals(before)).toBe(true);
+  });
 
   it('refuses a file whose blocks differ from the located ones, writing nothing', async () => {
     const raw = join(temp.dir, 'moved.raw');
