@@ -12,6 +12,7 @@ import { assignLocked, type AssignResult } from './desktops.js';
 import { LayerError } from './errors.js';
 import type { DesktopRuntime } from './runtime.js';
 import type { Store } from './store.js';
+import { pool } from './pool.js';
 
 export interface FleetOutcome {
   desktop: string;
@@ -40,20 +41,6 @@ export interface FleetOptions {
 export function defaultParallelism(guestMemoryMiB: number): number {
   const byMemory = Math.floor(freemem() / ((guestMemoryMiB + 256) * 1024 * 1024));
   return Math.max(1, Math.min(availableParallelism(), byMemory));
-}
-
-/** Run `work` over `items`, at most `limit` at once, in order of start. */
-async function pool<T, R>(items: T[], limit: number, work: (item: T) => Promise<R>): Promise<R[]> {
-  const results: R[] = new Array(items.length);
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) {
-      const index = next++;
-      results[index] = await work(items[index]!);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return results;
 }
 
 /**

@@ -16,6 +16,7 @@ import { checkName } from './names.js';
 import type { DesktopRuntime } from './runtime.js';
 import type { GroupRecord, StoreState } from './state.js';
 import type { Store } from './store.js';
+import { pool } from './pool.js';
 
 export interface RolloutOutcome {
   desktop: string;
@@ -55,20 +56,6 @@ export async function createGroup(store: Store, name: string): Promise<GroupReco
     await store.writeState(state);
     return group;
   });
-}
-
-/** Run `work` over `items`, at most `limit` at once. */
-async function pool<T, R>(items: T[], limit: number, work: (item: T) => Promise<R>): Promise<R[]> {
-  const results: R[] = new Array(items.length);
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) {
-      const index = next++;
-      results[index] = await work(items[index]!);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, items.length)) }, worker));
-  return results;
 }
 
 /** Bring one stopped desktop to its wanted apps; the caller holds the lock. */
