@@ -67,6 +67,27 @@ export interface ConvertOptions {
   forceShare?: boolean;
   /** Bytes processed per window (default 2 MiB: measured best of 1, 2 and 4 MiB on a half-holes 1 GiB input). */
   windowSize?: number;
+  /**
+   * qemu-img's -S: zero runs of this many bytes (a multiple of 512) are left out of the output,
+   * as holes in a raw file and as unallocated clusters in a qcow2 one (a qcow2 cluster is left
+   * out only when all of it is zero). Default 4 KiB, qemu-img's default; 0 writes everything,
+   * zeros included, so the output is fully allocated.
+   */
+  sparseSize?: number;
+}
+
+/** qemu-img's default -S (4 KiB) and its upper bound (16 MiB). */
+export const DEFAULT_SPARSE_SIZE = 4096;
+export const MAX_SPARSE_SIZE = 16 * 1024 * 1024;
+
+/** Refuse a -S value qemu-img refuses, before anything is opened or written. */
+export function assertSparseSize(sparseSize: number): void {
+  if (!Number.isSafeInteger(sparseSize) || sparseSize < 0 || sparseSize % 512 !== 0 || sparseSize > MAX_SPARSE_SIZE) {
+    throw new Qcow2Error(
+      'qcow2.bad-argument',
+      `invalid sparse size ${sparseSize} (-S): valid sizes are multiples of 512 up to ${MAX_SPARSE_SIZE}; 0 disables sparse detection (fully allocates the output)`,
+    );
+  }
 }
 
 export interface ConvertResult {
@@ -91,7 +112,7 @@ interface Sink {
  * Zero ranges are only cleared inside units (of `unit` bytes) that `mayHaveData` marks: the
  * sinks skip the other units without looking at them.
  */
-async function readWindow(
+export async function readWindow(
   layers: MapLayer[],
   entries: MapEntry[],
   offset: number,
@@ -207,21 +228,40 @@ class RawSink implements Sink {
   constructor(
     private readonly out: HostFile,
     private readonly size: number,
+    /** Zero blocks of this size become holes; 0 writes every byte (see ConvertOptions.sparseSize). */
+    private readonly sparseSize: number,
   ) {}
 
   async window(offset: number, data: Uint8Array, mayHaveData: boolean[]): Promise<void> {
-    // Write runs of non-zero 64 KiB chunks; zero chunks stay holes in the fresh file.
+    if (this.sparseSize === 0) {
+      await writeAt(this.out, data.subarray(0, Math.min(data.length, this.size - offset)), offset);
+      return;
+    }
+    // Write runs of non-zero blocks of sparseSize (aligned to the window, which starts on a
+    // multiple of 64 KiB); zero blocks stay holes in the fresh file. Units the map marked as
+    // zero are never looked at: their bytes in the buffer are stale.
     const chunk = data.length / mayHaveData.length;
+    const end = data.length;
     let runStart = -1;
     const writes: Promise<void>[] = [];
-    for (let i = 0; i <= mayHaveData.length; i += 1) {
-      const nonZero = i < mayHaveData.length && mayHaveData[i] && !isAllZero(data.subarray(i * chunk, (i + 1) * chunk));
-      if (nonZero && runStart < 0) runStart = i;
-      if (!nonZero && runStart >= 0) {
-        writes.push(writeAt(this.out, data.subarray(runStart * chunk, i * chunk), offset + runStart * chunk));
+    for (let blockStart = 0; blockStart < end; blockStart += this.sparseSize) {
+      const blockEnd = Math.min(end, blockStart + this.sparseSize);
+      const firstUnit = Math.floor(blockStart / chunk);
+      const lastUnit = Math.floor((blockEnd - 1) / chunk);
+      let nonZero = false;
+      for (let u = firstUnit; u <= lastUnit && !nonZero; u += 1) {
+        if (mayHaveData[u]) nonZero = !isAllZero(data.subarray(Math.max(blockStart, u * chunk), Math.min(blockEnd, (u + 1) * chunk)));
+      }
+      if (nonZero) {
+        // A block larger than a unit may take in units known to be zero: clear their stale bytes.
+        for (let u = firstUnit; u <= lastUnit; u += 1) if (!mayHaveData[u]) data.fill(0, Math.max(blockStart, u * chunk), Math.min(blockEnd, (u + 1) * chunk));
+        if (runStart < 0) runStart = blockStart;
+      } else if (runStart >= 0) {
+        writes.push(writeAt(this.out, data.subarray(runStart, blockStart), offset + runStart));
         runStart = -1;
       }
     }
+    if (runStart >= 0) writes.push(writeAt(this.out, data.subarray(runStart, end), offset + runStart));
     await settleAll(writes);
   }
 
@@ -251,6 +291,8 @@ class Qcow2Sink implements Sink {
     private readonly size: number,
     clusterSize: number,
     private readonly compress: boolean,
+    /** -S 0: every cluster is written, zeros included (a fully allocated image). */
+    private readonly keepZeros: boolean,
   ) {
     this.clusterSize = clusterSize;
     this.clusterBits = Math.log2(clusterSize);
@@ -295,7 +337,7 @@ class Qcow2Sink implements Sink {
     // Keep non-zero clusters; write them back to back in as few writes as possible.
     const keep: number[] = [];
     for (let i = 0; i < mayHaveData.length; i += 1) {
-      if (mayHaveData[i] && !isAllZero(data.subarray(i * cs, (i + 1) * cs))) keep.push(i);
+      if (this.keepZeros || (mayHaveData[i] && !isAllZero(data.subarray(i * cs, (i + 1) * cs)))) keep.push(i);
     }
     if (keep.length === 0) return;
     this.alignNext();
@@ -322,7 +364,7 @@ class Qcow2Sink implements Sink {
     const jobs: Array<Promise<{ index: number; bytes: Uint8Array }>> = [];
     for (let i = 0; i < mayHaveData.length; i += 1) {
       const cluster = data.subarray(i * cs, (i + 1) * cs);
-      if (!mayHaveData[i] || isAllZero(cluster)) continue;
+      if (!this.keepZeros && (!mayHaveData[i] || isAllZero(cluster))) continue;
       // Window bits 12, raw deflate: what qcow2 readers (QEMU included) expect.
       jobs.push(deflateRawAsync(cluster, { windowBits: 12, level: zlibConstants.Z_DEFAULT_COMPRESSION }).then((bytes) => ({ index: i, bytes })));
     }
@@ -464,6 +506,10 @@ export async function convertImage(source: string, output: string, options: Conv
     throw new Qcow2Error('qcow2.bad-argument', `cluster size ${clusterSize} must be a power of two between 512 and 2 MiB`);
   }
   if (options.compress && outputFormat !== 'qcow2') throw new Qcow2Error('qcow2.bad-argument', 'compression (-c) needs a qcow2 output');
+  const sparseSize = options.sparseSize ?? DEFAULT_SPARSE_SIZE;
+  assertSparseSize(sparseSize);
+  // -S 0: every window is visited and every unit counts as data, so zeros are cleared in memory and written.
+  const fullyAllocate = sparseSize === 0;
   const layers = await openLayers(source, { fs, format: options.sourceFormat ?? 'qcow2', allowedDirectories: options.allowedDirectories });
   let out: HostFile | null = null;
   let completed = false;
@@ -480,7 +526,9 @@ export async function convertImage(source: string, output: string, options: Conv
     // Size the output first: writes inside the file are cheaper than extending it each time.
     if (outputFormat === 'raw') await out.truncate(size);
     const sink: Sink =
-      outputFormat === 'raw' ? new RawSink(out, size) : new Qcow2Sink(out, Math.ceil(size / 512) * 512, clusterSize, options.compress === true);
+      outputFormat === 'raw'
+        ? new RawSink(out, size, sparseSize)
+        : new Qcow2Sink(out, Math.ceil(size / 512) * 512, clusterSize, options.compress === true, fullyAllocate);
     const unit = outputFormat === 'qcow2' ? clusterSize : 65536;
     const windowSize = Math.max(unit, Math.floor((options.windowSize ?? DEFAULT_WINDOW) / unit) * unit);
     let dataBytes = 0;
@@ -498,13 +546,13 @@ export async function convertImage(source: string, output: string, options: Conv
     type Prepared = { offset: number; buffer: Uint8Array; mayHaveData: boolean[] };
     /** Read the first window at or after `from` that holds data into `slot`; null at the end. */
     const prepare = async (from: number, slot: number): Promise<Prepared | null> => {
-      const dataAt = await cursor.nextData(from);
+      const dataAt = fullyAllocate ? from : await cursor.nextData(from);
       if (dataAt >= size) return null;
       const offset = Math.floor(dataAt / windowSize) * windowSize;
       const length = Math.min(windowSize, size - offset);
       const entries = await cursor.window(offset, offset + length);
       const units = Math.ceil(length / unit);
-      const mayHaveData = new Array<boolean>(units).fill(false);
+      const mayHaveData = new Array<boolean>(units).fill(fullyAllocate);
       for (const e of entries) {
         if (!e.data) continue;
         for (let u = Math.floor((e.start - offset) / unit); u * unit < e.start - offset + e.length; u += 1) mayHaveData[u] = true;

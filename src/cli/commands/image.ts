@@ -249,7 +249,8 @@ export function registerImageCommands(program: Command): void {
     .summary('flatten an image or chain into a new raw or qcow2 file')
     .description(
       'Copy the virtual disk of an image (its whole backing chain, flattened) into a new file:\n' +
-        'qcow2/chain -> raw, raw -> qcow2 (zero clusters left out), qcow2 -> flat qcow2, -c to compress.',
+        'qcow2/chain -> raw, raw -> qcow2 (zero clusters left out), qcow2 -> flat qcow2, -c to compress.\n' +
+        'Zero runs of 4 KiB (-S SIZE) stay holes in a raw output, whole zero clusters stay unallocated in a qcow2 one, as with qemu-img.',
     )
     .argument('<source>')
     .argument('<output>')
@@ -257,18 +258,21 @@ export function registerImageCommands(program: Command): void {
     .option('-O <fmt>', 'output format: qcow2 (default) or raw')
     .option('-o <options>', 'output options: cluster_size=SIZE')
     .option('-c', 'compress data clusters (deflate); qcow2 output only')
+    .option('-S <size>', 'leave zero runs of SIZE bytes out of the output (holes, unallocated clusters); a multiple of 512, default 4k; 0 writes everything')
     .option('-p', 'show progress (on a terminal)')
     .option('--sync', 'fsync the output before exiting')
     .option('-U, --force-share', `${FORCE_SHARE_HELP}; without it such a source is refused (the copy could be torn)`)
     .option('--json', 'print JSON'))
-    .action(async (source: string, output: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; O?: string; o?: string; c?: boolean; p?: boolean; sync?: boolean }) => {
+    .action(async (source: string, output: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; O?: string; o?: string; c?: boolean; S?: string; p?: boolean; sync?: boolean }) => {
       const opts = parseCreateOptions(flags.o);
+      const sparseSize = flags.S === undefined ? undefined : parseSize(flags.S, '-S');
       for (const key of opts.keys()) if (key !== 'cluster_size') throw new ImageCommandError(`convert -o: unsupported option "${key}" (only cluster_size)`);
       const result = await convertImage(source, output, {
         sourceFormat: format(flags.f, '-f', 'qcow2'),
         outputFormat: format(flags.O, '-O', 'qcow2'),
         clusterSize: opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster_size') : undefined,
         compress: flags.c === true,
+        sparseSize,
         sync: flags.sync === true,
         forceShare: flags.forceShare === true,
         allowedDirectories: allowedDirectories(flags),
