@@ -5,7 +5,10 @@
  */
 import { Command, Option } from 'commander';
 import { commitImage } from '../../chain/commit.js';
+import { compareImages, formatCompareText } from '../../chain/compare.js';
 import { convertImage } from '../../chain/convert.js';
+import { measureImage, measureSize, type MeasureResult } from '../../chain/measure.js';
+import { formatSnapshotList, listSnapshots } from '../../chain/snapshot-list.js';
 import { formatInfoText, infoImage } from '../../chain/info.js';
 import { formatMapJson, mapImage } from '../../chain/map.js';
 import { rebaseImage } from '../../chain/rebase.js';
@@ -16,7 +19,7 @@ import { checkImage } from '../../qcow2/repair.js';
 import { resizeImage } from '../../qcow2/resize.js';
 import { nodeFileSystem } from '../../io/host-file.js';
 import { assertNotLocked, beingWrittenWarning } from '../../io/in-use.js';
-import { printResult, progressReporter, type CommonOptions } from '../output.js';
+import { printResult, progressReporter, reportError, type CommonOptions } from '../output.js';
 import { allowedDirectories, allowOptions, type AllowOptions } from '../allow.js';
 
 /** A usage mistake on the image command line (exit 1, like qemu-img). */
@@ -323,18 +326,117 @@ export function registerImageCommands(program: Command): void {
       printResult(flags, { filename: file, backing: result.backing, 'committed-bytes': result.committedBytes }, () => 'Image committed.');
     });
 
+  allowOptions(image
+    .command('compare')
+    .summary('do two images (with their backing chains) show the same disk?')
+    .description(
+      'Compare the virtual disks of two images, like qemu-img compare. Exit codes: 0 identical,\n' +
+        '1 different (the first differing offset is printed), 2 error. Images of different sizes are\n' +
+        "equal when the larger one's extra part reads as zeros; -s (strict) also requires the same size\n" +
+        'and the same block status (allocated, zero, data) everywhere.',
+    )
+    .argument('<file1>')
+    .argument('<file2>')
+    .option('-f <fmt>', 'format of file1: qcow2 (default) or raw')
+    .option('-F <fmt>', 'format of file2: qcow2 (default) or raw')
+    .option('-s', 'strict: different sizes or block status are differences')
+    .option('-q', 'quiet: print nothing, only the exit code')
+    .option('--json', 'print JSON: {identical, size-mismatch, reason?, offset?}'))
+    .action(async (file1: string, file2: string, flags: CommonOptions & AllowOptions & { f?: string; F?: string; s?: boolean; q?: boolean }) => {
+      try {
+        const result = await compareImages(file1, file2, {
+          formatA: format(flags.f, '-f', 'qcow2'),
+          formatB: format(flags.F, '-F', 'qcow2'),
+          strict: flags.s === true,
+          allowedDirectories: allowedDirectories(flags),
+        });
+        const json: Record<string, unknown> = { identical: result.identical, 'size-mismatch': result.sizeMismatch };
+        if (!result.identical) {
+          json.reason = result.reason;
+          if (result.offset !== undefined) json.offset = result.offset;
+        }
+        if (flags.json || !flags.q) printResult(flags, json, () => formatCompareText(result, flags.s === true));
+        process.exitCode = result.identical ? 0 : 1;
+      } catch (error) {
+        // qemu-img compare: 2 when it could not compare (1 already means "different").
+        reportError(error, flags.json === true);
+        process.exitCode = 2;
+      }
+    });
+
+  allowOptions(image
+    .command('measure')
+    .summary('how large a converted (or new) image would be')
+    .description(
+      'Measure the file size a conversion of FILE (or a new image of --size) needs, like qemu-img\n' +
+        'measure: "required" for the data it holds, "fully-allocated" if every cluster were written.\n' +
+        'Output options (-o): cluster_size, refcount_bits, extended_l2 (qcow2 output).',
+    )
+    .argument('[file]')
+    .option('--size <size>', 'measure a new, empty image of this size instead of FILE')
+    .option('-f <fmt>', 'format of FILE: qcow2 (default) or raw')
+    .option('-O <fmt>', 'output format: raw (default, as in qemu-img) or qcow2')
+    .option('-o <options>', 'output options: cluster_size=SIZE,refcount_bits=N,extended_l2=on|off')
+    .option('--output <ofmt>', 'human (default) or json (same as --json)')
+    .option('--json', 'print JSON like qemu-img measure --output=json'))
+    .action(async (file: string | undefined, flags: CommonOptions & AllowOptions & { size?: string; f?: string; O?: string; o?: string; output?: string }) => {
+      if (flags.output !== undefined && flags.output !== 'json' && flags.output !== 'human') throw new ImageCommandError(`--output: expected human or json, got "${flags.output}"`);
+      const json = flags.json === true || flags.output === 'json';
+      try {
+        if (flags.size !== undefined && file !== undefined) throw new ImageCommandError('measure: --size N cannot be used together with a filename');
+        if (flags.size === undefined && file === undefined) throw new ImageCommandError('measure: either --size N or one filename must be specified');
+        const opts = parseCreateOptions(flags.o);
+        for (const key of opts.keys()) if (!['cluster_size', 'refcount_bits', 'extended_l2'].includes(key)) throw new ImageCommandError(`measure -o: unsupported option "${key}" (cluster_size, refcount_bits, extended_l2)`);
+        const options = {
+          outputFormat: format(flags.O, '-O', 'raw'),
+          clusterSize: opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster_size') : undefined,
+          refcountBits: opts.has('refcount_bits') ? Number(opts.get('refcount_bits')) : undefined,
+          extendedL2: opts.has('extended_l2') ? onOff(opts.get('extended_l2')!, 'extended_l2') : undefined,
+        };
+        const result: MeasureResult =
+          flags.size !== undefined
+            ? measureSize(parseSize(flags.size, '--size'), options)
+            : await measureImage(file!, { ...options, sourceFormat: format(flags.f, '-f', 'qcow2'), allowedDirectories: allowedDirectories(flags) });
+        printResult({ json }, result, () =>
+          [`required size: ${result.required}`, `fully allocated size: ${result['fully-allocated']}`, ...(result.bitmaps === undefined ? [] : [`bitmaps size: ${result.bitmaps}`])].join('\n'),
+        );
+      } catch (error) {
+        // --output=json is this command's own spelling: errors must be JSON then too.
+        process.exitCode = reportError(error, json);
+      }
+    });
+
+  allowOptions(image
+    .command('snapshot')
+    .summary("list an image's internal snapshots (-l)")
+    .description('List the internal snapshots of a qcow2 image, like qemu-img snapshot -l (JSON: the "snapshots" array of image info --json).')
+    .argument('<file>')
+    .option('-l', 'list the snapshots')
+    .option('-U, --force-share', FORCE_SHARE_HELP)
+    .option('--json', 'print JSON'))
+    .action(async (file: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { l?: boolean }) => {
+      if (!flags.l) throw new ImageCommandError('snapshot: only -l (list) is supported; snapshots are created and applied by QEMU');
+      await warnIfBeingWritten(file, flags);
+      const snapshots = await listSnapshots(file, { allowedDirectories: allowedDirectories(flags) });
+      printResult(flags, snapshots, () => formatSnapshotList(snapshots));
+    });
+
   image
     .command('resize')
-    .summary("grow an image's virtual disk")
-    .description('Grow the virtual disk of a qcow2 image to SIZE, or by +SIZE. Shrinking is refused.')
+    .summary("grow (or with --shrink, shrink) an image's virtual disk")
+    .description(
+      'Set the virtual disk of a qcow2 image to SIZE, or change it by +SIZE or -SIZE (after --, as in\n' +
+        '`resize img -- -1G`). Shrinking deletes the data past the new end, so it is refused without\n' +
+        '--shrink (like qemu-img); the refusal says how many allocated bytes would be lost.',
+    )
     .argument('<file>')
-    .argument('<size>', 'new size (10G) or growth (+1G)')
+    .argument('<size>', 'new size (10G), growth (+1G) or, after --, reduction (-1G)')
+    .option('--shrink', 'allow a smaller size: data past the new end is deleted')
     .option('--json', 'print JSON')
-    .action(async (file: string, sizeText: string, flags: CommonOptions) => {
-      const relative = sizeText.startsWith('+');
-      if (sizeText.startsWith('-')) throw new ImageCommandError(`resize: shrinking (${sizeText}) is not supported; only growing is allowed`);
-      const size = parseSize(relative ? sizeText.slice(1) : sizeText);
-      const result = await resizeImage(file, size, { relative });
-      printResult(flags, { filename: file, 'old-size': result.oldSize, 'virtual-size': result.newSize }, () => 'Image resized.');
+    .action(async (file: string, sizeText: string, flags: CommonOptions & { shrink?: boolean }) => {
+      const sign = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0;
+      const size = parseSize(sign === 0 ? sizeText : sizeText.slice(1));
+      const result = await resizeImage(file, sign === 0 ? size : sign * size, { relative: sign !== 0, shrink: flags.shrink === true });
+      printResult(flags, { filename: file, 'old-size': result.oldSize, 'virtual-size': result.newSize, 'discarded-bytes': result.discardedBytes }, () => 'Image resized.');
     });
 }
