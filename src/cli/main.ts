@@ -1,10 +1,14 @@
 import { Command, CommanderError } from 'commander';
 import { QlayerError } from '../errors.js';
 import { reportError } from './output.js';
-import { commandGroups } from './commands/index.js';
+import { registerCommands } from './commands/index.js';
 
-/** Build the whole command tree; exported so tests can drive the CLI in-process. */
-export function buildProgram(): Command {
+/**
+ * Build the command tree; exported so tests can drive the CLI in-process. With `args` (the user
+ * arguments, without node and the script) only the command groups that line needs are imported
+ * and registered (see commands/index.ts); without, the whole tree.
+ */
+export async function buildProgram(args?: readonly string[]): Promise<Command> {
   const program = new Command('qlayer')
     .description(
       'Compose KVM desktop disks from qcow2 layers: a shared OS base, an apps delta and a user delta.\n' +
@@ -17,15 +21,15 @@ export function buildProgram(): Command {
     // --json), not by commander with its help text; subcommands inherit this.
     .configureOutput({ outputError: () => {} })
     .exitOverride();
-  for (const register of commandGroups) register(program);
+  await registerCommands(program, args);
   return program;
 }
 
 /** Run the CLI; resolves to the process exit code. */
 export async function main(argv: string[]): Promise<number> {
-  const program = buildProgram();
   const json = argv.includes('--json');
   try {
+    const program = await buildProgram(argv.slice(2));
     await program.parseAsync(argv);
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (error) {

@@ -127,6 +127,8 @@ export interface LoadConfigOptions {
  * it loads synchronously here and loadConfig stays synchronous.)
  */
 function parseYaml(text: string): unknown {
+  // No config file (or an empty one) is parsed as empty text: null, as yaml.parse('') returns.
+  if (text.trim() === '') return null;
   const yaml = createRequire(import.meta.url)('yaml') as typeof import('yaml');
   return yaml.parse(text);
 }
