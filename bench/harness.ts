@@ -26,6 +26,10 @@ export interface BenchCase {
   reset?(ctx: BenchContext): Promise<void>;
   /** Not timed: throw if qlayer's output is wrong (e.g. `qemu-img compare` against the reference). */
   verify?(ctx: BenchContext): Promise<void>;
+  /** At least this many runs of each tool, whatever --runs says (for short, noisy timings). */
+  minRuns?: number;
+  /** Which run to report: the best (default) or the median (whole processes on a shared machine). */
+  statistic?: 'best' | 'median';
 }
 
 export interface BenchSection {
@@ -48,6 +52,8 @@ export interface BenchRow {
   /** qlayer / reference: below 1 means qlayer is faster. */
   ratio: number | null;
   verified: boolean | null;
+  /** How the times were taken from the runs (see BenchCase.statistic). */
+  statistic?: string;
   error?: string;
 }
 
@@ -102,16 +108,19 @@ export async function runBench(options: RunOptions = {}): Promise<BenchRow[]> {
           log(`${section.name}/${benchCase.name}: setup`);
           await benchCase.setup?.(ctx);
           // Runs alternate (reference first each round), so both tools see the same cache and
-          // machine state; the best of each is kept.
-          let bestReference = Number.POSITIVE_INFINITY;
-          let bestQlayer = Number.POSITIVE_INFINITY;
-          for (let i = 0; i < runs; i += 1) {
+          // machine state; the best (or the median) of each is kept.
+          const referenceTimes: number[] = [];
+          const qlayerTimes: number[] = [];
+          const count = Math.max(runs, benchCase.minRuns ?? 0);
+          for (let i = 0; i < count; i += 1) {
             const reset = benchCase.reset && (() => benchCase.reset!(ctx));
-            if (benchCase.reference) bestReference = Math.min(bestReference, await timed(() => benchCase.reference!(ctx), reset));
-            bestQlayer = Math.min(bestQlayer, await timed(() => benchCase.qlayer(ctx), reset));
+            if (benchCase.reference) referenceTimes.push(await timed(() => benchCase.reference!(ctx), reset));
+            qlayerTimes.push(await timed(() => benchCase.qlayer(ctx), reset));
           }
-          if (benchCase.reference) row.referenceMs = bestReference;
-          row.qlayerMs = bestQlayer;
+          const pick = benchCase.statistic === 'median' ? median : (times: number[]) => Math.min(...times);
+          if (benchCase.statistic === 'median') row.statistic = `median of ${count}`;
+          if (benchCase.reference) row.referenceMs = pick(referenceTimes);
+          row.qlayerMs = pick(qlayerTimes);
           if (benchCase.verify) {
             await benchCase.verify(ctx);
             row.verified = true;
@@ -131,6 +140,12 @@ export async function runBench(options: RunOptions = {}): Promise<BenchRow[]> {
   return rows;
 }
 
+function median(times: number[]): number {
+  const sorted = [...times].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
+}
+
 function ms(value: number | null): string {
   return value === null ? '-' : `${value.toFixed(1)} ms`;
 }
@@ -145,7 +160,7 @@ export function formatTable(rows: readonly BenchRow[]): string {
   const header = ['section', 'case', 'qlayer', 'qemu-img', 'qlayer/qemu-img', 'output'];
   const body = rows.map((row) => [
     row.section,
-    row.case,
+    row.statistic ? `${row.case} [${row.statistic}]` : row.case,
     ms(row.qlayerMs),
     ms(row.referenceMs),
     row.ratio === null ? '-' : row.ratio.toFixed(2),

@@ -16,6 +16,7 @@ import { formatTable, runBench } from './harness.js';
 import './qcow2-ops.js';
 import './fs-lookups.js';
 import './testing.js';
+import './whole-process.js';
 import { formatAssignBench, runAssignBench, type AssignBench } from './recompose.js';
 
 export { registerBenchSection, runBench, formatTable, type BenchSection, type BenchCase, type BenchRow } from './harness.js';
@@ -43,7 +44,7 @@ async function main(): Promise<number> {
   }
   if (json) process.stdout.write(`${JSON.stringify({ operations: rows, assign }, null, 2)}\n`);
   else {
-    process.stdout.write(`\nbest of ${runs}; ratio < 1 means qlayer is faster\n${formatTable(rows)}\n`);
+    process.stdout.write(`\nbest of ${runs} (rows marked [median of N]: the median of N runs); ratio < 1 means qlayer is faster\n${formatTable(rows)}\n`);
     if (assign) process.stdout.write(`\n${formatAssignBench(assign)}\n`);
   }
   const assignFailed = assign !== null && (assign.rows.some((r) => !r.verified) || assign.fleet?.verified === false);

@@ -1,0 +1,171 @@
+/**
+ * Benchmark section "whole process": what a user feels at the shell. Each run spawns the command
+ * as a child process and times it from spawn to exit (stdout read to the end), for qlayer
+ * (`node bin/qlayer.js ...` on the Node that runs the bench) and for the reference (qemu-img, or
+ * a bare `node -e ''` for start-up). The other sections time qlayer's engine in-process; these
+ * rows add Node's start-up, loading qlayer's code and writing the output. Times are the median of
+ * at least 20 runs (10 for the large map and check), runs alternating between the two tools.
+ *
+ * The fragmented image is the issue's size by default, 64 GiB with 200,000 scattered clusters
+ * (qemu-io builds it in about two minutes, 13 GB on disk); QLAYER_BENCH_FRAG_CLUSTERS=20000 makes
+ * a smaller one.
+ */
+import { spawn } from 'node:child_process';
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { registerBenchSection, type BenchContext } from './harness.js';
+
+/** The launcher a user runs (this file is compiled to dist/bench/). */
+const QLAYER_BIN = join(import.meta.dirname, '..', '..', 'bin', 'qlayer.js');
+const FRAG_CLUSTERS = Number(process.env.QLAYER_BENCH_FRAG_CLUSTERS ?? 200_000);
+
+interface Finished {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a command to its exit, collecting its output (the caller times the whole of it). */
+function run(command: string, args: string[], input?: string): Promise<Finished> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+    const stdout: Buffer[] = [];
+    const stderr: Buffer[] = [];
+    child.stdout!.on('data', (chunk: Buffer) => stdout.push(chunk));
+    child.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout: Buffer.concat(stdout).toString('utf8'), stderr: Buffer.concat(stderr).toString('utf8') }));
+    if (input !== undefined) child.stdin!.end(input);
+  });
+}
+
+/** Run and require an exit code of 0; returns stdout. */
+async function ok(command: string, args: string[], input?: string): Promise<string> {
+  const result = await run(command, args, input);
+  if (result.code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.code}: ${result.stderr.trim()}`);
+  return result.stdout;
+}
+
+const qlayer = (args: string[]): Promise<string> => ok(process.execPath, [QLAYER_BIN, ...args]);
+const qemuImg = (args: string[]): Promise<string> => ok('qemu-img', args);
+const f = (ctx: BenchContext, name: string): string => join(ctx.dir, name);
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(() => true, () => false);
+}
+
+/** A 64 MiB image with 1 MiB written: what `image info` is typically run on. */
+async function smallImage(ctx: BenchContext): Promise<void> {
+  const path = f(ctx, 'small.qcow2');
+  if (await exists(path)) return;
+  await qemuImg(['create', '-q', '-f', 'qcow2', path, '64M']);
+  await ok('qemu-io', ['-f', 'qcow2', path], 'write -P 7 1M 1M\nquit\n');
+}
+
+/** 64 GiB, FRAG_CLUSTERS clusters written in scattered order (host order != guest order), as bench/qcow2-ops.ts builds it. */
+async function fragmentedImage(ctx: BenchContext): Promise<void> {
+  const path = f(ctx, 'frag.qcow2');
+  if (await exists(path)) return;
+  await qemuImg(['create', '-q', '-f', 'qcow2', path, '64G']);
+  const writes: string[] = [];
+  // 7919 is odd, so i * 7919 mod 2^20 visits distinct 64 KiB clusters for i < 2^20.
+  for (let i = 0; i < FRAG_CLUSTERS; i += 1) writes.push(`write -P ${i % 250} ${((i * 7919) % 1048576) * 64}k ${i % 5 === 0 ? '64k' : '4k'}`);
+  await ok('qemu-io', ['-f', 'qcow2', path], `${writes.join('\n')}\nquit\n`);
+}
+
+/** Same JSON, object keys in any order. */
+function sameJson(ours: unknown, theirs: unknown): boolean {
+  const canonical = (value: unknown): unknown =>
+    Array.isArray(value)
+      ? value.map(canonical)
+      : value !== null && typeof value === 'object'
+        ? Object.fromEntries(Object.keys(value).sort().map((key) => [key, canonical((value as Record<string, unknown>)[key])]))
+        : value;
+  return JSON.stringify(canonical(ours)) === JSON.stringify(canonical(theirs));
+}
+
+const clusters = FRAG_CLUSTERS.toLocaleString('en-US');
+
+registerBenchSection({
+  name: 'whole process',
+  cases: [
+    {
+      name: "start-up: qlayer --version vs node -e ''",
+      minRuns: 20,
+      statistic: 'median',
+      async reference() {
+        await ok(process.execPath, ['-e', '']);
+      },
+      async qlayer(ctx) {
+        ctx.state.set('version', await qlayer(['--version']));
+      },
+      async verify(ctx) {
+        if (!/^\d+\.\d+\.\d+\n$/.test(ctx.state.get('version') as string)) throw new Error(`--version printed ${JSON.stringify(ctx.state.get('version'))}`);
+      },
+    },
+    {
+      name: 'qlayer --version vs qemu-img --version',
+      minRuns: 20,
+      statistic: 'median',
+      async reference() {
+        await qemuImg(['--version']);
+      },
+      async qlayer() {
+        await qlayer(['--version']);
+      },
+    },
+    {
+      name: 'image info --json of a small image (64 MiB)',
+      setup: smallImage,
+      minRuns: 20,
+      statistic: 'median',
+      async reference(ctx) {
+        await qemuImg(['info', '--output=json', f(ctx, 'small.qcow2')]);
+      },
+      async qlayer(ctx) {
+        ctx.state.set('info', await qlayer(['image', 'info', '--json', f(ctx, 'small.qcow2')]));
+      },
+      async verify(ctx) {
+        const ours = JSON.parse(ctx.state.get('info') as string) as Record<string, unknown>;
+        const theirs = JSON.parse(await qemuImg(['info', '--output=json', f(ctx, 'small.qcow2')])) as Record<string, unknown>;
+        for (const key of ['virtual-size', 'cluster-size', 'format', 'actual-size', 'dirty-flag', 'format-specific']) {
+          if (!sameJson(ours[key], theirs[key])) throw new Error(`info ${key}: ours ${JSON.stringify(ours[key])}, qemu-img ${JSON.stringify(theirs[key])}`);
+        }
+      },
+    },
+    {
+      name: `map --json of a fragmented 64 GiB image (${clusters} clusters)`,
+      setup: fragmentedImage,
+      minRuns: 10,
+      statistic: 'median',
+      async reference(ctx) {
+        ctx.state.set('theirs', await qemuImg(['map', '--output=json', f(ctx, 'frag.qcow2')]));
+      },
+      async qlayer(ctx) {
+        ctx.state.set('ours', await qlayer(['image', 'map', '--json', f(ctx, 'frag.qcow2')]));
+      },
+      async verify(ctx) {
+        if (!sameJson(JSON.parse(ctx.state.get('ours') as string), JSON.parse(ctx.state.get('theirs') as string))) throw new Error('map differs from qemu-img map');
+      },
+    },
+    {
+      name: `check --json of the same image`,
+      setup: fragmentedImage,
+      minRuns: 10,
+      statistic: 'median',
+      async reference(ctx) {
+        ctx.state.set('theirs', await qemuImg(['check', '--output=json', f(ctx, 'frag.qcow2')]));
+      },
+      async qlayer(ctx) {
+        ctx.state.set('ours', await qlayer(['image', 'check', '--json', f(ctx, 'frag.qcow2')]));
+      },
+      async verify(ctx) {
+        const ours = JSON.parse(ctx.state.get('ours') as string) as Record<string, unknown>;
+        const theirs = JSON.parse(ctx.state.get('theirs') as string) as Record<string, unknown>;
+        // qemu-img's keys (as bench/qcow2-ops.ts compares them).
+        const picked = Object.fromEntries(Object.keys(theirs).map((key) => [key, ours[key]]));
+        if (!sameJson(picked, theirs)) throw new Error(`check differs: ours ${JSON.stringify(ours)}, qemu-img ${JSON.stringify(theirs)}`);
+      },
+    },
+  ],
+});
