@@ -5,19 +5,15 @@
  */
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
+import { qlayerImage } from './image-cli.js';
 
-const root = join(import.meta.dirname, '..', '..');
 let dir: string;
 let cleanup: () => Promise<void>;
 const p = (name: string) => join(dir, name);
 
-async function qlayer(args: string[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
-  const result = await execa('node', [join(root, 'bin', 'qlayer.js'), 'image', ...args], { reject: false, timeout: 120_000 });
-  return { stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode ?? -1 };
-}
+const qlayer = qlayerImage;
 
 beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-cli-compare-'));

@@ -9,16 +9,14 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, sha256, tempDir } from '../helpers/qemu.js';
 import { writeRandomRaw } from './fixtures.js';
 import { layoutOf, pokeLeak, setStoredRefcount } from './poke.js';
+import { qlayerImage } from './image-cli.js';
 
 const root = join(import.meta.dirname, '..', '..');
 let dir: string;
 let cleanup: () => Promise<void>;
 const p = (name: string) => join(dir, name);
 
-async function qlayer(args: string[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
-  const result = await execa('node', [join(root, 'bin', 'qlayer.js'), 'image', ...args], { reject: false, timeout: 120_000 });
-  return { stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode ?? -1 };
-}
+const qlayer = qlayerImage;
 
 async function json(args: string[]): Promise<unknown> {
   const result = await qlayer([...args, '--json']);
