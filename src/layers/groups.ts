@@ -174,10 +174,3 @@ export function rollOutGroup(store: Store, runtime: DesktopRuntime, name: string
 export function listGroups(state: StoreState): Array<{ name: string } & GroupRecord> {
   return Object.entries(state.groups ?? {}).map(([name, group]) => ({ name, ...group }));
 }
-
-/** Names of the desktops and groups that use a base (desktops through their record). */
-export function baseUsers(state: StoreState, base: string): string[] {
-  return Object.entries(state.desktops)
-    .filter(([, record]) => record.base === base)
-    .map(([name]) => name);
-}
