@@ -1,15 +1,42 @@
 #!/usr/bin/env node
 // Thin launcher: `npm run build` compiles the CLI to dist/src/ (tsc) and bundles it into
-// dist/src/cli-bundle/ (esbuild, scripts/bundle.mjs); the bundle starts faster, so it runs when present.
-import module from 'node:module';
-import { existsSync } from 'node:fs';
+// dist/src/cli-bundle/ (esbuild, scripts/bundle.mjs); the bundles start faster, so they run when present:
+// - image.cjs, one CommonJS file with only the `image` commands, for `qlayer image ...` and a bare
+//   `qlayer --version` (what scripts run in loops; see scripts/bundle.mjs for why CommonJS);
+// - main.js and its chunks (ES modules, each command group loaded on demand) for everything else.
+// This file imports nothing itself: an ES import of node:fs alone costs milliseconds (its ES
+// facade evaluates every export), while process.getBuiltinModule (Node 20.16+) does not.
+const builtin = process.getBuiltinModule;
+const { existsSync } = builtin ? builtin('node:fs') : await import('node:fs');
+const nodeModule = builtin ? builtin('node:module') : (await import('node:module')).default;
 
-// Node 22.1+ can cache compiled modules on disk, which shortens every later start-up; Node 20
-// has no such cache and skips this.
-module.enableCompileCache?.();
+// Node 22.1+ caches compiled code on disk, which shortens every later start-up; Node 20 has no
+// such cache and skips this.
+nodeModule.enableCompileCache?.();
 
-const bundled = new URL('../dist/src/cli-bundle/main.js', import.meta.url);
-const { main } = await import(existsSync(bundled) ? bundled.href : '../dist/src/cli/main.js');
+/**
+ * The bundle to run: image.cjs when the command line needs the image group or no group (the same
+ * choice as groupsFor in src/cli/commands/index.ts: the first word not starting with "-", or the
+ * word after `help`, names the command; no word and a version flag without a help flag needs
+ * none), else main.js.
+ */
+function imageBundleServes(args) {
+  const words = args.filter((arg) => !arg.startsWith('-'));
+  const name = words[0] === 'help' ? words[1] : words[0];
+  if (name !== undefined) return name === 'image';
+  return args.some((arg) => arg === '-V' || arg === '--version') && !args.some((arg) => arg === '-h' || arg === '--help');
+}
+
+async function loadMain() {
+  const imageBundle = new URL('../dist/src/cli-bundle/image.cjs', import.meta.url);
+  if (builtin && imageBundleServes(process.argv.slice(2)) && existsSync(imageBundle)) {
+    return nodeModule.createRequire(import.meta.url)('../dist/src/cli-bundle/image.cjs').main;
+  }
+  const bundled = new URL('../dist/src/cli-bundle/main.js', import.meta.url);
+  return (await import(existsSync(bundled) ? bundled.href : '../dist/src/cli/main.js')).main;
+}
+
+const main = await loadMain();
 // Exit only once stdout and stderr have been handed to the OS: a pipe is written asynchronously,
 // and process.exit() would cut off a large output (`image map --json | jq` got 64 KiB).
 // A reader that went away (`| head`) ends the command as it ends a C tool (SIGPIPE: 128 + 13).
