@@ -7,6 +7,7 @@
  *   is the errno name ("EINVAL" when the file system has no SEEK_DATA, ...).
  *   SEEK_DATA, SEEK_HOLE: the whence values of this platform.
  *   clone(...): FICLONERANGE, in clone.c.
+ *   lockTest(...): fcntl(F_OFD_GETLK), in locks.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -57,6 +58,7 @@ static napi_value seek(napi_env env, napi_callback_info info) {
 }
 
 napi_value qlayer_clone_range(napi_env env, napi_callback_info info);
+napi_value qlayer_lock_test(napi_env env, napi_callback_info info);
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn, data, hole;
@@ -65,6 +67,9 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value clone;
   napi_create_function(env, "clone", NAPI_AUTO_LENGTH, qlayer_clone_range, NULL, &clone);
   napi_set_named_property(env, exports, "clone", clone);
+  napi_value lockTest;
+  napi_create_function(env, "lockTest", NAPI_AUTO_LENGTH, qlayer_lock_test, NULL, &lockTest);
+  napi_set_named_property(env, exports, "lockTest", lockTest);
 #if defined(SEEK_DATA) && defined(SEEK_HOLE)
   napi_create_int32(env, SEEK_DATA, &data);
   napi_create_int32(env, SEEK_HOLE, &hole);

@@ -15,6 +15,8 @@ export interface NativeBinding {
   SEEK_HOLE?: number | null;
   /** ioctl(FICLONERANGE): null when cloned, else the errno name. */
   clone?: (srcFd: number, srcOffset: number, length: number, dstFd: number, dstOffset: number) => string | null;
+  /** fcntl(F_OFD_GETLK) for a write lock: one lock another open file holds in the range, or null (native/locks.c). */
+  lockTest?: (fd: number, start: number, length: number) => { type: 'READ' | 'WRITE'; pid: number; start: number; length: number } | null;
 }
 
 let binding: NativeBinding | null | undefined;
