@@ -24,7 +24,7 @@ export { resizeImage, type ResizeOptions } from './qcow2/resize.js';
 export * from './chain/index.js';
 export { convertImage, type ConvertOptions, type ConvertResult } from './chain/convert.js';
 export { infoImage, formatInfoText, type ImageInfo, type InfoOptions } from './chain/info.js';
-export { mapImage, formatMapJson, type MapEntry, type MapOptions, type ExtentKind } from './chain/map.js';
+export { mapImage, mapImageJson, formatMapJson, type MapEntry, type MapOptions, type ExtentKind } from './chain/map.js';
 export { rebaseImage, type RebaseOptions, type RebaseResult } from './chain/rebase.js';
 export { commitImage, type CommitOptions, type CommitResult } from './chain/commit.js';
 export * from './fs/index.js';

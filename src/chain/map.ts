@@ -156,22 +156,18 @@ export class MapLayer {
    */
   async extents(start: number, end: number): Promise<LayerExtent[]> {
     const out: LayerExtent[] = [];
-    const push = (s: number, length: number, kind: ExtentKind, hostOffset: number | null) => {
-      if (length <= 0) return;
-      const last = out[out.length - 1];
-      if (
-        last &&
-        last.kind === kind &&
-        last.start + last.length === s &&
-        kind !== 'compressed' &&
-        (last.hostOffset === null) === (hostOffset === null) &&
-        (hostOffset === null || last.hostOffset! + last.length === hostOffset)
-      ) {
-        last.length += length;
-      } else {
-        out.push({ start: s, length, kind, hostOffset });
-      }
-    };
+    await this.walkExtents(start, end, (s, length, kind, hostOffset) => out.push({ start: s, length, kind, hostOffset }));
+    return out;
+  }
+
+  /**
+   * extents() without the array: `emit` gets each merged extent in order. A fragmented disk has
+   * hundreds of thousands; map writes them out as they come (see resolveChain).
+   */
+  async walkExtents(start: number, end: number, emit: (start: number, length: number, kind: ExtentKind, hostOffset: number | null) => void): Promise<void> {
+    const merger = new ExtentMerger(emit);
+    const push = (s: number, length: number, kind: ExtentKind, hostOffset: number | null) => merger.push(s, length, kind, hostOffset);
+    const flush = () => merger.flush();
     const limit = Math.min(end, this.size);
     if (this.format === 'raw' || !this.header || !this.geometry) {
       const dataEnd = Math.max(start, Math.min(limit, this.rawLength));
@@ -191,7 +187,8 @@ export class MapLayer {
       }
       push(dataEnd, limit - dataEnd, 'zero', dataEnd);
       if (end > limit) push(Math.max(start, limit), end - Math.max(start, limit), 'unallocated', null);
-      return out;
+      flush();
+      return;
     }
     const g = this.geometry;
     const version = this.header.version;
@@ -256,7 +253,7 @@ export class MapLayer {
       }
     }
     if (end > limit) push(Math.max(start, limit), end - Math.max(start, limit), 'unallocated', null);
-    return out;
+    flush();
   }
 
   /** Read guest bytes this layer holds itself (data, zero or compressed extents only). */
@@ -314,6 +311,49 @@ export class MapLayer {
       i = j;
     }
     await Promise.all(jobs);
+  }
+}
+
+/**
+ * The extent being grown by walkExtents: merged while the next one continues it (same kind,
+ * contiguous host offsets; compressed clusters are never merged). Kept in an object's fields, not
+ * in closure variables: V8 updates a field holding a large number in place, while each store to a
+ * closure variable allocates a new heap number (garbage for every cluster of a big disk).
+ */
+class ExtentMerger {
+  private pending = false;
+  private start = 0;
+  private length = 0;
+  private kind: ExtentKind = 'data';
+  /** -1 for none: a field that is always a number is updated in place. */
+  private hostOffset = -1;
+
+  constructor(private readonly emit: (start: number, length: number, kind: ExtentKind, hostOffset: number | null) => void) {}
+
+  push(start: number, length: number, kind: ExtentKind, hostOffset: number | null): void {
+    if (length <= 0) return;
+    if (
+      this.pending &&
+      this.kind === kind &&
+      this.start + this.length === start &&
+      kind !== 'compressed' &&
+      (this.hostOffset === -1) === (hostOffset === null) &&
+      (hostOffset === null || this.hostOffset + this.length === hostOffset)
+    ) {
+      this.length += length;
+      return;
+    }
+    if (this.pending) this.emit(this.start, this.length, this.kind, this.hostOffset === -1 ? null : this.hostOffset);
+    this.pending = true;
+    this.start = start;
+    this.length = length;
+    this.kind = kind;
+    this.hostOffset = hostOffset ?? -1;
+  }
+
+  flush(): void {
+    if (this.pending) this.emit(this.start, this.length, this.kind, this.hostOffset === -1 ? null : this.hostOffset);
+    this.pending = false;
   }
 }
 
@@ -409,28 +449,36 @@ export interface MapEntry {
   offset?: number;
 }
 
-/** Append `e` to `out`, merging it into the last row the way qemu-img map does. */
-function pushMerged(out: MapEntry[], e: MapEntry): void {
-  const last = out[out.length - 1];
-  if (
-    last &&
-    last.start + last.length === e.start &&
-    last.depth === e.depth &&
-    last.present === e.present &&
-    last.zero === e.zero &&
-    last.data === e.data &&
-    (last.offset === undefined) === (e.offset === undefined) &&
-    (last.offset === undefined || last.offset + last.length === e.offset)
-  ) {
-    last.length += e.length;
-  } else {
-    out.push(e);
-  }
+/**
+ * Where chainStatus puts its rows, one at a time and in order: an array of MapEntry (the API)
+ * or the JSON text of `image map --json` (MapJsonWriter), which needs no object per row.
+ */
+interface RowSink {
+  row(start: number, length: number, depth: number, present: boolean, zero: boolean, data: boolean, offset: number | null): void;
 }
 
-function row(start: number, length: number, depth: number, present: boolean, zero: boolean, data: boolean, offset: number | null): MapEntry {
-  // Key order as qemu-img prints it; offset only when there is one.
-  return offset === null ? { start, length, depth, present, zero, data } : { start, length, depth, present, zero, data, offset };
+/** Append rows to `out`, merging each into the last row the way qemu-img map does. */
+function arraySink(out: MapEntry[]): RowSink {
+  return {
+    row(start, length, depth, present, zero, data, offset) {
+      const last = out[out.length - 1];
+      if (
+        last &&
+        last.start + last.length === start &&
+        last.depth === depth &&
+        last.present === present &&
+        last.zero === zero &&
+        last.data === data &&
+        (last.offset === undefined) === (offset === null) &&
+        (last.offset === undefined || last.offset + last.length === offset)
+      ) {
+        last.length += length;
+      } else {
+        // Key order as qemu-img prints it; offset only when there is one.
+        out.push(offset === null ? { start, length, depth, present, zero, data } : { start, length, depth, present, zero, data, offset });
+      }
+    },
+  };
 }
 
 /**
@@ -440,36 +488,51 @@ function row(start: number, length: number, depth: number, present: boolean, zer
  * Rows are appended to `out` already merged.
  */
 export async function chainStatus(layers: MapLayer[], start: number, end: number, depth = 0, out: MapEntry[] = []): Promise<MapEntry[]> {
+  await resolveChain(layers, start, end, depth, arraySink(out));
+  return out;
+}
+
+async function resolveChain(layers: MapLayer[], start: number, end: number, depth: number, sink: RowSink): Promise<void> {
   const layer = layers[depth]!;
   const below = layers[depth + 1];
+  if (below === undefined) {
+    // The last layer: nothing to fall through to, so each extent becomes a row as it comes.
+    await layer.walkExtents(start, end, (s, length, kind, hostOffset) => {
+      if (kind === 'data') sink.row(s, length, depth, true, false, true, hostOffset);
+      else if (kind === 'compressed') sink.row(s, length, depth, true, false, true, null);
+      else if (kind === 'zero') sink.row(s, length, depth, true, true, false, hostOffset);
+      else sink.row(s, length, depth, false, true, false, hostOffset);
+    });
+    return;
+  }
   for (const e of await layer.extents(start, end)) {
     switch (e.kind) {
       case 'data':
-        pushMerged(out, row(e.start, e.length, depth, true, false, true, e.hostOffset));
+        sink.row(e.start, e.length, depth, true, false, true, e.hostOffset);
         break;
       case 'compressed':
-        pushMerged(out, row(e.start, e.length, depth, true, false, true, null));
+        sink.row(e.start, e.length, depth, true, false, true, null);
         break;
       case 'zero':
-        pushMerged(out, row(e.start, e.length, depth, true, true, false, e.hostOffset));
+        sink.row(e.start, e.length, depth, true, true, false, e.hostOffset);
         break;
       case 'unallocated': {
         const eEnd = e.start + e.length;
         const fallsThrough = below ? Math.min(eEnd, below.size) : e.start;
-        if (below && fallsThrough > e.start) await chainStatus(layers, e.start, fallsThrough, depth + 1, out);
+        if (below && fallsThrough > e.start) await resolveChain(layers, e.start, fallsThrough, depth + 1, sink);
         const rest = Math.max(e.start, fallsThrough);
-        if (rest < eEnd) pushMerged(out, row(rest, eEnd - rest, depth, false, true, false, e.hostOffset === null ? null : e.hostOffset + (rest - e.start)));
+        if (rest < eEnd) sink.row(rest, eEnd - rest, depth, false, true, false, e.hostOffset === null ? null : e.hostOffset + (rest - e.start));
         break;
       }
     }
   }
-  return out;
 }
 
 /** Merge adjacent rows the way qemu-img map does (same flags, contiguous offsets). */
 export function mergeMapEntries(entries: MapEntry[]): MapEntry[] {
   const out: MapEntry[] = [];
-  for (const e of entries) pushMerged(out, { ...e });
+  const sink = arraySink(out);
+  for (const e of entries) sink.row(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset ?? null);
   return out;
 }
 
@@ -480,16 +543,33 @@ export interface MapOptions extends OpenLayersOptions {
 
 /** `qemu-img map` of an image and its chain: merged extents over the whole virtual disk. */
 export async function mapImage(path: string, options: MapOptions = {}): Promise<MapEntry[]> {
+  const entries: MapEntry[] = [];
+  await mapInto(path, options, arraySink(entries));
+  return entries;
+}
+
+/**
+ * `qemu-img map --output=json` of an image and its chain, byte for byte as qemu-img prints it,
+ * handed to `write` in chunks of about a megabyte as the disk is walked: a fragmented disk has
+ * hundreds of thousands of rows, which as objects and one joined string cost more in garbage
+ * collection than the walk itself. `write` returns true when it is done with the chunk (it was
+ * written synchronously), and then gets the same buffer again; otherwise each chunk is new.
+ */
+export async function mapImageJson(path: string, options: MapOptions, write: (chunk: Uint8Array) => boolean | void): Promise<void> {
+  const writer = new MapJsonWriter(write);
+  await mapInto(path, options, writer);
+  writer.end(options.start ?? 0);
+}
+
+async function mapInto(path: string, options: MapOptions, sink: RowSink): Promise<void> {
   const layers = await openLayers(path, options);
   try {
     const size = layers[0]!.size;
     const start = options.start ?? 0;
     const end = Math.min(size, options.length === undefined ? size : start + options.length);
-    const entries: MapEntry[] = [];
     // A window at a time keeps the per-layer extent lists small on huge disks.
     const step = Math.max(layers[0]!.geometry?.l2Coverage ?? 1 << 30, 1 << 30);
-    for (let pos = start; pos < end; pos += step) await chainStatus(layers, pos, Math.min(end, pos + step), 0, entries);
-    return entries;
+    for (let pos = start; pos < end; pos += step) await resolveChain(layers, pos, Math.min(end, pos + step), 0, sink);
   } finally {
     await closeLayers(layers);
   }
@@ -497,5 +577,150 @@ export async function mapImage(path: string, options: MapOptions = {}): Promise<
 
 /** Text like qemu-img's JSON map: one object per line inside brackets. */
 export function formatMapJson(entries: MapEntry[]): string {
-  return `[${entries.map((e) => JSON.stringify(e)).join(',\n')}]`;
+  let text = '';
+  const writer = new MapJsonWriter((chunk) => {
+    text += Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength).toString('latin1');
+  });
+  for (const e of entries) writer.row(e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset ?? null);
+  writer.end(0);
+  return text.slice(0, -1); // without the final newline, as before
+}
+
+/** Bytes at which MapJsonWriter hands its text on. */
+const JSON_CHUNK = 1 << 20;
+
+const ascii = (text: string): Uint8Array => Uint8Array.from(text, (c) => c.charCodeAt(0));
+const FIRST_ROW = ascii('[{ "start": ');
+const NEXT_ROW = ascii(',\n{ "start": ');
+const LENGTH = ascii(', "length": ');
+const DEPTH = ascii(', "depth": ');
+/** ', "present": ..., "zero": ..., "data": ...' for each combination, indexed present * 4 + zero * 2 + data. */
+const FLAGS = Array.from({ length: 8 }, (_, i) => ascii(`, "present": ${(i & 4) !== 0}, "zero": ${(i & 2) !== 0}, "data": ${(i & 1) !== 0}`));
+const OFFSET = ascii(', "offset": ');
+const ROW_END = ascii('}');
+const MAP_END = ascii(']\n');
+
+/**
+ * Merges rows as qemu-img map does and writes each finished one as qemu-img prints it:
+ * `[{ "start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},`
+ * one per line, `]` and a newline after the last. A map with no rows (an empty range) is one
+ * row of length 0 at its start, as in qemu-img. The text goes straight into byte buffers (no
+ * string per row), each handed to `write` when full and never touched again.
+ */
+class MapJsonWriter implements RowSink {
+  private pending = false;
+  private start = 0;
+  private length = 0;
+  private depth = 0;
+  private present = false;
+  private zero = false;
+  private data = false;
+  /** -1 for none (see ExtentMerger). */
+  private offset = -1;
+  private buffer = new Uint8Array(JSON_CHUNK + 256);
+  private at = 0;
+  private rows = 0;
+  private readonly digits = new Uint8Array(20);
+
+  constructor(private readonly write: (chunk: Uint8Array) => boolean | void) {}
+
+  row(start: number, length: number, depth: number, present: boolean, zero: boolean, data: boolean, offset: number | null): void {
+    if (
+      this.pending &&
+      this.start + this.length === start &&
+      this.depth === depth &&
+      this.present === present &&
+      this.zero === zero &&
+      this.data === data &&
+      (this.offset === -1) === (offset === null) &&
+      (offset === null || this.offset + this.length === offset)
+    ) {
+      this.length += length;
+      return;
+    }
+    if (this.pending) this.emit();
+    this.pending = true;
+    this.start = start;
+    this.length = length;
+    this.depth = depth;
+    this.present = present;
+    this.zero = zero;
+    this.data = data;
+    this.offset = offset ?? -1;
+  }
+
+  /** Write the last row and the closing bracket; `start` is where an empty map starts. */
+  end(start: number): void {
+    if (this.pending) this.emit();
+    else if (this.rows === 0) {
+      this.start = start;
+      this.offset = -1;
+      this.length = this.depth = 0;
+      this.present = this.zero = this.data = false;
+      this.emit();
+    }
+    this.pending = false;
+    this.put(MAP_END);
+    this.write(this.buffer.subarray(0, this.at));
+    this.buffer = new Uint8Array(0);
+    this.at = 0;
+  }
+
+  /** A few constant bytes (a loop: cheaper than Uint8Array.set for so few). */
+  private put(bytes: Uint8Array): void {
+    const buffer = this.buffer;
+    let at = this.at;
+    for (let i = 0; i < bytes.length; i += 1) buffer[at++] = bytes[i]!;
+    this.at = at;
+  }
+
+  /** A non-negative integer (below 2^53) in decimal, in small-integer arithmetic. */
+  private number(value: number): void {
+    if (value < 1e9) {
+      this.smallNumber(value, 0);
+      return;
+    }
+    const high = Math.floor(value / 1e9);
+    this.smallNumber(high, 0);
+    this.smallNumber(value - high * 1e9, 9);
+  }
+
+  /** value < 1e9, left-padded with zeros to `width` digits. */
+  private smallNumber(value: number, width: number): void {
+    const digits = this.digits;
+    let n = 0;
+    let v = value | 0;
+    do {
+      const next = (v / 10) | 0;
+      digits[n++] = 48 + v - next * 10;
+      v = next;
+    } while (v > 0);
+    while (n < width) digits[n++] = 48;
+    const buffer = this.buffer;
+    let at = this.at;
+    while (n > 0) buffer[at++] = digits[--n]!;
+    this.at = at;
+  }
+
+  private emit(): void {
+    this.put(this.rows === 0 ? FIRST_ROW : NEXT_ROW);
+    this.number(this.start);
+    this.put(LENGTH);
+    this.number(this.length);
+    this.put(DEPTH);
+    this.number(this.depth);
+    this.put(FLAGS[(this.present ? 4 : 0) + (this.zero ? 2 : 0) + (this.data ? 1 : 0)]!);
+    if (this.offset !== -1) {
+      this.put(OFFSET);
+      this.number(this.offset);
+    }
+    this.put(ROW_END);
+    this.rows += 1;
+    // A row is under 200 bytes: the buffer has room for one more past JSON_CHUNK.
+    if (this.at >= JSON_CHUNK) {
+      // A writer that has consumed the bytes already (true) gets the same buffer again.
+      if (this.write(this.buffer.subarray(0, this.at)) !== true) this.buffer = new Uint8Array(JSON_CHUNK + 256);
+      this.at = 0;
+    }
+  }
 }

@@ -4,8 +4,10 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { infoImage } from '../../src/chain/info.js';
-import { mapImage } from '../../src/chain/map.js';
-import { qemuImg, tempDir } from '../helpers/qemu.js';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { mapImage, mapImageJson } from '../../src/chain/map.js';
+import { qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
 import { buildFixtures, type Fixture } from './fixtures.js';
 
 let dir: string;
@@ -64,4 +66,38 @@ describe('map matches qemu-img map --output=json', () => {
     const theirs = JSON.parse((await qemuImg(['map', '--output=json', '--start-offset=1000000', '--max-length=3000000', path])).stdout);
     expect(await mapImage(path, { start: 1000000, length: 3000000 })).toEqual(theirs);
   });
+});
+
+describe('map --json is qemu-img map --output=json byte for byte', () => {
+  const collect = async (path: string, options: Parameters<typeof mapImageJson>[1] = {}): Promise<string> => {
+    const chunks: Buffer[] = [];
+    // Copies: a writer that returns nothing gets a fresh buffer per chunk, but say so explicitly.
+    await mapImageJson(path, options, (chunk) => void chunks.push(Buffer.from(chunk)));
+    return Buffer.concat(chunks).toString('latin1');
+  };
+  const raw = async (command: string, args: string[]): Promise<string> =>
+    (await execa(command, args, { stripFinalNewline: false, encoding: 'latin1', timeout: 120_000 })).stdout as string;
+
+  it('for every fixture, and for a window and an empty range', async () => {
+    for (const fixture of fixtures) {
+      expect(await collect(fixture.path), fixture.name).toBe(await raw('qemu-img', ['map', '--output=json', fixture.path]));
+    }
+    const path = fixtures.find((f) => f.name === 'chain depth 3 over raw')!.path;
+    expect(await collect(path, { start: 1000000, length: 3000000 })).toBe(await raw('qemu-img', ['map', '--output=json', '--start-offset=1000000', '--max-length=3000000', path]));
+    // Past the end: one row of length 0 at the start, as qemu-img prints it.
+    expect(await collect(path, { start: 2 ** 40 })).toBe(await raw('qemu-img', ['map', '--output=json', `--start-offset=${2 ** 40}`, path]));
+  });
+
+  it('through the CLI, for a fragmented image whose map is several megabytes (buffers written and reused)', async () => {
+    const path = join(dir, 'fragmented.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', path, '8G']);
+    // 12,000 clusters in scattered guest order (7919 is odd, so the clusters are distinct).
+    const writes = Array.from({ length: 12_000 }, (_, i) => `write -P ${i % 250} ${((i * 7919) % 131072) * 64}k 4k`);
+    await qemuIo(path, writes);
+    const theirs = await raw('qemu-img', ['map', '--output=json', path]);
+    expect(theirs.length).toBeGreaterThan(2 * 1024 * 1024);
+    const cli = join(import.meta.dirname, '..', '..', 'bin', 'qlayer.js');
+    expect(await raw('node', [cli, 'image', 'map', '--json', path])).toBe(theirs);
+    expect(await collect(path)).toBe(theirs);
+  }, 300_000);
 });

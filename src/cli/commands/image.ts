@@ -10,7 +10,7 @@ import { convertImage } from '../../chain/convert.js';
 import { measureImage, measureSize, type MeasureResult } from '../../chain/measure.js';
 import { formatSnapshotList, listSnapshots } from '../../chain/snapshot-list.js';
 import { formatInfoText, infoImage } from '../../chain/info.js';
-import { formatMapJson, mapImage } from '../../chain/map.js';
+import { mapImage, mapImageJson } from '../../chain/map.js';
 import { rebaseImage } from '../../chain/rebase.js';
 import { QlayerError } from '../../errors.js';
 import { checkExitCode, toQemuJson } from '../../qcow2/check.js';
@@ -195,16 +195,22 @@ export function registerImageCommands(program: Command): void {
     .option('--json', 'print JSON'))
     .action(async (file: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; startOffset?: string; maxLength?: string }) => {
       await warnIfBeingWritten(file, flags);
-      const entries = await mapImage(file, {
+      const options = {
         format: format(flags.f, '-f', 'qcow2'),
         allowedDirectories: allowedDirectories(flags),
         start: flags.startOffset === undefined ? undefined : parseSize(flags.startOffset, '--start-offset'),
         length: flags.maxLength === undefined ? undefined : parseSize(flags.maxLength, '--max-length'),
-      });
+      };
       if (flags.json) {
-        process.stdout.write(`${formatMapJson(entries)}\n`);
+        // Written as it is walked, in large chunks: qemu-img's exact bytes. Writes to a file or a
+        // pipe are synchronous on Linux (nothing left buffered), and the buffer is reused then.
+        await mapImageJson(file, options, (chunk) => {
+          process.stdout.write(chunk);
+          return process.stdout.writableLength === 0;
+        });
         return;
       }
+      const entries = await mapImage(file, options);
       const lines = ['Offset          Length          Depth  Mapped to       Kind'];
       for (const e of entries) {
         if (!e.present) continue;
