@@ -13,7 +13,7 @@
  *    refused without ever blocking, and fstat of the descriptor after);
  * 4. open the real path with O_NOFOLLOW and O_NONBLOCK, so a swap after step 2 is refused.
  */
-import { lstat, realpath } from 'node:fs/promises';
+import { lstatSync, realpathSync, type Stats } from 'node:fs';
 import { dirname, resolve, sep } from 'node:path';
 import { nodeFileSystem, nonRegularKind, NotRegularFileError, pseudoFileSystemOf, type FileSystemAccess, type HostFile, type OpenMode } from '../io/host-file.js';
 import { ChainError, Qcow2Error } from './errors.js';
@@ -40,9 +40,22 @@ export function isInside(path: string, dir: string): boolean {
   return path === dir || path.startsWith(dir.endsWith(sep) ? dir : dir + sep);
 }
 
-async function realFolder(dir: string): Promise<string> {
+/**
+ * realpath(3) and lstat run synchronously here: they answer from the kernel's caches in
+ * microseconds, while each asynchronous call is a thread-pool round trip (milliseconds on a busy
+ * host), and opening an image resolves several names before its first read.
+ */
+function realpath(path: string): string {
+  return realpathSync.native(path);
+}
+
+function realFolder(dir: string): string {
   // A folder that does not exist holds nothing: keep it (resolved) so messages can name it.
-  return realpath(dir).catch(() => resolve(dir));
+  try {
+    return realpath(dir);
+  } catch {
+    return resolve(dir);
+  }
 }
 
 export class NamedFilePolicy {
@@ -57,8 +70,8 @@ export class NamedFilePolicy {
    * plus `allowedDirectories`.
    */
   static async forImage(imagePath: string, options: NamedFilePolicyOptions = {}): Promise<NamedFilePolicy> {
-    const roots = [await realFolder(dirname(resolve(imagePath)))];
-    for (const dir of options.allowedDirectories ?? []) roots.push(await realFolder(dir));
+    const roots = [realFolder(dirname(resolve(imagePath)))];
+    for (const dir of options.allowedDirectories ?? []) roots.push(realFolder(dir));
     return new NamedFilePolicy([...new Set(roots)], options.fs ?? nodeFileSystem);
   }
 
@@ -67,9 +80,12 @@ export class NamedFilePolicy {
    * may be reached through symlinks, but it must still be a regular file (a FIFO would block).
    */
   async openTop(path: string, mode: OpenMode): Promise<{ realPath: string; file: HostFile }> {
-    const realPath = await realpath(path).catch((cause: unknown) => {
+    let realPath: string;
+    try {
+      realPath = realpath(path);
+    } catch (cause) {
       throw new Qcow2Error('qcow2.not-found', `${path} does not exist or cannot be resolved`, { cause });
-    });
+    }
     await this.assertRegular(realPath, () => `${path}`);
     // Opened by the name given: messages then name the file the way the user did.
     const file = await this.fs.open(path, mode, { regularOnly: true }).catch((error: unknown) => {
@@ -84,7 +100,7 @@ export class NamedFilePolicy {
     const path = resolveReferencedPath(name, referrer, `${referrer}: ${role}`);
     let realPath: string;
     try {
-      realPath = await realpath(path);
+      realPath = realpath(path);
     } catch (cause) {
       if (role === 'external data file') throw new Qcow2Error('qcow2.not-found', `${what} (${path}) does not exist`, { cause });
       throw new ChainError('chain.backing-not-found', `${what} (${path}) does not exist or cannot be resolved`, { cause });
@@ -111,7 +127,12 @@ export class NamedFilePolicy {
 
   /** Refuse FIFOs, devices, sockets, folders and pseudo-file-system files before any open. */
   private async assertRegular(realPath: string, what: () => string): Promise<void> {
-    const stats = await lstat(realPath).catch(() => null);
+    let stats: Stats | null;
+    try {
+      stats = lstatSync(realPath);
+    } catch {
+      stats = null;
+    }
     const kind = stats === null ? null : nonRegularKind(stats);
     if (kind !== null) throw notRegular(what(), realPath, kind);
     const pseudo = await pseudoFileSystemOf(realPath);
