@@ -14,7 +14,8 @@ import type { Command } from 'commander';
 export interface CommandGroup {
   /** Top-level command names the group registers on the root program. */
   names: readonly string[];
-  load(): Promise<(program: Command) => void>;
+  /** The group's register function; `args` (the command line) lets it build only what the line names. */
+  load(): Promise<(program: Command, args?: readonly string[]) => void>;
 }
 
 export const commandGroups: readonly CommandGroup[] = [
@@ -53,5 +54,5 @@ export function groupsFor(args: readonly string[]): readonly CommandGroup[] {
 export async function registerCommands(program: Command, args?: readonly string[]): Promise<void> {
   const groups = args === undefined ? commandGroups : groupsFor(args);
   const registers = await Promise.all(groups.map((group) => group.load()));
-  for (const register of registers) register(program);
+  for (const register of registers) register(program, args);
 }
