@@ -124,6 +124,22 @@ registerBenchSection({
       },
     },
     {
+      name: "start-up: qlayer image info --json (64 MiB image) vs node -e ''",
+      setup: smallImage,
+      minRuns: 20,
+      statistic: 'median',
+      async reference() {
+        await ok(process.execPath, ['-e', '']);
+      },
+      async qlayer(ctx) {
+        ctx.state.set('info', await qlayer(['image', 'info', '--json', f(ctx, 'small.qcow2')]));
+      },
+      async verify(ctx) {
+        const info = JSON.parse(ctx.state.get('info') as string) as Record<string, unknown>;
+        if (info['virtual-size'] !== 64 * 1024 * 1024) throw new Error(`info printed ${ctx.state.get('info') as string}`);
+      },
+    },
+    {
       name: 'image info --json of a small image (64 MiB)',
       setup: smallImage,
       minRuns: 20,
