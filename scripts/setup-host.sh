@@ -19,6 +19,7 @@ packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvi
   musl-tools # musl-tools: a small static native/build/qlayer-guest-alloc (scripts/build-native.mjs)
   xfsprogs # xfsprogs: the reflink tests put a store on an XFS made in a file
   mmdebstrap # mmdebstrap: vm-fixtures/build-debian.sh builds the Debian test guest
+  lvm2 # lvm2: test/fs/lvm-oracle.test.ts builds VGs and reads LVs through the kernel
   virtinst) # virtinst: test/e2e/libvirt-native.test.ts makes an ordinary VM with virt-install --import to adopt
 
 missing=()
