@@ -37,14 +37,34 @@ export function describeLvType(lv: LogicalVolumeInfo): string {
   return types.length === 1 ? types[0]! : types.join('+');
 }
 
+/** The snapshot segment whose copy-on-write store this LV is, if any. */
+function snapshotUsing(vg: VolumeGroupInfo, lv: LogicalVolumeInfo): { origin: string } | undefined {
+  for (const other of vg.lvs) {
+    for (const s of other.segments) if (s.type === 'snapshot' && s.cowStore === lv.name) return { origin: s.origin ?? '?' };
+  }
+  return undefined;
+}
+
+/**
+ * Whether `lvs` shows this LV, as LVM decides it: an old-style snapshot is shown under the name
+ * of its copy-on-write LV (stored without VISIBLE) when its origin is visible, and the internal
+ * "snapshotN" LV carrying the snapshot segment is never shown; otherwise the VISIBLE flag.
+ */
+export function isListed(vg: VolumeGroupInfo, lv: LogicalVolumeInfo): boolean {
+  if (lv.segments.some((s) => s.type === 'snapshot')) return false;
+  const snapshot = snapshotUsing(vg, lv);
+  if (snapshot) return vg.lvs.some((o) => o.name === snapshot.origin && o.visible);
+  return lv.visible;
+}
+
 /** Why this LV cannot be mapped, or undefined when it is linear. Does not look for the PVs. */
 export function refusalReason(vg: VolumeGroupInfo, lv: LogicalVolumeInfo): string | undefined {
   const name = `LV ${vg.name}/${lv.name}`;
-  const snapshotOf = vg.lvs.flatMap((other) => other.segments.filter((s) => s.type === 'snapshot' && s.cowStore === lv.name).map((s) => s.origin ?? '?'));
-  if (snapshotOf.length > 0) {
-    return `${name} is a snapshot of ${vg.name}/${snapshotOf[0]} (type "snapshot"): it holds copy-on-write differences, not a filesystem; only linear LVs can be read`;
+  const snapshot = snapshotUsing(vg, lv);
+  if (snapshot) {
+    return `${name} is a snapshot of ${vg.name}/${snapshot.origin} (type "snapshot"): it holds copy-on-write differences, not a filesystem; only linear LVs can be read`;
   }
-  if (!lv.visible) return `${name} is a hidden internal volume (part of another LV); only visible linear LVs can be read`;
+  if (!isListed(vg, lv)) return `${name} is a hidden internal volume (part of another LV); only visible linear LVs can be read`;
   for (const [i, segment] of lv.segments.entries()) {
     if (segment.type !== 'striped') {
       return `${name} has type "${segment.type}" (segment ${i + 1}); only linear LVs can be read (thin, RAID, mirror, cache, snapshot and striped LVs cannot)`;

@@ -10,7 +10,7 @@ import { windowOf, type ByteSource } from '../../io/byte-source.js';
 import { Ext4Error } from '../errors.js';
 import type { Partition } from '../partitions.js';
 import { readMetadataArea, readPvLabel } from './label.js';
-import { describeLvType, mapLogicalVolume, volumeSource, type LvPiece, type PvOnDisk } from './mapping.js';
+import { describeLvType, isListed, mapLogicalVolume, refusalReason, volumeSource, type LvPiece, type PvOnDisk } from './mapping.js';
 import { parseVolumeGroup, type VolumeGroupInfo } from './volume-group.js';
 
 export interface LvmVolumeDetails {
@@ -71,7 +71,7 @@ export async function scanLvm(disk: ByteSource, partitions: readonly Partition[]
   const volumes: Partition[] = [];
   for (const vg of vgs) {
     for (const lv of vg.lvs) {
-      if (!lv.visible) continue;
+      if (!isListed(vg, lv)) continue;
       const length = lv.extentCount * vg.extentSize;
       const base = { scheme: 'lvm' as const, type: describeLvType(lv), name: `${vg.name}/${lv.name}`, length };
       try {
@@ -113,7 +113,7 @@ export function findVolume(scan: LvmScan, wanted: string): Partition {
     throw new Ext4Error('fs.partition-not-found', `volume group ${vgName} is not on this disk (volume groups found: ${known || 'none'})${damaged}`);
   }
   const hidden = vg.lvs.find((lv) => lv.name === lvName);
-  if (hidden) throw new Ext4Error('fs.lvm-unsupported', `LV ${vgName}/${lvName} is a hidden internal volume (part of another LV); only visible linear LVs can be read`);
+  if (hidden) throw new Ext4Error('fs.lvm-unsupported', refusalReason(vg, hidden) ?? `LV ${vgName}/${lvName} is a hidden internal volume`);
   const known = scan.volumes.filter((v) => v.lvm?.vg === vgName).map((v) => v.lvm!.lv).join(', ');
   throw new Ext4Error('fs.partition-not-found', `volume group ${vgName} has no LV ${lvName} (LVs: ${known || 'none'})`);
 }
