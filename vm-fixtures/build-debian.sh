@@ -12,7 +12,12 @@
 # The apt mirror is the host's: its apt sources are handed to mmdebstrap at run time and are
 # removed from the guest afterwards; no mirror is written into any file of this repository.
 #
-# Usage: vm-fixtures/build-debian.sh [--force] [--print-dir]
+# Usage: vm-fixtures/build-debian.sh [--force] [--print-dir] [--root lvm]
+#   --root lvm             the root filesystem on an LVM2 logical volume instead of partition 2:
+#                          partition 2 is a PV of VG qlayerdeb, whose LV root (in two pieces, with
+#                          the LV spare between them) holds the ext4; lvm2 is installed so that the
+#                          initramfs activates the VG; grub reads the LV itself. Cached apart, as
+#                          $cache/debian-lvm-<key> and debian-lvm-current.
 #   QLAYER_FIXTURES_CACHE  cache folder (default: <repo>/.cache/vm-fixtures)
 set -euo pipefail
 
@@ -21,13 +26,22 @@ repo="$(dirname "$here")"
 cache="${QLAYER_FIXTURES_CACHE:-$repo/.cache/vm-fixtures}"
 force=0
 print_dir=0
-for arg in "$@"; do
-  case "$arg" in
+root_kind=partition
+while (($#)); do
+  case "$1" in
     --force) force=1 ;;
     --print-dir) print_dir=1 ;;
-    *) echo "build-debian.sh: unknown argument $arg" >&2; exit 2 ;;
+    --root=*) root_kind="${1#--root=}" ;;
+    --root) shift; root_kind="${1:-}" ;;
+    *) echo "build-debian.sh: unknown argument $1" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$root_kind" in
+  partition) variant=debian ;;
+  lvm) variant=debian-lvm ;;
+  *) echo "build-debian.sh: --root must be partition or lvm, not '$root_kind'" >&2; exit 2 ;;
+esac
 
 log() { echo "vm-fixtures (debian): $*" >&2; }
 die() { echo "vm-fixtures (debian): error: $*" >&2; exit 1; }
@@ -36,6 +50,9 @@ die() { echo "vm-fixtures (debian): error: $*" >&2; exit 1; }
 for tool in mmdebstrap apt-cache mke2fs sgdisk qemu-img sha256sum flock perl; do
   command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup-host.sh)"
 done
+if [ "$root_kind" = lvm ]; then
+  for tool in lvm losetup; do command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup-host.sh)"; done
+fi
 
 suite=bookworm
 # The disk: 3 GiB virtual, GPT, partition 1 = BIOS boot (grub's core.img), partition 2 = ext4 root.
@@ -51,6 +68,20 @@ user_name=user
 user_uid=1000
 cmdline="console=ttyS0"
 packages=(systemd-sysv dbus udev qemu-guest-agent linux-image-cloud-amd64 initramfs-tools grub-pc e2fsprogs)
+# How the kernel and fstab name the root, and where grub looks for it.
+root_arg="root=UUID=$fs_uuid"
+fstab_root="UUID=$fs_uuid"
+grub_modules=(biosdisk part_gpt ext2 search_fs_uuid)
+grub_hint="hd0,gpt2"
+if [ "$root_kind" = lvm ]; then
+  vg=qlayerdeb
+  packages+=(lvm2)
+  # initramfs-tools' lvm2 script activates the LV that root= names as /dev/mapper/VG-LV.
+  root_arg="root=/dev/mapper/$vg-root"
+  fstab_root="/dev/mapper/$vg-root"
+  grub_modules=(biosdisk part_gpt lvm ext2 search_fs_uuid)
+  grub_hint="lvm/$vg-root"
+fi
 
 mkdir -p "$cache/debian-debs"
 exec 9>"$cache/debian.lock"
@@ -80,12 +111,14 @@ key="$({
   mke2fs -V 2>&1 | head -1
   sgdisk --version | head -1
   qemu-img --version | head -1
+  echo "root: $root_kind"
+  [ "$root_kind" != lvm ] || LVM_SUPPRESS_FD_WARNINGS=1 lvm version 2>/dev/null | head -1
 } | sha256sum | cut -c1-16)"
-name="debian-$key"
+name="$variant-$key"
 out="$cache/$name"
 
 if [ "$force" -eq 0 ] && [ -f "$out/manifest.json" ]; then
-  ln -sfn "$name" "$cache/debian-current"
+  ln -sfn "$name" "$cache/$variant-current"
   log "up to date ($out)"
   [ "$print_dir" -eq 0 ] || echo "$out"
   exit 0
@@ -122,9 +155,13 @@ EOF
 chmod 755 "$1/etc/initramfs-tools/hooks/qlayer-virtio"
 HOOK
 )"
+if [ "$root_kind" = lvm ]; then
+  # The root LV needs device-mapper before the root is mounted (lvm2's own hook adds the tools).
+  essential_hook+=$'\necho "force_load dm_mod" >>"$1/etc/initramfs-tools/hooks/qlayer-virtio"'
+fi
 customize_hook="$(cat <<HOOK
 set -e
-echo 'UUID=$fs_uuid / ext4 errors=remount-ro 0 1' >"\$1/etc/fstab"
+echo '$fstab_root / ext4 errors=remount-ro 0 1' >"\$1/etc/fstab"
 echo qlayer-debian >"\$1/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 qlayer-debian\n' >"\$1/etc/hosts"
 chroot "\$1" useradd --create-home --uid $user_uid --user-group --shell /bin/bash $user_name
@@ -165,12 +202,12 @@ gdir="$rf/boot/grub/i386-pc"
 mkdir -p "$gdir"
 cp "$rf"/usr/lib/grub/i386-pc/*.mod "$rf"/usr/lib/grub/i386-pc/*.lst "$rf/usr/lib/grub/i386-pc/boot.img" "$gdir/"
 cat >"$work/load.cfg" <<EOF
-search.fs_uuid $fs_uuid root hd0,gpt2
+search.fs_uuid $fs_uuid root $grub_hint
 set prefix=(\$root)/boot/grub
 EOF
 cp "$work/load.cfg" "$rf/tmp/qlayer-load.cfg"
 chroot "$rf" grub-mkimage -O i386-pc -o /boot/grub/i386-pc/core.img -c /tmp/qlayer-load.cfg \
-  -p /boot/grub biosdisk part_gpt ext2 search_fs_uuid >/dev/null 2>&1 || die "grub-mkimage failed"
+  -p /boot/grub "${grub_modules[@]}" >/dev/null 2>&1 || die "grub-mkimage failed"
 rm -f "$rf/tmp/qlayer-load.cfg"
 chroot "$rf" grub-editenv /boot/grub/grubenv create
 cat >"$rf/boot/grub/grub.cfg" <<EOF
@@ -181,10 +218,11 @@ terminal_output serial console
 set default=0
 set timeout=0
 insmod part_gpt
+$([ "$root_kind" != lvm ] || echo 'insmod lvm')
 insmod ext2
 search --no-floppy --fs-uuid --set=root $fs_uuid
 menuentry 'Debian GNU/Linux ($kernel_release)' {
-  linux /boot/vmlinuz-$kernel_release root=UUID=$fs_uuid ro $cmdline
+  linux /boot/vmlinuz-$kernel_release $root_arg ro $cmdline
   initrd /boot/initrd.img-$kernel_release
 }
 EOF
@@ -195,15 +233,87 @@ core_size="$(stat -c %s "$gdir/core.img")"
 [ "$core_size" -le $((bios_sectors * 512)) ] || die "core.img ($core_size bytes) does not fit the BIOS boot partition"
 
 # --- The disk ------------------------------------------------------------------------------------------
-E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -b 4096 -L qlayer-debian -U "$fs_uuid" -E "hash_seed=$fs_uuid" \
-  -d "$rf" "$work/root.ext4" "$((root_size / 1024))k" >/dev/null || die "mke2fs failed"
-truncate -s "$disk_size" "$work/disk.raw"
-sgdisk -a 2048 -U "$disk_guid" \
-  -n "1:$bios_start:+$bios_sectors" -t 1:ef02 -c 1:bios-boot \
-  -n "2:$root_start:+$((root_size / 512))" -t 2:8300 -c 2:root -u "2:$root_part_guid" \
-  "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
-sgdisk -i 2 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $root_start " || die "sgdisk did not create partition 2"
-dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=$((root_start * 512 / 1048576)) conv=notrunc,sparse status=none
+# GPT with the BIOS boot partition and partition 2 of type $1 (8300 Linux, 8e00 Linux LVM).
+partition_disk() {
+  truncate -s "$disk_size" "$work/disk.raw"
+  sgdisk -a 2048 -U "$disk_guid" \
+    -n "1:$bios_start:+$bios_sectors" -t 1:ef02 -c 1:bios-boot \
+    -n "2:$root_start:+$((root_size / 512))" -t "2:$1" -c 2:root -u "2:$root_part_guid" \
+    "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
+  sgdisk -i 2 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $root_start " || die "sgdisk did not create partition 2"
+}
+
+make_root_ext4() { # size in bytes
+  E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -b 4096 -L qlayer-debian -U "$fs_uuid" -E "hash_seed=$fs_uuid" \
+    -d "$rf" "$work/root.ext4" "$(($1 / 1024))k" >/dev/null || die "mke2fs failed"
+}
+
+# Partition 2 is the root filesystem.
+make_disk_partition() {
+  make_root_ext4 "$root_size"
+  partition_disk 8300
+  dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=$((root_start * 512 / 1048576)) conv=notrunc,sparse status=none
+  fs_offset=$((root_start * 512))
+  fs_size=$root_size
+  root_device=/dev/vda2
+  lvm_json=""
+}
+
+# Partition 2 is an LVM PV; LV root holds the filesystem in two pieces (512 MiB, then the rest
+# after the 16 MiB LV spare, as an lvextend after another LV was created leaves it), spare holds
+# random bytes. lvm2 writes the metadata on a loop device at the partition's offset, with
+# --driverloaded n (nothing is activated on this host) and a private LVM_SYSTEM_DIR whose filter
+# admits only that loop device (no other PV or VG of this host is scanned or touched). The ext4
+# is then copied piece by piece to where lvm2 reports the LV's extents.
+make_disk_lvm() {
+  partition_disk 8e00
+  local conf="$work/lvm-etc"
+  mkdir -p "$conf"
+  lvm_loop="$(losetup --find --show --offset $((root_start * 512)) --sizelimit "$root_size" "$work/disk.raw")" || die "losetup failed"
+  trap 'losetup -d "$lvm_loop" 2>/dev/null; rm -rf "$work"' EXIT
+  cat >"$conf/lvm.conf" <<EOF
+devices { filter = [ "a|^$lvm_loop\$|", "r|.*|" ] global_filter = [ "a|^$lvm_loop\$|", "r|.*|" ] obtain_device_list_from_udev = 0 use_devicesfile = 0 write_cache_state = 0 }
+activation { udev_sync = 0 udev_rules = 0 }
+backup { backup = 0 archive = 0 }
+EOF
+  lvmq() { LVM_SYSTEM_DIR="$conf" LVM_SUPPRESS_FD_WARNINGS=1 lvm "$1" --driverloaded n "${@:2}" 2>>"$work/lvm.log" || die "lvm $*: $(tail -3 "$work/lvm.log")"; }
+  lvmq pvcreate -q "$lvm_loop" >/dev/null
+  lvmq vgcreate -q -s 4M "$vg" "$lvm_loop" >/dev/null
+  lvmq lvcreate -q -an -Zn -Wn -L 512M -n root "$vg" >/dev/null
+  lvmq lvcreate -q -an -Zn -Wn -L 16M -n spare "$vg" >/dev/null
+  lvmq lvextend -q -l +100%FREE "$vg/root" >/dev/null
+  local extent pe_start lv_size lv start size range first pieces=0
+  extent="$(lvmq vgs --noheadings --units b --nosuffix -o vg_extent_size "$vg" | tr -d ' ')"
+  pe_start="$(lvmq pvs --noheadings --units b --nosuffix -o pe_start "$lvm_loop" | tr -d ' ')"
+  lv_size="$(lvmq lvs --noheadings --units b --nosuffix -o lv_size "$vg/root" | tr -d ' ')"
+  local mib=1048576 per=$((extent / 1048576)) base=$(((root_start * 512 + pe_start) / 1048576))
+  (((root_start * 512 + pe_start) % mib == 0 && extent % mib == 0)) || die "the PV's extents are not aligned to 1 MiB"
+  make_root_ext4 "$lv_size"
+  # lvs: "start_pe size_pe /dev/loopN:first-last" per segment, in LV order.
+  for lv in root spare; do
+    while read -r start size range; do
+      first="${range##*:}"
+      first="${first%-*}"
+      if [ "$lv" = root ]; then
+        dd if="$work/root.ext4" of="$work/disk.raw" bs=1M skip=$((start * per)) seek=$((base + first * per)) \
+          count=$((size * per)) conv=notrunc,sparse status=none || die "copying a piece of the root LV failed"
+        [ "$pieces" -ne 0 ] || fs_offset=$((root_start * 512 + pe_start + first * extent))
+        pieces=$((pieces + 1))
+      else
+        head -c $((size * extent)) /dev/urandom | dd of="$work/disk.raw" bs=1M seek=$((base + first * per)) \
+          conv=notrunc iflag=fullblock status=none || die "filling the spare LV failed"
+      fi
+    done < <(lvmq lvs --segments --noheadings -o seg_start_pe,seg_size_pe,seg_pe_ranges "$vg/$lv")
+  done
+  [ "$pieces" -eq 2 ] || die "the root LV has $pieces pieces, expected 2"
+  losetup -d "$lvm_loop"
+  trap 'rm -rf "$work"' EXIT
+  fs_size=$lv_size
+  root_device="/dev/mapper/$vg-root"
+  lvm_json=", \"lvm\": { \"vg\": \"$vg\", \"pv\": 2, \"extentSize\": $extent, \"lvs\": [{ \"name\": \"root\", \"size\": $lv_size, \"pieces\": $pieces }, { \"name\": \"spare\", \"size\": $((16 * 1048576)) }] }"
+}
+
+"make_disk_$root_kind"
 rm -f "$work/root.ext4"
 
 # grub-bios-setup's work: core.img at the BIOS boot partition's first sector; its first sector
@@ -244,13 +354,13 @@ cat >"$out.tmp/manifest.json" <<EOF
   "key": "$key",
   "suite": "$suite",
   "image": { "path": "base.qcow2", "size": $(stat -c %s "$out.tmp/base.qcow2"), "allocated": $allocated, "sha256": "$(sha256sum "$out.tmp/base.qcow2" | cut -d' ' -f1)",
-    "format": "qcow2", "virtualSize": $disk_size, "rootDevice": "/dev/vda2", "partitionTable": "gpt",
+    "format": "qcow2", "virtualSize": $disk_size, "rootDevice": "$root_device", "partitionTable": "gpt",
     "partitions": [
       { "number": 1, "type": "bios-boot", "offset": $((bios_start * 512)), "size": $((bios_sectors * 512)) },
-      { "number": 2, "type": "linux", "offset": $((root_start * 512)), "size": $root_size, "guid": "$root_part_guid" }
+      { "number": 2, "type": "$([ "$root_kind" = lvm ] && echo lvm || echo linux)", "offset": $((root_start * 512)), "size": $root_size, "guid": "$root_part_guid" }
     ],
-    "filesystem": { "type": "ext4", "blockSize": 4096, "offset": $((root_start * 512)), "size": $root_size, "uuid": "$fs_uuid", "label": "qlayer-debian" } },
-  "boot": { "mode": "firmware", "firmware": "bios", "bootloader": "grub-pc $(version_of grub-pc)", "cmdline": "root=UUID=$fs_uuid ro $cmdline" },
+    "filesystem": { "type": "ext4", "blockSize": 4096, "offset": $fs_offset, "size": $fs_size, "uuid": "$fs_uuid", "label": "qlayer-debian" }$lvm_json },
+  "boot": { "mode": "firmware", "firmware": "bios", "bootloader": "grub-pc $(version_of grub-pc)", "cmdline": "$root_arg ro $cmdline" },
   "kernel": { "release": "$kernel_release", "package": "$kernel_pkg", "version": "$(version_of "$kernel_pkg")" },
   "user": { "name": "$user_name", "uid": $user_uid, "home": "/home/$user_name" },
   "agent": { "channel": "org.qemu.guest_agent.0", "version": "$(version_of qemu-guest-agent)" },
@@ -263,12 +373,13 @@ node -e 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))' "$out.
 
 rm -rf "$out"
 mv "$out.tmp" "$out"
-ln -sfn "$name" "$cache/debian-current"
-# Keep the two newest Debian builds (a test may still run on the older one).
+ln -sfn "$name" "$cache/$variant-current"
+# Keep the two newest builds of this variant (a test may still run on the older one).
 kept=0
 for old in $(ls -1dt "$cache"/debian-*/ 2>/dev/null); do
   old="${old%/}"
-  case "$old" in */debian-debs | */debian-build.* | */debian-current) continue ;; esac
+  case "$old" in */debian-debs | */debian-build.* | */debian-current | */debian-lvm-current) continue ;; esac
+  case "${old##*/}" in "$variant"-????????????????) ;; *) continue ;; esac
   [ -L "$old" ] || [ ! -f "$old/manifest.json" ] || [ "$old" = "$out" ] && continue
   kept=$((kept + 1))
   [ "$kept" -le 1 ] || rm -rf "$old"
