@@ -259,7 +259,7 @@ make_disk_partition() {
   lvm_json=""
 }
 
-# Partition 2 is an LVM PV; LV root holds the filesystem in two pieces (512 MiB, then the rest
+# Partition 2 is an LVM PV; LV root holds the filesystem in two pieces (64 MiB, then the rest
 # after the 16 MiB LV spare, as an lvextend after another LV was created leaves it), spare holds
 # random bytes. lvm2 writes the metadata on a loop device at the partition's offset, with
 # --driverloaded n (nothing is activated on this host) and a private LVM_SYSTEM_DIR whose filter
@@ -279,7 +279,7 @@ EOF
   lvmq() { LVM_SYSTEM_DIR="$conf" LVM_SUPPRESS_FD_WARNINGS=1 lvm "$1" --driverloaded n "${@:2}" 2>>"$work/lvm.log" || die "lvm $*: $(tail -3 "$work/lvm.log")"; }
   lvmq pvcreate -q "$lvm_loop" >/dev/null
   lvmq vgcreate -q -s 4M "$vg" "$lvm_loop" >/dev/null
-  lvmq lvcreate -q -an -Zn -Wn -L 512M -n root "$vg" >/dev/null
+  lvmq lvcreate -q -an -Zn -Wn -L 64M -n root "$vg" >/dev/null
   lvmq lvcreate -q -an -Zn -Wn -L 16M -n spare "$vg" >/dev/null
   lvmq lvextend -q -l +100%FREE "$vg/root" >/dev/null
   local extent pe_start lv_size lv start size range first pieces=0
