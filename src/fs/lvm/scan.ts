@@ -53,13 +53,19 @@ export async function scanLvm(disk: ByteSource, partitions: readonly Partition[]
       if (!label) continue;
       const pv: PvFound = { uuid: label.uuid, offset: partition.offset, length: partition.length, partition: partition.index };
       pvs.push(pv);
+      // A PV may have two metadata areas (start and end); a damaged one does not hide the other.
       for (const area of label.metadataAreas) {
-        const copy = await readMetadataArea(source, area, where);
-        if (!copy) continue;
-        const vg = parseVolumeGroup(copy.text, where);
-        pv.vg = vg.name;
-        const seen = newest.get(vg.id);
-        if (!seen || vg.seqno > seen.seqno) newest.set(vg.id, vg);
+        try {
+          const copy = await readMetadataArea(source, area, where);
+          if (!copy) continue;
+          const vg = parseVolumeGroup(copy.text, where);
+          pv.vg = vg.name;
+          const seen = newest.get(vg.id);
+          if (!seen || vg.seqno > seen.seqno) newest.set(vg.id, vg);
+        } catch (error) {
+          if (!(error instanceof Ext4Error)) throw error;
+          problems.push(error);
+        }
       }
     } catch (error) {
       if (!(error instanceof Ext4Error)) throw error;
