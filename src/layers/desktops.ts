@@ -140,6 +140,22 @@ function idleDesktopRecord(state: StoreState, name: string): DesktopRecord {
 }
 
 /**
+ * A running guest whose agent does not answer (stopped, crashed, never installed) can get no
+ * placeholders, and no undo could reach it either. Found before anything is recorded, so the
+ * refusal changes nothing. (A guest qlayer starts is waited for until its agent answers.)
+ */
+async function assertAgentAnswers(runtime: DesktopRuntime, handle: DesktopHandle, name: string): Promise<void> {
+  try {
+    await runGuestScript(runtime.shell(handle), 'true\n', 'checking the guest agent');
+  } catch (error) {
+    throw new LayerError(
+      'guest.agent-unavailable',
+      `desktop ${name} is running, but its guest agent does not answer (${error instanceof Error ? error.message : String(error)}): qlayer allocates through qemu-guest-agent; start it in the guest (systemctl start qemu-guest-agent) or shut the desktop down, and try again; nothing was changed`,
+    );
+  }
+}
+
+/**
  * Was the desktop's guest filesystem left dirty (powered off hard, virsh destroy)? Read offline
  * from the stopped chain; null when it cannot be told (no ext4 root found, a chain being written).
  */
@@ -432,7 +448,9 @@ async function guestSide(
 ): Promise<{ allocation: AllocationResult; located: LocatedFile[] }> {
   const record = desktopRecord(state, name);
   const handle = desktopHandle(store, state, name);
-  record.operation = newOperation(options.kind, manifests.map(appKey), options.replacing, await runtime.isRunning(handle));
+  const wasRunning = await runtime.isRunning(handle);
+  if (wasRunning) await assertAgentAnswers(runtime, handle, name);
+  record.operation = newOperation(options.kind, manifests.map(appKey), options.replacing, wasRunning);
   await store.writeState(state);
   const op = record.operation;
   try {
