@@ -9,7 +9,7 @@ import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
 import { domainFromTemplate, firstDisk, replaceFirstDiskChain } from './domain-edit.js';
-import { buildDomainXml, diskSources, type DomainSpec } from './domain-xml.js';
+import { buildDomainXml, diskSources, withNvram, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -35,6 +35,19 @@ export interface DesktopRuntimeOptions {
   network?: string | null;
   /** The display of each new desktop (config desktop.graphics); none by default. */
   graphics?: 'spice' | 'vnc' | 'none';
+}
+
+/**
+ * A UEFI desktop's variable store (boot entries, firmware settings), in the desktop's own folder
+ * beside user.qcow2: it is the desktop's state like its disk, so it moves, is backed up and is
+ * deleted with the desktop and the store, and two stores never share one (libvirt's default,
+ * /var/lib/libvirt/qemu/nvram/DOMAIN_VARS.fd, is keyed by domain name only).
+ */
+export const NVRAM_FILE = 'nvram.fd';
+
+/** The NVRAM file of a desktop (whether or not it boots through UEFI). */
+export function desktopNvramPath(desktop: Pick<DesktopHandle, 'userPath'>): string {
+  return join(dirname(desktop.userPath), NVRAM_FILE);
 }
 
 /** libvirt's limit on our domain names (DOMAIN_NAME_PATTERN in domain-xml.ts). */
@@ -198,7 +211,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       else {
         const source = template.kind === 'xml' ? template.xml : await connection.inactiveXml(template.name);
         if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
-        xml = domainFromTemplate(source, name, this.layers(desktop));
+        // A UEFI template's NVRAM file is the template's: the desktop gets its own, in its folder.
+        xml = withNvram(domainFromTemplate(source, name, this.layers(desktop)), desktopNvramPath(desktop));
       }
       try {
         await connection.define(xml, name);
@@ -290,7 +304,9 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       vcpus: this.options.vcpus,
       boot: kernel
         ? { kind: 'kernel', kernel, ...(initrd ? { initrd } : {}), ...(cmdline ? { cmdline } : {}) }
-        : { kind: 'firmware', firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' },
+        : this.options.firmware === 'uefi'
+          ? { kind: 'firmware', firmware: 'efi', nvram: desktopNvramPath(desktop) }
+          : { kind: 'firmware', firmware: 'bios' },
       disks: [{ ...top!, backingChain: below }],
       serialLog,
       guestAgent: true,
