@@ -307,7 +307,9 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
         : this.options.firmware === 'uefi'
           ? { kind: 'firmware', firmware: 'efi', nvram: desktopNvramPath(desktop) }
           : { kind: 'firmware', firmware: 'bios' },
-      disks: [{ ...top!, backingChain: below }],
+      // Discards reach the user delta: a desktop's fstrim gives its freed space back to the host
+      // (as virt-install does for qcow2 disks). App extents are never free while assigned.
+      disks: [{ ...top!, backingChain: below, discard: 'unmap' }],
       serialLog,
       guestAgent: true,
       ...(this.options.network ? { network: this.options.network } : {}),

@@ -26,6 +26,12 @@ export interface DiskSpec extends DiskLayer {
   readOnly?: boolean;
   /** QEMU cache mode; libvirt's default (writeback) when omitted. */
   cache?: 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+  /**
+   * What the guest's discards (fstrim, `discard` mounts) do: 'unmap' passes them to the top image,
+   * where qcow2 turns freed clusters into zero clusters and gives their host space back;
+   * libvirt's default ('ignore') drops them.
+   */
+  discard?: 'unmap' | 'ignore';
 }
 
 /**
@@ -136,6 +142,7 @@ function diskXml(disk: DiskSpec, index: number): string {
   const target = disk.target ?? `vd${String.fromCharCode(97 + index)}`;
   const driver = [`name='qemu'`, `type='${disk.format}'`];
   if (disk.cache !== undefined) driver.push(`cache='${disk.cache}'`);
+  if (disk.discard !== undefined) driver.push(`discard='${disk.discard}'`);
   const lines = [
     `    <disk type='file' device='disk'>`,
     `      <driver ${driver.join(' ')}/>`,
