@@ -240,6 +240,12 @@ export function bootsUefi(xml: string): boolean {
   return /\bfirmware=['"]efi['"]/.test(os[1]!) || /<loader\b[^>]*\btype=['"]pflash['"]/.test(os[2]!);
 }
 
+/** The NVRAM file a domain's XML names (undefined when it names none). */
+export function nvramPath(xml: string): string | undefined {
+  const file = /<nvram\b[^>]*>([^<]+)<\/nvram>/.exec(xml)?.[1]?.trim();
+  return file === undefined ? undefined : file.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
+}
+
 /**
  * The domain XML with its NVRAM file at `path`: an existing <nvram> element's file is replaced
  * (its template attribute kept), or one is added to a UEFI domain's <os>. A domain that does not
