@@ -203,10 +203,37 @@ class GuestExt4 implements GuestFilesystem {
   }
 }
 
+/**
+ * Several ext filesystems and no --partition: a distribution's usual layout, e.g. Debian's and
+ * Ubuntu's LVM installs, which keep /boot on its own ext partition beside the root LV. The root
+ * is the one that holds /etc/fstab; when exactly one does, it is chosen, else the ambiguity stands.
+ */
+async function chooseRoot(disk: ByteSource, volumes: Partition[], ambiguity: Ext4Error): Promise<Partition> {
+  const roots: Partition[] = [];
+  for (const candidate of volumes) {
+    if (candidate.lvm?.refused) continue;
+    try {
+      const fs = await Ext4Filesystem.open(partitionSource(disk, candidate));
+      const fstab = await fs.resolve('/etc/fstab', { follow: false });
+      if (fstab.type === 'file') roots.push(candidate);
+    } catch {
+      // Not ext, or no /etc/fstab: not a root.
+    }
+  }
+  if (roots.length === 1) return roots[0]!;
+  throw new Ext4Error(
+    'fs.partition-ambiguous',
+    `${ambiguity.message}${roots.length > 1 ? ` (${roots.length} of them hold /etc/fstab: ${roots.map((r) => r.name ?? String(r.index)).join(', ')})` : ''}`,
+  );
+}
+
 /** The partition and the ext filesystem on it, with the journal checked. */
 async function openExt4(disk: ByteSource, options: OpenGuestFilesystemOptions): Promise<{ partition: Partition; fs: Ext4Filesystem }> {
   const { volumes, lvm } = await readVolumes(disk);
-  const partition = await choosePartition(disk, volumes, options.partition, lvm);
+  const partition = await choosePartition(disk, volumes, options.partition, lvm).catch((error: unknown) => {
+    if (options.partition === undefined && error instanceof Ext4Error && error.code === 'fs.partition-ambiguous') return chooseRoot(disk, volumes, error);
+    throw error;
+  });
   const source = partitionSource(disk, partition);
   let fs: Ext4Filesystem;
   try {
