@@ -1,6 +1,7 @@
 /**
  * `qlayer host check`: what this machine lacks to run qlayer's guests, each item with its fix.
  */
+import { realpathSync } from 'node:fs';
 import type { Command } from 'commander';
 import { checkHost } from '../../virt/host-check.js';
 import { fixtureKvmProbe } from '../../virt/kvm-probe.js';
@@ -30,4 +31,56 @@ export function registerHostCommands(program: Command): void {
       );
       if (!report.ok) process.exitCode = 1;
     });
+  host
+    .command('install-hook')
+    .description(
+      "install libvirt's QEMU hook (/etc/libvirt/hooks/qemu) that applies desktops' --at-next-boot changes when a domain starts; " +
+        "refuses to overwrite another hook; says whether libvirtd must restart (or reload) to see it",
+    )
+    .option('--path <file>', 'where the hook goes (libvirt 6.5+ also runs executables in /etc/libvirt/hooks/qemu.d/)', '/etc/libvirt/hooks/qemu')
+    .option('--json', 'print the result as JSON')
+    .action(async (options: CommonOptions & { path: string }) => {
+      const { installHook } = await import('../../virt/hook.js');
+      const bin = realpathSync(process.argv[1] ?? '');
+      const result = await installHook({ node: process.execPath, bin, path: options.path });
+      printResult(options, result, () =>
+        [`installed ${result.path}${result.replaced === 'qlayer-hook' ? ' (replacing the earlier qlayer hook)' : ''}: runs ${result.runs}`, `${result.daemonMustReload ? 'libvirtd must reload: ' : ''}${result.daemonNote}`].join('\n'),
+      );
+    });
+  host
+    .command('remove-hook')
+    .description("remove qlayer's libvirt QEMU hook (a hook that is not qlayer's is left alone)")
+    .option('--path <file>', 'where the hook is', '/etc/libvirt/hooks/qemu')
+    .option('--json', 'print the result as JSON')
+    .action(async (options: CommonOptions & { path: string }) => {
+      const { removeHook } = await import('../../virt/hook.js');
+      const result = await removeHook({ path: options.path });
+      printResult(options, result, () => (result.removed ? `removed ${result.path}` : `no hook at ${result.path}`));
+    });
+  host
+    .command('run-hook')
+    .description("what libvirt's hook runs: DOMAIN OPERATION SUB-OPERATION EXTRA, the domain's XML on stdin; always exits 0")
+    .argument('[args...]')
+    .option('--json', 'print what it did as JSON (libvirt ignores it)')
+    .action(async (args: string[], options: CommonOptions) => {
+      // Never fails: a hook's failure would stop the domain's start.
+      try {
+        const xml = await readStdin();
+        // The fast path for every domain that is not a qlayer desktop: nothing else is loaded.
+        if (args[1] !== 'prepare' || args[2] !== 'begin' || !xml.includes('qlayer.invalid/xmlns/desktop/1')) return;
+        const { runHook } = await import('../../virt/hook.js');
+        const run = await runHook(args, xml);
+        if (options.json) process.stdout.write(`${JSON.stringify(run)}\n`);
+      } catch {
+        // nothing: the start goes on
+      }
+      process.exitCode = 0;
+    });
+}
+
+async function readStdin(): Promise<string> {
+  if (process.stdin.isTTY) return '';
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
 }
