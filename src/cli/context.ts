@@ -47,6 +47,10 @@ export function runtimeFor(config: QlayerConfig, store: Store): LibvirtDesktopRu
     agentTimeoutMs: config.timeouts.agent * 1000,
     shutdownTimeoutMs: config.timeouts.shutdown * 1000,
     logDir: join(store.root, 'logs'),
+    // Every definition the runtime makes gets the config's hardware: desktop create, and a
+    // desktop of an older store defined at its first start or after a recompose.
+    network: config.desktop.network,
+    graphics: config.desktop.graphics,
   });
 }
 

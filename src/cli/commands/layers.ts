@@ -209,12 +209,12 @@ export function registerLayerCommands(program: Command): void {
       .option('--like <domain>', "copy another domain's hardware (memory, CPUs, NICs, graphics, ...); its disks are replaced by the desktop's")
       .option('--xml <file>', 'take the hardware from a libvirt domain XML file; its disks are replaced by the desktop\'s'),
   ).action(async (name: string, options: StoreCommandOptions & { base: string; like?: string; xml?: string }) => {
-    const { store, runtime, config } = await openContext(options);
+    const { store, runtime } = await openContext(options);
     if (options.like !== undefined && options.xml !== undefined) throw new QlayerError('cli.usage', 'give --like or --xml, not both');
     const template: DesktopTemplate | undefined =
       options.like !== undefined ? { kind: 'domain', name: options.like } : options.xml !== undefined ? { kind: 'xml', xml: await readFile(options.xml, 'utf8'), source: options.xml } : undefined;
-    const defining = runtime.withHardware({ network: config.desktop.network, graphics: config.desktop.graphics });
-    await createDesktop(store, name, options.base, { runtime: defining, ...(template ? { template } : {}) });
+    // The runtime carries the config's desktop.network/graphics for every definition it makes (context.ts).
+    await createDesktop(store, name, options.base, { runtime, ...(template ? { template } : {}) });
     const view = await showDesktop(store, runtime, name);
     printResult(options, view, () => describeDesktop(view));
   });
