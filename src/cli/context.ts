@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { loadConfig, type QlayerConfig } from '../config/config.js';
 import { Store } from '../layers/store.js';
 import { LibvirtDesktopRuntime } from '../virt/desktop-runtime.js';
+import { checkUriForStore } from '../virt/uri.js';
 import type { CommonOptions } from './output.js';
 
 /** Options of every command that works on the store. */
@@ -57,6 +58,8 @@ export function runtimeFor(config: QlayerConfig, store: Store): LibvirtDesktopRu
 export async function openContext(options: StoreCommandOptions): Promise<CommandContext> {
   const config = loadCommandConfig(options);
   const store = await Store.open(config.store);
+  const given = options.store ?? process.env.QLAYER_STORE;
+  checkUriForStore(config.libvirt.uri, { root: store.root, ...(given ? { given } : {}) });
   return { config, store, runtime: runtimeFor(config, store) };
 }
 
