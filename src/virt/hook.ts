@@ -86,8 +86,8 @@ function safeReaddir(path: string): string[] {
 
 export interface HookInstallResult {
   path: string;
-  /** What was at the path before: nothing, or an older qlayer hook (replaced). */
-  replaced: 'nothing' | 'qlayer-hook';
+  /** What was at the path before: nothing, another qlayer hook (replaced), or this very script (left as it was). */
+  replaced: 'nothing' | 'qlayer-hook' | 'unchanged';
   /** The command the hook runs. */
   runs: string;
   /** libvirtd looks for hook files when it starts (and on SIGHUP): does it still have to? */
@@ -105,22 +105,27 @@ export async function installHook(options: { node: string; bin: string; path?: s
   const path = options.path ?? DEFAULT_HOOK_PATH;
   let replaced: HookInstallResult['replaced'] = 'nothing';
   let existedSince: number | null = null;
+  const script = hookScript(options.node, options.bin);
+  let text: string | null = null;
   if (existsSync(path)) {
-    const text = await readFile(path, 'utf8').catch(() => '');
+    text = await readFile(path, 'utf8').catch(() => '');
     if (!isOurs(text)) {
       throw new VirtError(
         'virt.hook-foreign',
         `${path} exists and is not qlayer's hook; qlayer does not overwrite it. libvirt also runs every executable in ${path}.d/ (libvirt 6.5 and later): install qlayer's there with --path ${path}.d/qlayer`,
       );
     }
-    replaced = 'qlayer-hook';
+    replaced = text === script ? 'unchanged' : 'qlayer-hook';
     existedSince = statSync(path).mtimeMs;
   }
   if (!existsSync(dirname(path))) throw new VirtError('virt.hook-no-dir', `${dirname(path)} does not exist: is libvirt installed on this host?`);
-  const temporary = `${path}.qlayer-${process.pid}.tmp`;
-  await writeFile(temporary, hookScript(options.node, options.bin));
-  await chmod(temporary, 0o755);
-  await rename(temporary, path);
+  // The same script again is left as it is: its age tells whether the daemon has seen it.
+  if (replaced !== 'unchanged') {
+    const temporary = `${path}.qlayer-${process.pid}.tmp`;
+    await writeFile(temporary, script);
+    await chmod(temporary, 0o755);
+    await rename(temporary, path);
+  }
   const daemon = daemonStartedAt();
   let daemonMustReload: boolean;
   let daemonNote: string;
@@ -129,7 +134,7 @@ export async function installHook(options: { node: string; bin: string; path?: s
     daemonNote = 'libvirtd is not running here: it finds the hook when it starts';
   } else if (existedSince !== null && existedSince < daemon.startedAt) {
     daemonMustReload = false;
-    daemonNote = `${daemon.name} (pid ${daemon.pid}) started after the hook file existed: it runs the new script without a restart`;
+    daemonNote = `${daemon.name} (pid ${daemon.pid}) started after the hook file existed: it sees the hook, and runs the current script at each start without a restart`;
   } else {
     daemonMustReload = true;
     daemonNote =

@@ -69,7 +69,12 @@ async function virshStart(): Promise<GuestAgent> {
 
 /** The user's own shutdown: libvirt asks the guest agent, the guest syncs and powers off. */
 async function virshShutdown(): Promise<void> {
-  await virsh('shutdown', domain);
+  const asked = await execa('virsh', ['-c', URI, 'shutdown', domain], { reject: false });
+  if (asked.exitCode !== 0) {
+    // Say why the guest is gone: its console has the kernel's last words.
+    const serial = await readFile(join(dir, 'logs', 'nb.serial.log'), 'utf8').catch(() => '(no serial log)');
+    throw new Error(`virsh shutdown failed: ${asked.stderr}\n--- serial log (tail) ---\n${serial.split('\n').slice(-40).join('\n')}`);
+  }
   await waitState(/shut off/, 120_000);
 }
 

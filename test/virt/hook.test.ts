@@ -180,7 +180,10 @@ describe('install-hook and remove-hook (on a scratch path)', () => {
     expect(first).toMatchObject({ path, replaced: 'nothing' });
     expect((await stat(path)).mode & 0o777).toBe(0o755);
     expect(await readFile(path, 'utf8')).toBe(hookScript(process.execPath, BIN));
-    expect(await installHook({ node: process.execPath, bin: BIN, path })).toMatchObject({ replaced: 'qlayer-hook' });
+    const mtime = (await stat(path)).mtimeMs;
+    expect(await installHook({ node: process.execPath, bin: BIN, path })).toMatchObject({ replaced: 'unchanged' });
+    expect((await stat(path)).mtimeMs).toBe(mtime); // the same script is not rewritten
+    expect(await installHook({ node: process.execPath, bin: join(dir, 'elsewhere', 'qlayer.js'), path })).toMatchObject({ replaced: 'qlayer-hook' });
 
     const foreign = join(hooks, 'other');
     await writeFile(foreign, '#!/bin/sh\n# the admin\'s own hook\nexit 0\n');

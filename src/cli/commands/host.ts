@@ -44,7 +44,7 @@ export function registerHostCommands(program: Command): void {
       const bin = realpathSync(process.argv[1] ?? '');
       const result = await installHook({ node: process.execPath, bin, path: options.path });
       printResult(options, result, () =>
-        [`installed ${result.path}${result.replaced === 'qlayer-hook' ? ' (replacing the earlier qlayer hook)' : ''}: runs ${result.runs}`, `${result.daemonMustReload ? 'libvirtd must reload: ' : ''}${result.daemonNote}`].join('\n'),
+        [`${result.replaced === 'unchanged' ? 'already installed' : 'installed'} ${result.path}${result.replaced === 'qlayer-hook' ? ' (replacing the earlier qlayer hook)' : ''}: runs ${result.runs}`, `${result.daemonMustReload ? 'libvirtd must reload: ' : ''}${result.daemonNote}`].join('\n'),
       );
     });
   host
