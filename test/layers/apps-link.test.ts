@@ -10,7 +10,7 @@ import { createDesktop, desktopHandle, importBase } from '../../src/layers/deskt
 import { APPS_LINK, pointAppsLink } from '../../src/layers/recompose.js';
 import { Store } from '../../src/layers/store.js';
 import { createImage } from '../../src/qcow2/create.js';
-import { qemuCheck, qemuImg, qemuInfo, tempDir } from '../helpers/qemu.js';
+import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, qemuReadRawExplicit, tempDir } from '../helpers/qemu.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -40,10 +40,10 @@ describe('the apps.qcow2 link', () => {
     // The base resolves from the link's folder, which is the target's: the same file.
     expect(info.map((i) => resolve(i.filename))).toEqual([join(desktopDir, APPS_LINK), store.path('bases', 'os.qcow2')]);
     expect((await qemuCheck(join(desktopDir, APPS_LINK))).exitCode).toBe(0);
-    // The explicit chain libvirt builds: the user delta over the link.
-    const spec = { driver: 'qcow2', file: { driver: 'file', filename: join(desktopDir, 'user.qcow2') }, backing: { driver: 'qcow2', file: { driver: 'file', filename: join(desktopDir, APPS_LINK) } } };
-    const chain = JSON.parse((await qemuImg(['info', '--output=json', '--backing-chain', `json:${JSON.stringify(spec)}`])).stdout) as Array<{ filename: string }>;
-    expect(chain.length).toBe(3);
+    // The explicit chain libvirt builds, the user delta over the link, reads as the header chain.
+    // (qemu-img info opens no backing files, so it takes no backing options: convert does.)
+    const explicit = await qemuReadRawExplicit(join(desktopDir, 'user.qcow2'), join(desktopDir, APPS_LINK));
+    expect(explicit.equals(await qemuReadRaw(join(desktopDir, 'user.qcow2')))).toBe(true);
   });
 
   it('a desktop made before the link gets one at its generation; an existing link is left alone', async () => {
