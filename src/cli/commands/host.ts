@@ -1,11 +1,9 @@
 /**
  * `qlayer host check`: what this machine lacks to run qlayer's guests, each item with its fix.
+ * `qlayer host install-hook|remove-hook|run-hook`: libvirt's QEMU hook for --at-next-boot.
  */
 import { realpathSync } from 'node:fs';
 import type { Command } from 'commander';
-import { checkHost } from '../../virt/host-check.js';
-import { fixtureKvmProbe } from '../../virt/kvm-probe.js';
-import { DEFAULT_URI } from '../../virt/libvirt.js';
 import { printResult, type CommonOptions } from '../output.js';
 
 export function registerHostCommands(program: Command): void {
@@ -13,11 +11,14 @@ export function registerHostCommands(program: Command): void {
   host
     .command('check')
     .description('check libvirtd, QEMU, KVM and (with --image) access to images; exit 1 if a required item fails')
-    .option('--uri <uri>', 'libvirt URI', DEFAULT_URI)
+    .option('--uri <uri>', 'libvirt URI', 'qemu:///system')
     .option('--image <path...>', "images QEMU must open (checked against qemu.conf's user)")
     .option('--probe-kvm', 'also boot the test guest under KVM for a few seconds to see whether KVM really runs guests')
     .option('--json', 'print the result as JSON')
     .action(async (options: CommonOptions & { uri: string; image?: string[]; probeKvm?: boolean }) => {
+      // Loaded here: `host run-hook` (every domain start) must not pay for libvirt and the guest code.
+      const { checkHost } = await import('../../virt/host-check.js');
+      const { fixtureKvmProbe } = await import('../../virt/kvm-probe.js');
       const report = await checkHost({
         uri: options.uri,
         ...(options.image ? { images: options.image } : {}),
