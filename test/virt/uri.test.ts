@@ -1,7 +1,7 @@
 /**
  * libvirt.uri handling: parsing, and the combinations refused with a store. A second host cannot
- * be reached from the test machines; the remote path was checked as the README says (virsh -c
- * qemu+ssh://root@localhost/system against this machine's own daemon over a real sshd).
+ * be reached from the test machines; README "Remote libvirt" says how the remote transport was
+ * run instead (qemu+ssh to this machine's own daemon through a private sshd, by hand).
  */
 import { chown, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
