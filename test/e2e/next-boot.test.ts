@@ -230,3 +230,32 @@ describe('assign --at-next-boot, then virsh destroy (no clean shutdown) and virs
     for (const image of ['user.qcow2', 'apps.3.qcow2']) expect((await qemuCheck(join(desktopDir, image))).corruptions).toBe(0);
   }, 900_000);
 });
+
+describe('a pending assign dropped with --abort', () => {
+  it('removes its placeholders from the running guest and forgets it; the next start changes nothing', async () => {
+    // Out with the app first (at the next boot too), so the same app can be assigned again.
+    await virshStart();
+    expect((await qlayer('desktop', 'unassign', 'nb', 'notes', '--at-next-boot')).exitCode).toBe(0);
+    await virshShutdown();
+    const agent = await virshStart();
+    expect((await show()).apps).toEqual([]);
+    const generation = (await show()).appsGeneration;
+
+    expect((await qlayer('desktop', 'assign', 'nb', 'notes', '--at-next-boot')).exitCode).toBe(0);
+    const placed = await guestHashes(agent, [...appFiles.keys()]);
+    for (const [path, file] of appFiles) expect(placed.get(path), path).toBe(sha256(Buffer.alloc(file.size)));
+    const aborted = await qlayer('desktop', 'assign', '--abort', 'nb');
+    expect(aborted.exitCode, aborted.stderr).toBe(0);
+    expect(JSON.parse(aborted.stdout)).toMatchObject({ desktop: 'nb', aborted: true });
+    const gone = await guestHashes(agent, [...appFiles.keys()]);
+    for (const path of appFiles.keys()) expect(gone.get(path), path).toBeNull();
+    expect(await virsh('domstate', domain)).toMatch(/running/); // the undo left it running
+    expect((await show()).pendingAtNextBoot).toBeNull();
+
+    await virshShutdown();
+    await virshStart();
+    const after = await show();
+    expect(after).toMatchObject({ apps: [], appsGeneration: generation, pendingAtNextBoot: null });
+    await virshShutdown();
+  }, 900_000);
+});
