@@ -19,7 +19,7 @@ import { assertGoneOffline, desktopHandle, locateOffline, recomposeRecorded, typ
 import { LayerError } from './errors.js';
 import { failAndUndo, newOperation, undoOperation, type UndoContext } from './guest-operation.js';
 import { checkPathConflicts, planAssign, planUnassign } from './plan.js';
-import type { RecomposeReport } from './recompose.js';
+import { APPS_LINK, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime } from './runtime.js';
 import type { DesktopRecord, PendingBootChange, StoreState } from './state.js';
 import { Store } from './store.js';
@@ -296,7 +296,14 @@ const HOOK_LOCK_PATIENCE_MS = 3000;
  * lock). The store lock is tried for a few seconds only; a locked store leaves the change
  * pending with that reason.
  */
-export async function applyPendingAtStart(storeRoot: string, storeId: string | undefined, name: string, diskPath: string | undefined, log: Log = quiet): Promise<ApplyResult | null> {
+export async function applyPendingAtStart(
+  storeRoot: string,
+  storeId: string | undefined,
+  name: string,
+  diskPath: string | undefined,
+  options: { log?: Log; namesAppsLink?: boolean } = {},
+): Promise<ApplyResult | null> {
+  const log = options.log ?? quiet;
   const store = await Store.open(storeRoot, { create: false });
   if (storeId !== undefined && store.id !== storeId) return null; // another store now lives there
   const state = await store.readState();
@@ -304,6 +311,16 @@ export async function applyPendingAtStart(storeRoot: string, storeId: string | u
   if (!record || !hasWorkAtStart(record)) return null;
   // The domain must open this desktop's own disk: anything else is not ours to touch.
   if (diskPath !== undefined && diskPath !== join(store.path(record.dir), 'user.qcow2')) return null;
+  // A definition that names an apps generation itself (made by an older qlayer, or edited by
+  // hand) would open the old one after a recompose, or fail the start: leave the change pending.
+  if (options.namesAppsLink === false) {
+    const reason = {
+      code: 'hook.stale-definition',
+      message: `the domain's disk chain names an apps generation, not ${join(store.path(record.dir), APPS_LINK)}; start the desktop once with qlayer desktop start ${name}, which rewrites it (and applies the change)`,
+    };
+    if (record.pendingBoot) await writeAttempt(store.path(record.dir), { at: new Date().toISOString(), by: 'hook', code: reason.code, reason: reason.message, requestedAt: record.pendingBoot.requestedAt }).catch(() => undefined);
+    return { pending: record.pendingBoot ?? null, applied: false, reason, report: null };
+  }
   const deadline = Date.now() + HOOK_LOCK_PATIENCE_MS;
   for (;;) {
     try {

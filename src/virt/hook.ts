@@ -174,7 +174,9 @@ export async function runHook(argv: string[], xml: string): Promise<HookRun> {
     const meta = parseDesktopMetadata(xml);
     if (meta === undefined) return { outcome: 'ignored', detail: 'not a qlayer desktop' };
     if (!existsSync(join(meta.store, 'state.json'))) return { outcome: 'ignored', desktop: meta.name, detail: `no store at ${meta.store}` };
-    const result = await applyPendingAtStart(meta.store, meta.storeId, meta.name, diskSources(xml)[0]);
+    // The chain must name the stable link (docs/design.md); an older definition names a generation.
+    const namesAppsLink = /\/apps\.qcow2['"]/.test(xml) && !/\/apps\.\d+\.qcow2['"]/.test(xml);
+    const result = await applyPendingAtStart(meta.store, meta.storeId, meta.name, diskSources(xml)[0], { namesAppsLink });
     if (result === null || (result.pending === null && result.reason === null)) return { outcome: 'nothing-pending', desktop: meta.name, result };
     if (result.applied) return { outcome: 'applied', desktop: meta.name, result };
     return { outcome: 'left-pending', desktop: meta.name, detail: result.reason?.message ?? '', result };

@@ -143,6 +143,10 @@ describe('host run-hook (the real CLI)', () => {
     } finally {
       await import('node:fs/promises').then((fs) => fs.rm(lockPath, { force: true }));
     }
+    // A definition that names a generation (an older qlayer's): left pending, saying how to fix it.
+    const stale = domainXmlOf(store, 'desk').replace(/apps\.qcow2/, 'apps.0.qcow2');
+    expect(await runHook(['x', 'prepare', 'begin', '-'], stale)).toMatchObject({ outcome: 'left-pending' });
+    expect((await showDesktop(store, null, 'desk')).pendingAtNextBoot?.lastAttempt).toMatchObject({ code: 'hook.stale-definition', reason: expect.stringMatching(/qlayer desktop start desk/) });
     // Unlocked, the same start tries for real: the app is not in the store, so it stays pending with that reason.
     const run = await runHook(['x', 'prepare', 'begin', '-'], domainXmlOf(store, 'desk'));
     expect(run.outcome).toBe('left-pending');
