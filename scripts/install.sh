@@ -14,22 +14,15 @@ if [ ! -f native/build/Release/qlayer_seek.node ] || [ ! -x native/build/qlayer-
 fi
 npm run --silent build
 # libvirt's QEMU hook (assign --at-next-boot): installed here, in set-up, never during a test run.
-# libvirtd looks for hook files when it starts or reloads, so when it did not know this one yet it
-# gets one SIGHUP (a reload: running guests are not touched). A foreign hook at hooks/qemu stays;
+# libvirtd looks for hook files when it starts or reloads, so when the running daemon has not seen
+# this one yet, install-hook --reload-daemon sends it one SIGHUP (a reload: running guests are not
+# touched; later runs find the hook seen and send nothing). A foreign hook at hooks/qemu stays;
 # ours then goes to hooks/qemu.d/ (libvirt 6.5+ runs both).
 if [ -d /etc/libvirt/hooks ]; then
-  hook=$(node bin/qlayer.js host install-hook --json 2>/dev/null) || {
+  node bin/qlayer.js host install-hook --reload-daemon >&2 2>/dev/null || {
     mkdir -p /etc/libvirt/hooks/qemu.d
-    hook=$(node bin/qlayer.js host install-hook --path /etc/libvirt/hooks/qemu.d/qlayer --json)
+    node bin/qlayer.js host install-hook --reload-daemon --path /etc/libvirt/hooks/qemu.d/qlayer >&2
   }
-  if printf '%s' "$hook" | grep -q '"daemonMustReload": true'; then
-    daemon_pid=$(pgrep -x libvirtd || true)
-    if [ -n "$daemon_pid" ]; then
-      echo "install: libvirtd (pid $daemon_pid) reloads once to see qlayer's hook" >&2
-      kill -HUP "$daemon_pid"
-      sleep 1
-    fi
-  fi
 fi
 if [ -x vm-fixtures/build.sh ]; then
   bash vm-fixtures/build.sh >&2

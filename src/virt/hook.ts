@@ -48,7 +48,7 @@ function isOurs(text: string): boolean {
 }
 
 /** When the running libvirtd (or virtqemud) started, in ms since the epoch; null when none runs here. */
-function daemonStartedAt(): { name: string; pid: number; startedAt: number } | null {
+export function daemonStartedAt(): { name: string; pid: number; startedAt: number } | null {
   let uptimeAtBoot: number;
   try {
     const btime = /^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))?.[1];
@@ -84,6 +84,26 @@ function safeReaddir(path: string): string[] {
   }
 }
 
+/**
+ * Written when qlayer makes the daemon reload (install-hook --reload-daemon): which daemon, so
+ * that a later install of the same hook knows that daemon has seen it (a reload leaves no trace
+ * qlayer could read otherwise). Under /run: gone with a reboot, as is the daemon.
+ */
+const RELOAD_STAMP = '/run/libvirt/qlayer-hook-reloaded';
+
+/**
+ * Whether this very daemon was made to reload by qlayer. Once a daemon has found a hook file it
+ * runs whatever is at that path at each call, so a later rewrite needs no further reload.
+ */
+function reloadedByQlayer(stampFile: string, daemon: { pid: number; startedAt: number }): boolean {
+  try {
+    const [pid, startedAt] = readFileSync(stampFile, 'utf8').trim().split(' ').map(Number);
+    return pid === daemon.pid && startedAt === daemon.startedAt;
+  } catch {
+    return false;
+  }
+}
+
 export interface HookInstallResult {
   path: string;
   /** What was at the path before: nothing, another qlayer hook (replaced), or this very script (left as it was). */
@@ -101,7 +121,8 @@ export interface HookInstallResult {
  * qlayer's is never overwritten: libvirt 6.5 and later also run every executable in
  * /etc/libvirt/hooks/qemu.d/, so the other hook and qlayer's can live side by side.
  */
-export async function installHook(options: { node: string; bin: string; path?: string }): Promise<HookInstallResult> {
+export async function installHook(options: { node: string; bin: string; path?: string; reloadDaemon?: boolean; stampFile?: string }): Promise<HookInstallResult> {
+  const stampFile = options.stampFile ?? RELOAD_STAMP;
   const path = options.path ?? DEFAULT_HOOK_PATH;
   let replaced: HookInstallResult['replaced'] = 'nothing';
   let existedSince: number | null = null;
@@ -135,6 +156,15 @@ export async function installHook(options: { node: string; bin: string; path?: s
   } else if (existedSince !== null && existedSince < daemon.startedAt) {
     daemonMustReload = false;
     daemonNote = `${daemon.name} (pid ${daemon.pid}) started after the hook file existed: it sees the hook, and runs the current script at each start without a restart`;
+  } else if (existedSince !== null && reloadedByQlayer(stampFile, daemon)) {
+    daemonMustReload = false;
+    daemonNote = `${daemon.name} (pid ${daemon.pid}) reloaded (qlayer sent it SIGHUP) after the hook file existed: it sees the hook`;
+  } else if (options.reloadDaemon) {
+    // libvirt looks for hook files again on SIGHUP (virHookInitialize at the daemon's reload).
+    process.kill(daemon.pid, 'SIGHUP');
+    await writeFile(stampFile, `${daemon.pid} ${daemon.startedAt}\n`).catch(() => undefined);
+    daemonMustReload = false;
+    daemonNote = `${daemon.name} (pid ${daemon.pid}) was sent SIGHUP to reload and find the hook (running guests are not touched)`;
   } else {
     daemonMustReload = true;
     daemonNote =

@@ -14,7 +14,7 @@ import { PENDING_STATUS_FILE } from '../../src/layers/pending.js';
 import { Store } from '../../src/layers/store.js';
 import { setDesktopMetadata } from '../../src/virt/domain-edit.js';
 import { buildDomainXml, parseDesktopMetadata } from '../../src/virt/domain-xml.js';
-import { hookScript, installHook, removeHook, runHook } from '../../src/virt/hook.js';
+import { daemonStartedAt, hookScript, installHook, removeHook, runHook } from '../../src/virt/hook.js';
 import { tempDir } from '../helpers/qemu.js';
 
 const REPO = resolve(import.meta.dirname, '../..');
@@ -195,6 +195,18 @@ describe('install-hook and remove-hook (on a scratch path)', () => {
     expect(await readFile(foreign, 'utf8')).toContain("the admin's own hook");
     await expect(removeHook({ path: foreign })).rejects.toMatchObject({ code: 'virt.hook-foreign' });
     await expect(installHook({ node: process.execPath, bin: BIN, path: join(dir, 'no-such-dir', 'qemu') })).rejects.toMatchObject({ code: 'virt.hook-no-dir' });
+
+    // Whether the running daemon must reload: it has not seen this new file; a stamp saying qlayer
+    // made this very daemon reload since the file existed settles it (no daemon: nothing to do).
+    const daemon = daemonStartedAt();
+    const stampFile = join(dir, 'reload-stamp');
+    if (daemon !== null) {
+      expect((await installHook({ node: process.execPath, bin: BIN, path, stampFile })).daemonMustReload).toBe(true);
+      await writeFile(stampFile, `${daemon.pid} ${daemon.startedAt}\n`);
+      expect(await installHook({ node: process.execPath, bin: BIN, path, stampFile })).toMatchObject({ daemonMustReload: false, daemonNote: expect.stringMatching(/reloaded/) });
+      await writeFile(stampFile, `${daemon.pid + 1} ${daemon.startedAt}\n`); // another daemon's
+      expect((await installHook({ node: process.execPath, bin: BIN, path, stampFile })).daemonMustReload).toBe(true);
+    }
 
     expect(await removeHook({ path })).toEqual({ path, removed: true });
     expect(await removeHook({ path })).toEqual({ path, removed: false });

@@ -39,11 +39,12 @@ export function registerHostCommands(program: Command): void {
         "refuses to overwrite another hook; says whether libvirtd must restart (or reload) to see it",
     )
     .option('--path <file>', 'where the hook goes (libvirt 6.5+ also runs executables in /etc/libvirt/hooks/qemu.d/)', '/etc/libvirt/hooks/qemu')
+    .option('--reload-daemon', 'if the running libvirtd has not seen the hook yet, send it SIGHUP (a reload: running guests are not touched)')
     .option('--json', 'print the result as JSON')
-    .action(async (options: CommonOptions & { path: string }) => {
+    .action(async (options: CommonOptions & { path: string; reloadDaemon?: boolean }) => {
       const { installHook } = await import('../../virt/hook.js');
       const bin = realpathSync(process.argv[1] ?? '');
-      const result = await installHook({ node: process.execPath, bin, path: options.path });
+      const result = await installHook({ node: process.execPath, bin, path: options.path, ...(options.reloadDaemon ? { reloadDaemon: true } : {}) });
       printResult(options, result, () =>
         [`${result.replaced === 'unchanged' ? 'already installed' : 'installed'} ${result.path}${result.replaced === 'qlayer-hook' ? ' (replacing the earlier qlayer hook)' : ''}: runs ${result.runs}`, `${result.daemonMustReload ? 'libvirtd must reload: ' : ''}${result.daemonNote}`].join('\n'),
       );
