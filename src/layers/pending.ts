@@ -235,7 +235,12 @@ export async function applyPendingLocked(store: Store, state: StoreState, name: 
   const pending = record.pendingBoot ?? null;
   const dir = store.path(record.dir);
   try {
+    if (record.recompose && !record.recompose.atNextBoot) {
+      throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
+    }
     if (record.recompose) {
+      // Only a plan of a change made --at-next-boot gets here (hasWorkAtStart): qlayer's own
+      // interrupted recompose is for `desktop recompose`, and a start refused it before.
       log(`finishing the unfinished recompose of ${name}`);
       await recomposeRecorded(store, state, name, log, null);
     }
@@ -246,7 +251,7 @@ export async function applyPendingLocked(store: Store, state: StoreState, name: 
       const manifests: AppManifest[] = await Promise.all(pending.refs.map((ref) => resolveApp(store, ref)));
       log('locating placeholders offline');
       const located = await locateOffline(store, handle, manifests);
-      record.recompose = planAssign(record, manifests, located);
+      record.recompose = { ...planAssign(record, manifests, located), atNextBoot: true };
       record.pendingBoot = null;
       await store.writeState(state);
       report = await recomposeRecorded(store, state, name, log, null);
@@ -254,7 +259,7 @@ export async function applyPendingLocked(store: Store, state: StoreState, name: 
     } else {
       const manifests = await Promise.all(pending.refs.map((ref) => resolveApp(store, ref)));
       await assertGoneOffline(store, handle, manifests.flatMap((m) => m.files.map((f) => f.path)));
-      record.recompose = planUnassign(record, pending.refs);
+      record.recompose = { ...planUnassign(record, pending.refs), atNextBoot: true };
       record.pendingBoot = null;
       await store.writeState(state);
       report = await recomposeRecorded(store, state, name, log, null);
@@ -272,7 +277,7 @@ export async function applyPendingLocked(store: Store, state: StoreState, name: 
 
 /** Whether a start has anything to do for this desktop (read without the lock: the fast path). */
 export function hasWorkAtStart(record: DesktopRecord | undefined): boolean {
-  return record !== undefined && (record.pendingBoot != null || record.recompose != null);
+  return record !== undefined && (record.pendingBoot != null || record.recompose?.atNextBoot === true);
 }
 
 /**

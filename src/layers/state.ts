@@ -75,6 +75,11 @@ export interface RecomposePlan {
   startedAt: string;
   /** Runs started on this plan; more than one means an earlier run stopped part-way. */
   attempts?: number;
+  /**
+   * The plan of a change made `--at-next-boot`: a start (libvirt's hook) finishes it if a run
+   * stopped part-way. Absent: qlayer's own, which only `desktop recompose` finishes.
+   */
+  atNextBoot?: boolean;
 }
 
 /**
