@@ -7,7 +7,7 @@ import type { Command } from 'commander';
 import { printResult, type CommonOptions } from '../output.js';
 
 export function registerHostCommands(program: Command): void {
-  const host = program.command('host').description('this KVM host: readiness for qlayer');
+  const host = program.command('host').description("this KVM host: readiness for qlayer, and libvirt's QEMU hook for --at-next-boot");
   host
     .command('check')
     .description('check libvirtd, QEMU, KVM and (with --image) access to images; exit 1 if a required item fails')

@@ -303,7 +303,8 @@ export function registerLayerCommands(program: Command): void {
     desktop
       .command('assign')
       .description(
-        'assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose. ' +
+        'assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose ' +
+          '(with --at-next-boot: allocate now, keep the guest running, the rest at its next start). ' +
           'With --desktops or --all, every APP argument is an app and the desktops go a few at a time; one failing leaves the others done',
       )
       .usage('[options] NAME APP[@VERSION]...  |  --desktops A,B,... APP[@VERSION]...  |  --all APP[@VERSION]...')
