@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # Build the Debian 12 test guest: a real distribution system, from Debian packages with
-# mmdebstrap, that boots through its own bootloader (grub-pc, BIOS) from a GPT disk, runs
-# systemd, dbus and udev, and Debian's qemu-guest-agent (started by udev when the virtio channel
-# appears). See vm-fixtures/README.md ("The Debian guest").
+# mmdebstrap, that boots through its own bootloader from a GPT disk, runs systemd, dbus and udev,
+# and Debian's qemu-guest-agent (started by udev when the virtio channel appears). Two firmwares:
+# --firmware bios (the default): grub-pc, its core image in a BIOS boot partition;
+# --firmware uefi: grub-efi as EFI/BOOT/BOOTX64.EFI (the removable-media path, so the firmware
+#   needs no NVRAM boot entry) on an EFI system partition, for OVMF on q35.
+# See vm-fixtures/README.md ("The Debian guest").
 #
 # Output: $cache/debian-<key>/ {base.qcow2, manifest.json, packages.txt} and the symlink
-# $cache/debian-current -> debian-<key>. The key hashes this script and the versions (with archive
-# sha256) of every package the build can install, plus the host tools that shape the disk, so a
-# run with the same inputs only checks the key and returns (a few seconds).
+# $cache/debian-current -> debian-<key> (UEFI: debian-uefi-<key>/ and debian-uefi-current). The
+# key hashes this script and the versions (with archive sha256) of every package the build can
+# install, plus the host tools that shape the disk, so a run with the same inputs only checks the
+# key and returns (a few seconds).
 #
 # The apt mirror is the host's: its apt sources are handed to mmdebstrap at run time and are
 # removed from the guest afterwards; no mirror is written into any file of this repository.
 #
-# Usage: vm-fixtures/build-debian.sh [--force] [--print-dir]
+# Usage: vm-fixtures/build-debian.sh [--firmware bios|uefi] [--force] [--print-dir]
 #   QLAYER_FIXTURES_CACHE  cache folder (default: <repo>/.cache/vm-fixtures)
 set -euo pipefail
 
@@ -21,13 +25,25 @@ repo="$(dirname "$here")"
 cache="${QLAYER_FIXTURES_CACHE:-$repo/.cache/vm-fixtures}"
 force=0
 print_dir=0
-for arg in "$@"; do
-  case "$arg" in
+firmware=bios
+while (($#)); do
+  case "$1" in
     --force) force=1 ;;
     --print-dir) print_dir=1 ;;
-    *) echo "build-debian.sh: unknown argument $arg" >&2; exit 2 ;;
+    --firmware)
+      (($# >= 2)) || { echo "build-debian.sh: --firmware needs a value (bios or uefi)" >&2; exit 2; }
+      firmware="$2"
+      shift
+      ;;
+    --firmware=*) firmware="${1#--firmware=}" ;;
+    *) echo "build-debian.sh: unknown argument $1" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$firmware" in
+  bios | uefi) ;;
+  *) echo "build-debian.sh: --firmware must be bios or uefi, not $firmware" >&2; exit 2 ;;
+esac
 
 log() { echo "vm-fixtures (debian): $*" >&2; }
 die() { echo "vm-fixtures (debian): error: $*" >&2; exit 1; }
@@ -36,21 +52,44 @@ die() { echo "vm-fixtures (debian): error: $*" >&2; exit 1; }
 for tool in mmdebstrap apt-cache mke2fs sgdisk qemu-img sha256sum flock perl; do
   command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup-host.sh)"
 done
+if [ "$firmware" = uefi ]; then
+  # mkfs.vfat (dosfstools) makes the EFI system partition, mtools fills it without a mount.
+  for tool in mkfs.vfat mmd mcopy mdir; do
+    command -v "$tool" >/dev/null || die "$tool is missing (run scripts/setup-host.sh: dosfstools, mtools)"
+  done
+fi
 
 suite=bookworm
-# The disk: 3 GiB virtual, GPT, partition 1 = BIOS boot (grub's core.img), partition 2 = ext4 root.
+# The disk: 3 GiB virtual, GPT. BIOS: partition 1 = BIOS boot (grub's core.img), partition 2 = ext4
+# root. UEFI: partition 1 = EFI system partition (FAT32, grub's BOOTX64.EFI), partition 2 = ext4 root.
 disk_size=$((3 * 1024 * 1024 * 1024))
 bios_start=2048                    # sectors
 bios_sectors=2048                  # 1 MiB
-root_start=$((bios_start + bios_sectors))
+esp_start=2048                     # sectors (UEFI)
+esp_sectors=$((100 * 2048))        # 100 MiB: FAT32 (what UEFI requires of an ESP) with 512-byte clusters needs over 32 MiB
+esp_volume_id=51a7e0f1             # the FAT volume serial (fstab: UUID=51A7-E0F1); after --invariant, which sets its own
+if [ "$firmware" = uefi ]; then
+  root_start=$((esp_start + esp_sectors))
+else
+  root_start=$((bios_start + bios_sectors))
+fi
 root_size=$((disk_size - root_start * 512 - 1024 * 1024)) # the last MiB holds the backup GPT
 fs_uuid=6a1d2b3c-4e5f-4a6b-8c7d-9e0f1a2b3c4d
 disk_guid=0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9
 root_part_guid=1c2d3e4f-5061-4728-93a4-b5c6d7e8f901
+esp_part_guid=2d3e4f50-6172-4839-a4b5-c6d7e8f90112
 user_name=user
 user_uid=1000
 cmdline="console=ttyS0"
-packages=(systemd-sysv dbus udev qemu-guest-agent linux-image-cloud-amd64 initramfs-tools grub-pc e2fsprogs)
+if [ "$firmware" = uefi ]; then
+  # grub-efi-amd64-bin: grub's x86_64-efi modules and grub-mkimage, without the postinst of
+  # grub-efi-amd64 that runs grub-install; grub2-common: update-grub for the guest's own kernels.
+  packages=(systemd-sysv dbus udev qemu-guest-agent linux-image-cloud-amd64 initramfs-tools grub-efi-amd64-bin grub2-common e2fsprogs)
+  variant=debian-uefi
+else
+  packages=(systemd-sysv dbus udev qemu-guest-agent linux-image-cloud-amd64 initramfs-tools grub-pc e2fsprogs)
+  variant=debian
+fi
 
 mkdir -p "$cache/debian-debs"
 exec 9>"$cache/debian.lock"
@@ -80,12 +119,16 @@ key="$({
   mke2fs -V 2>&1 | head -1
   sgdisk --version | head -1
   qemu-img --version | head -1
+  if [ "$firmware" = uefi ]; then
+    echo "firmware uefi"
+    dpkg-query -W -f='${Package} ${Version}\n' dosfstools mtools 2>/dev/null
+  fi
 } | sha256sum | cut -c1-16)"
-name="debian-$key"
+name="$variant-$key"
 out="$cache/$name"
 
 if [ "$force" -eq 0 ] && [ -f "$out/manifest.json" ]; then
-  ln -sfn "$name" "$cache/debian-current"
+  ln -sfn "$name" "$cache/$variant-current"
   log "up to date ($out)"
   [ "$print_dir" -eq 0 ] || echo "$out"
   exit 0
@@ -156,24 +199,14 @@ find "$cache/debian-debs" -name '*.deb' -mtime +30 -delete 2>/dev/null || true
 installed="$(chroot "$rf" dpkg-query -W -f='${Package} ${Version}\n' | sort)"
 echo "$installed" >"$work/packages.txt"
 
-# --- grub-pc: its modules and config in /boot/grub, core.img for the BIOS boot partition -------------
+# --- grub's configuration (both firmwares) -----------------------------------------------------------
 # grub-install cannot run here: it must find the disk behind /boot/grub, and loop devices on these
 # machines have no partitions (losetup -P makes none). The pieces are grub's own: grub-mkimage
-# builds core.img (it finds the root by UUID), and boot.img and core.img are placed and patched
-# below exactly as grub-bios-setup does for a GPT disk with a BIOS boot partition.
-gdir="$rf/boot/grub/i386-pc"
-mkdir -p "$gdir"
-cp "$rf"/usr/lib/grub/i386-pc/*.mod "$rf"/usr/lib/grub/i386-pc/*.lst "$rf/usr/lib/grub/i386-pc/boot.img" "$gdir/"
-cat >"$work/load.cfg" <<EOF
-search.fs_uuid $fs_uuid root hd0,gpt2
-set prefix=(\$root)/boot/grub
-EOF
-cp "$work/load.cfg" "$rf/tmp/qlayer-load.cfg"
-chroot "$rf" grub-mkimage -O i386-pc -o /boot/grub/i386-pc/core.img -c /tmp/qlayer-load.cfg \
-  -p /boot/grub biosdisk part_gpt ext2 search_fs_uuid >/dev/null 2>&1 || die "grub-mkimage failed"
-rm -f "$rf/tmp/qlayer-load.cfg"
-chroot "$rf" grub-editenv /boot/grub/grubenv create
-cat >"$rf/boot/grub/grub.cfg" <<EOF
+# builds the first stage with an embedded config that finds the root by UUID and loads
+# /boot/grub/grub.cfg from it; the firmware-specific functions below place that first stage.
+write_grub_cfg() {
+  chroot "$rf" grub-editenv /boot/grub/grubenv create
+  cat >"$rf/boot/grub/grub.cfg" <<CFG
 # Written by qlayer's vm-fixtures/build-debian.sh (update-grub in the guest rewrites it).
 serial --unit=0 --speed=115200
 terminal_input serial console
@@ -187,45 +220,128 @@ menuentry 'Debian GNU/Linux ($kernel_release)' {
   linux /boot/vmlinuz-$kernel_release root=UUID=$fs_uuid ro $cmdline
   initrd /boot/initrd.img-$kernel_release
 }
-EOF
-mkdir -p "$rf/etc/default/grub.d"
-echo "GRUB_CMDLINE_LINUX=\"$cmdline\"" >"$rf/etc/default/grub.d/qlayer.cfg"
-printf 'GRUB_TIMEOUT=0\nGRUB_TERMINAL="serial console"\n' >>"$rf/etc/default/grub.d/qlayer.cfg"
-core_size="$(stat -c %s "$gdir/core.img")"
-[ "$core_size" -le $((bios_sectors * 512)) ] || die "core.img ($core_size bytes) does not fit the BIOS boot partition"
+CFG
+  mkdir -p "$rf/etc/default/grub.d"
+  echo "GRUB_CMDLINE_LINUX=\"$cmdline\"" >"$rf/etc/default/grub.d/qlayer.cfg"
+  printf 'GRUB_TIMEOUT=0\nGRUB_TERMINAL="serial console"\n' >>"$rf/etc/default/grub.d/qlayer.cfg"
+}
 
-# --- The disk ------------------------------------------------------------------------------------------
-E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -b 4096 -L qlayer-debian -U "$fs_uuid" -E "hash_seed=$fs_uuid" \
-  -d "$rf" "$work/root.ext4" "$((root_size / 1024))k" >/dev/null || die "mke2fs failed"
-truncate -s "$disk_size" "$work/disk.raw"
-sgdisk -a 2048 -U "$disk_guid" \
-  -n "1:$bios_start:+$bios_sectors" -t 1:ef02 -c 1:bios-boot \
-  -n "2:$root_start:+$((root_size / 512))" -t 2:8300 -c 2:root -u "2:$root_part_guid" \
-  "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
-sgdisk -i 2 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $root_start " || die "sgdisk did not create partition 2"
-dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=$((root_start * 512 / 1048576)) conv=notrunc,sparse status=none
-rm -f "$work/root.ext4"
+# The early config grub-mkimage embeds: find the root by UUID (the partition is a hint only).
+write_load_cfg() {
+  cat >"$rf/tmp/qlayer-load.cfg" <<CFG
+search.fs_uuid $fs_uuid root hd0,gpt2
+set prefix=(\$root)/boot/grub
+CFG
+}
 
-# grub-bios-setup's work: core.img at the BIOS boot partition's first sector; its first sector
-# (diskboot.img) lists the rest: start sector (le64 at 0x1f4; the length at 0x1fc is grub-mkimage's);
-# boot.img in the MBR's code area (the partition table is kept) with the core's sector (le64 at 0x5c),
-# boot drive 0xff (= the one the BIOS booted from) and the drive check replaced by two nops (0x66).
-perl -e '
-  my ($disk, $boot, $core, $lba) = @ARGV;
-  local $/;
-  open(my $b, "<:raw", $boot) or die; my $bi = <$b>; close $b;
-  open(my $c, "<:raw", $core) or die; my $ci = <$c>; close $c;
-  length($bi) == 512 or die "boot.img is not 512 bytes\n";
-  unpack("v", substr($ci, 0x1fc, 2)) == int((length($ci) + 511) / 512) - 1 or die "unexpected core.img blocklist length\n";
-  substr($ci, 0x1f4, 8) = pack("Q<", $lba + 1);
-  substr($bi, 0x5c, 8) = pack("Q<", $lba);
-  substr($bi, 0x64, 1) = "\xff";
-  substr($bi, 0x66, 2) = "\x90\x90";
-  open(my $d, "+<:raw", $disk) or die;
-  seek($d, 0, 0); print $d substr($bi, 0, 0x1b8);
-  seek($d, $lba * 512, 0); print $d $ci;
-  close $d or die;
-' "$work/disk.raw" "$gdir/boot.img" "$gdir/core.img" "$bios_start" || die "placing grub's boot.img and core.img failed"
+# --- BIOS: grub-pc's modules in /boot/grub/i386-pc, core.img for the BIOS boot partition ---------------
+# boot.img and core.img are placed and patched by place_grub_bios below, exactly as grub-bios-setup
+# does for a GPT disk with a BIOS boot partition.
+grub_files_bios() {
+  gdir="$rf/boot/grub/i386-pc"
+  mkdir -p "$gdir"
+  cp "$rf"/usr/lib/grub/i386-pc/*.mod "$rf"/usr/lib/grub/i386-pc/*.lst "$rf/usr/lib/grub/i386-pc/boot.img" "$gdir/"
+  write_load_cfg
+  chroot "$rf" grub-mkimage -O i386-pc -o /boot/grub/i386-pc/core.img -c /tmp/qlayer-load.cfg \
+    -p /boot/grub biosdisk part_gpt ext2 search_fs_uuid >/dev/null 2>&1 || die "grub-mkimage failed"
+  rm -f "$rf/tmp/qlayer-load.cfg"
+  write_grub_cfg
+  core_size="$(stat -c %s "$gdir/core.img")"
+  [ "$core_size" -le $((bios_sectors * 512)) ] || die "core.img ($core_size bytes) does not fit the BIOS boot partition"
+}
+
+# --- UEFI: grub-efi's modules in /boot/grub/x86_64-efi, BOOTX64.EFI for the EFI system partition -------
+# The image goes to the ESP's removable-media path EFI/BOOT/BOOTX64.EFI, which UEFI firmware boots
+# from a disk with no NVRAM boot entry: a new desktop's NVRAM (a copy of OVMF's template) has none.
+# It is unsigned: the domain runs with secure boot off. The ESP is mounted at /boot/efi as on an
+# installed Debian (nofail: a missing vfat module must not stop the boot).
+grub_files_uefi() {
+  gdir="$rf/boot/grub/x86_64-efi"
+  mkdir -p "$gdir" "$rf/boot/efi"
+  cp "$rf"/usr/lib/grub/x86_64-efi/*.mod "$rf"/usr/lib/grub/x86_64-efi/*.lst "$gdir/"
+  write_load_cfg
+  chroot "$rf" grub-mkimage -O x86_64-efi -o /tmp/qlayer-BOOTX64.EFI -c /tmp/qlayer-load.cfg \
+    -p /boot/grub part_gpt ext2 search_fs_uuid >/dev/null 2>&1 || die "grub-mkimage -O x86_64-efi failed"
+  mv "$rf/tmp/qlayer-BOOTX64.EFI" "$work/BOOTX64.EFI"
+  rm -f "$rf/tmp/qlayer-load.cfg"
+  write_grub_cfg
+  esp_uuid="$(echo "$esp_volume_id" | tr a-f A-F | sed 's/^\(....\)/\1-/')"
+  echo "UUID=$esp_uuid /boot/efi vfat umask=0077,nofail 0 0" >>"$rf/etc/fstab"
+}
+
+# --- The disk: the root filesystem, then the partitions -------------------------------------------------
+# Each firmware's partitioning is its own function; a layout for another root (LVM, say) is a sibling.
+make_root_fs() {
+  E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -b 4096 -L qlayer-debian -U "$fs_uuid" -E "hash_seed=$fs_uuid" \
+    -d "$rf" "$work/root.ext4" "$((root_size / 1024))k" >/dev/null || die "mke2fs failed"
+}
+
+# GPT with a BIOS boot partition (1) and the root (2); grub-bios-setup's work done by hand.
+partition_disk_bios() {
+  truncate -s "$disk_size" "$work/disk.raw"
+  sgdisk -a 2048 -U "$disk_guid" \
+    -n "1:$bios_start:+$bios_sectors" -t 1:ef02 -c 1:bios-boot \
+    -n "2:$root_start:+$((root_size / 512))" -t 2:8300 -c 2:root -u "2:$root_part_guid" \
+    "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
+  sgdisk -i 2 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $root_start " || die "sgdisk did not create partition 2"
+  dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=$((root_start * 512 / 1048576)) conv=notrunc,sparse status=none
+  rm -f "$work/root.ext4"
+
+  # grub-bios-setup's work: core.img at the BIOS boot partition's first sector; its first sector
+  # (diskboot.img) lists the rest: start sector (le64 at 0x1f4; the length at 0x1fc is grub-mkimage's);
+  # boot.img in the MBR's code area (the partition table is kept) with the core's sector (le64 at 0x5c),
+  # boot drive 0xff (= the one the BIOS booted from) and the drive check replaced by two nops (0x66).
+  perl -e '
+    my ($disk, $boot, $core, $lba) = @ARGV;
+    local $/;
+    open(my $b, "<:raw", $boot) or die; my $bi = <$b>; close $b;
+    open(my $c, "<:raw", $core) or die; my $ci = <$c>; close $c;
+    length($bi) == 512 or die "boot.img is not 512 bytes\n";
+    unpack("v", substr($ci, 0x1fc, 2)) == int((length($ci) + 511) / 512) - 1 or die "unexpected core.img blocklist length\n";
+    substr($ci, 0x1f4, 8) = pack("Q<", $lba + 1);
+    substr($bi, 0x5c, 8) = pack("Q<", $lba);
+    substr($bi, 0x64, 1) = "\xff";
+    substr($bi, 0x66, 2) = "\x90\x90";
+    open(my $d, "+<:raw", $disk) or die;
+    seek($d, 0, 0); print $d substr($bi, 0, 0x1b8);
+    seek($d, $lba * 512, 0); print $d $ci;
+    close $d or die;
+  ' "$work/disk.raw" "$gdir/boot.img" "$gdir/core.img" "$bios_start" || die "placing grub's boot.img and core.img failed"
+  partitions_json="{ \"number\": 1, \"type\": \"bios-boot\", \"offset\": $((bios_start * 512)), \"size\": $((bios_sectors * 512)) }"
+}
+
+# GPT with an EFI system partition (1: FAT32 made in a file by mkfs.vfat, filled by mtools, no mount)
+# and the root (2).
+partition_disk_uefi() {
+  truncate -s "$disk_size" "$work/disk.raw"
+  sgdisk -a 2048 -U "$disk_guid" \
+    -n "1:$esp_start:+$esp_sectors" -t 1:ef00 -c 1:esp -u "1:$esp_part_guid" \
+    -n "2:$root_start:+$((root_size / 512))" -t 2:8300 -c 2:root -u "2:$root_part_guid" \
+    "$work/disk.raw" >/dev/null 2>&1 || die "sgdisk failed"
+  sgdisk -i 1 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $esp_start " || die "sgdisk did not create partition 1"
+  sgdisk -i 2 "$work/disk.raw" 2>/dev/null | grep -q "First sector: $root_start " || die "sgdisk did not create partition 2"
+  rm -f "$work/esp.vfat"
+  mkfs.vfat -C -F 32 --invariant -i "$esp_volume_id" -n EFI "$work/esp.vfat" $((esp_sectors / 2)) >/dev/null || die "mkfs.vfat failed"
+  MTOOLS_SKIP_CHECK=1 mmd -i "$work/esp.vfat" ::/EFI ::/EFI/BOOT || die "mmd failed"
+  MTOOLS_SKIP_CHECK=1 mcopy -i "$work/esp.vfat" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI || die "mcopy failed"
+  MTOOLS_SKIP_CHECK=1 mdir -i "$work/esp.vfat" ::/EFI/BOOT 2>/dev/null | grep -q BOOTX64 || die "BOOTX64.EFI is not on the ESP"
+  dd if="$work/esp.vfat" of="$work/disk.raw" bs=1M seek=$((esp_start * 512 / 1048576)) conv=notrunc,sparse status=none
+  dd if="$work/root.ext4" of="$work/disk.raw" bs=1M seek=$((root_start * 512 / 1048576)) conv=notrunc,sparse status=none
+  rm -f "$work/esp.vfat" "$work/root.ext4"
+  partitions_json="{ \"number\": 1, \"type\": \"efi-system\", \"offset\": $((esp_start * 512)), \"size\": $((esp_sectors * 512)), \"guid\": \"$esp_part_guid\", \"filesystem\": { \"type\": \"vfat\", \"uuid\": \"$esp_uuid\", \"label\": \"EFI\" }, \"bootFile\": \"EFI/BOOT/BOOTX64.EFI\" }"
+}
+
+if [ "$firmware" = uefi ]; then
+  grub_files_uefi
+  make_root_fs
+  partition_disk_uefi
+  bootloader="grub-efi-amd64-bin $(awk '$1 == "grub-efi-amd64-bin" {print $2; exit}' <<<"$installed")"
+else
+  grub_files_bios
+  make_root_fs
+  partition_disk_bios
+  bootloader="grub-pc $(awk '$1 == "grub-pc" {print $2; exit}' <<<"$installed")"
+fi
 
 mkdir -p "$out.tmp"
 rm -rf "${out:?}.tmp/"*
@@ -246,11 +362,11 @@ cat >"$out.tmp/manifest.json" <<EOF
   "image": { "path": "base.qcow2", "size": $(stat -c %s "$out.tmp/base.qcow2"), "allocated": $allocated, "sha256": "$(sha256sum "$out.tmp/base.qcow2" | cut -d' ' -f1)",
     "format": "qcow2", "virtualSize": $disk_size, "rootDevice": "/dev/vda2", "partitionTable": "gpt",
     "partitions": [
-      { "number": 1, "type": "bios-boot", "offset": $((bios_start * 512)), "size": $((bios_sectors * 512)) },
+      $partitions_json,
       { "number": 2, "type": "linux", "offset": $((root_start * 512)), "size": $root_size, "guid": "$root_part_guid" }
     ],
     "filesystem": { "type": "ext4", "blockSize": 4096, "offset": $((root_start * 512)), "size": $root_size, "uuid": "$fs_uuid", "label": "qlayer-debian" } },
-  "boot": { "mode": "firmware", "firmware": "bios", "bootloader": "grub-pc $(version_of grub-pc)", "cmdline": "root=UUID=$fs_uuid ro $cmdline" },
+  "boot": { "mode": "firmware", "firmware": "$firmware", "bootloader": "$bootloader", "cmdline": "root=UUID=$fs_uuid ro $cmdline" },
   "kernel": { "release": "$kernel_release", "package": "$kernel_pkg", "version": "$(version_of "$kernel_pkg")" },
   "user": { "name": "$user_name", "uid": $user_uid, "home": "/home/$user_name" },
   "agent": { "channel": "org.qemu.guest_agent.0", "version": "$(version_of qemu-guest-agent)" },
@@ -263,12 +379,13 @@ node -e 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))' "$out.
 
 rm -rf "$out"
 mv "$out.tmp" "$out"
-ln -sfn "$name" "$cache/debian-current"
-# Keep the two newest Debian builds (a test may still run on the older one).
+ln -sfn "$name" "$cache/$variant-current"
+# Keep the two newest builds of this variant (a test may still run on the older one); another
+# variant's builds (debian-uefi-<key> beside debian-<key>) are not this one's to prune.
 kept=0
-for old in $(ls -1dt "$cache"/debian-*/ 2>/dev/null); do
+for old in $(ls -1dt "$cache/$variant"-*/ 2>/dev/null); do
   old="${old%/}"
-  case "$old" in */debian-debs | */debian-build.* | */debian-current) continue ;; esac
+  [[ "${old##*/}" =~ ^$variant-[0-9a-f]{16}$ ]] || continue
   [ -L "$old" ] || [ ! -f "$old/manifest.json" ] || [ "$old" = "$out" ] && continue
   kept=$((kept + 1))
   [ "$kept" -le 1 ] || rm -rf "$old"

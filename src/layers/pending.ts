@@ -250,7 +250,10 @@ export async function applyPendingLocked(store: Store, state: StoreState, name: 
     if (pending.kind === 'assign') {
       const manifests: AppManifest[] = await Promise.all(pending.refs.map((ref) => resolveApp(store, ref)));
       log('locating placeholders offline');
-      const located = await locateOffline(store, handle, manifests);
+      // As a plain assign does: the assigned files are looked at again (blocks the user freed since).
+      const { located, rechecked } = await locateOffline(store, handle, manifests, record.files);
+      for (const gone of rechecked.released) log(`${gone.path}: ${gone.why}; its ${gone.bytes} freed bytes no longer read from the apps layer`);
+      record.files = rechecked.files;
       record.recompose = { ...planAssign(record, manifests, located), atNextBoot: true };
       record.pendingBoot = null;
       await store.writeState(state);

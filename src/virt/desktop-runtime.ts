@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { constants, existsSync, mkdirSync } from 'node:fs';
+import { copyFile, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { DesktopHandle, DesktopRuntime, DesktopTemplate, ForeignDomain } from '../layers/runtime.js';
 import type { GuestShell } from '../layers/guest-script.js';
@@ -9,7 +9,7 @@ import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
 import { domainFromTemplate, firstDisk, replaceFirstDiskChain, setDesktopMetadata } from './domain-edit.js';
-import { buildDomainXml, diskSources, xmlEscape, type DesktopMetadata, type DomainSpec } from './domain-xml.js';
+import { buildDomainXml, diskSources, nvramPath, withNvram, xmlEscape, type DesktopMetadata, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -48,6 +48,24 @@ const RUN_NS = 'https://qlayer.invalid/xmlns/run/1';
 function desktopMetadata(desktop: DesktopHandle): DesktopMetadata | undefined {
   if (desktop.storeRoot === undefined) return undefined;
   return { store: desktop.storeRoot, name: desktop.name, ...(desktop.storeId === undefined ? {} : { storeId: desktop.storeId }) };
+}
+
+/**
+ * A UEFI desktop's variable store (boot entries, firmware settings), in the desktop's own folder
+ * beside user.qcow2: it is the desktop's state like its disk, so it moves, is backed up and is
+ * deleted with the desktop and the store, and two stores never share one (libvirt's default,
+ * /var/lib/libvirt/qemu/nvram/DOMAIN_VARS.fd, is keyed by domain name only).
+ */
+export const NVRAM_FILE = 'nvram.fd';
+
+/** The NVRAM file of a desktop (whether or not it boots through UEFI). */
+export function desktopNvramPath(desktop: Pick<DesktopHandle, 'userPath'>): string {
+  return join(dirname(desktop.userPath), NVRAM_FILE);
+}
+
+/** Where a released desktop's NVRAM file goes: beside its image, e.g. alice.qcow2 -> alice.nvram.fd. */
+export function releasedNvramPath(image: string): string {
+  return `${image.replace(/\.(qcow2|raw|img)$/i, '')}.nvram.fd`;
 }
 
 /** libvirt's limit on our domain names (DOMAIN_NAME_PATTERN in domain-xml.ts). */
@@ -232,7 +250,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       else {
         const source = template.kind === 'xml' ? template.xml : await connection.inactiveXml(template.name);
         if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
-        xml = domainFromTemplate(source, name, this.layers(desktop));
+        // A UEFI template's NVRAM file is the template's: the desktop gets its own, in its folder.
+        xml = withNvram(domainFromTemplate(source, name, this.layers(desktop)), desktopNvramPath(desktop));
         const meta = desktopMetadata(desktop);
         if (meta !== undefined) xml = setDesktopMetadata(xml, meta);
       }
@@ -295,7 +314,26 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       if (found.state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${found.name}); stop it first`);
       const xml = await connection.inactiveXml(found.name);
       if (xml === undefined) throw new VirtError('virt.invalid-spec', `domain ${found.name} went away`);
-      await connection.define(replaceFirstDiskChain(xml, [image]), found.name);
+      let updated = replaceFirstDiskChain(xml, [image]);
+      // A UEFI desktop's NVRAM file is in its folder, which the release deletes: a copy goes
+      // beside the released image (kept boot entries and settings), and the domain names it.
+      let copied: string | undefined;
+      const nvram = nvramPath(xml);
+      if (nvram !== undefined && (await sameFile(nvram, desktopNvramPath(desktop)))) {
+        const moved = releasedNvramPath(image.path);
+        if (existsSync(moved)) throw new VirtError('virt.invalid-spec', `${moved} exists already; the released domain's NVRAM file goes there`);
+        if (existsSync(nvram)) {
+          await copyFile(nvram, moved, constants.COPYFILE_EXCL);
+          copied = moved;
+        }
+        updated = withNvram(updated, moved);
+      }
+      try {
+        await connection.define(updated, found.name);
+      } catch (error) {
+        if (copied !== undefined) await rm(copied, { force: true });
+        throw error;
+      }
       return found.name;
     });
   }
@@ -329,8 +367,12 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       vcpus: this.options.vcpus,
       boot: kernel
         ? { kind: 'kernel', kernel, ...(initrd ? { initrd } : {}), ...(cmdline ? { cmdline } : {}) }
-        : { kind: 'firmware', firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' },
-      disks: [{ ...top!, backingChain: below }],
+        : this.options.firmware === 'uefi'
+          ? { kind: 'firmware', firmware: 'efi', nvram: desktopNvramPath(desktop) }
+          : { kind: 'firmware', firmware: 'bios' },
+      // Discards reach the user delta: a desktop's fstrim gives its freed space back to the host
+      // (as virt-install does for qcow2 disks). App extents are never free while assigned.
+      disks: [{ ...top!, backingChain: below, discard: 'unmap' }],
       serialLog,
       guestAgent: true,
       ...(desktopMetadata(desktop) ? { desktop: desktopMetadata(desktop)! } : {}),
