@@ -16,10 +16,11 @@ import { runGuestScript, shellQuote, type GuestShell } from './guest-script.js';
 import { locatePlaceholders, recheckAssigned, type RecheckedFiles } from './locate.js';
 import { checkName } from './names.js';
 import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
-import { appsLayerName, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
+import { APPS_LINK, appsLayerName, ensureAppsLinkSync, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime, DesktopTemplate } from './runtime.js';
 import { newDesktopRecord, type BaseRecord, type DesktopRecord, type LocatedFile, type StoreState } from './state.js';
 import type { Store } from './store.js';
+import { applyPendingBeforeStart, pendingBootView, refusePendingBoot, refuseStartedOutside, type PendingBootView } from './pending.js';
 
 export type Log = (message: string) => void;
 const quiet: Log = () => {};
@@ -136,6 +137,7 @@ function idleDesktopRecord(state: StoreState, name: string): DesktopRecord {
   if (record.recompose) {
     throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
   }
+  refusePendingBoot(name, record);
   return record;
 }
 
@@ -201,14 +203,17 @@ function basePathOf(store: Store, state: StoreState, record: DesktopRecord): str
 export function desktopHandle(store: Store, state: StoreState, name: string): DesktopHandle {
   const record = desktopRecord(state, name);
   const dir = store.path(record.dir);
+  // The domain names the stable link (see APPS_LINK); a desktop from before the link gets it here.
+  ensureAppsLinkSync(dir, record.appsGeneration);
   return {
     name,
     storeId: store.id,
+    storeRoot: store.root,
     ...(record.domain === undefined ? {} : { domain: record.domain }),
     userPath: join(dir, USER_LAYER),
     chain: [
       { path: join(dir, USER_LAYER), format: 'qcow2' },
-      { path: join(dir, appsLayerName(record.appsGeneration)), format: 'qcow2' },
+      { path: join(dir, APPS_LINK), format: 'qcow2' },
       { path: basePathOf(store, state, record), format: 'qcow2' },
     ],
   };
@@ -239,6 +244,7 @@ export async function createDesktop(
       // Relative backing names: the store can move to another folder or host.
       await createImage({ path: join(dir, appsLayerName(0)), backing: { path: relative(dir, store.path(baseRecord.file)), format: 'qcow2' } });
       await createImage({ path: join(dir, USER_LAYER), backing: { path: appsLayerName(0), format: 'qcow2' } });
+      ensureAppsLinkSync(dir, 0);
     } catch (error) {
       await rm(dir, { recursive: true, force: true });
       throw error;
@@ -278,6 +284,8 @@ export interface DesktopView {
   pendingRecompose: { phase: string; apps: string[] } | null;
   /** An assign or update whose guest side did not finish: what it is and the commands that end it. */
   operation: ReturnType<typeof operationView> | null;
+  /** An assign or unassign `--at-next-boot` waiting for the next start, with why the last start did not apply it. */
+  pendingAtNextBoot: PendingBootView | null;
   createdAt: string;
 }
 
@@ -292,10 +300,11 @@ export async function showDesktop(store: Store, runtime: DesktopRuntime | null, 
     base: record.base,
     apps: record.apps,
     files: record.files.length,
-    paths: { base: handle.chain[2]!.path, apps: handle.chain[1]!.path, user: handle.userPath },
+    paths: { base: handle.chain[2]!.path, apps: join(store.path(record.dir), appsLayerName(record.appsGeneration)), user: handle.userPath },
     appsGeneration: record.appsGeneration,
     pendingRecompose: record.recompose ? { phase: record.recompose.phase, apps: record.recompose.apps } : null,
     operation: record.operation ? operationView(name, record.operation) : null,
+    pendingAtNextBoot: await pendingBootView(store, record),
     createdAt: record.createdAt,
   };
 }
@@ -306,8 +315,11 @@ export async function listDesktops(store: Store, runtime: DesktopRuntime | null)
 }
 
 export async function startDesktop(store: Store, runtime: DesktopRuntime, name: string): Promise<void> {
+  // A change waiting for this start is applied first (also without the hook installed).
+  await applyPendingBeforeStart(store, runtime, name);
   const state = await store.readState();
-  idleDesktopRecord(state, name);
+  // A change that could not be applied stays pending: the desktop starts as it was (as with the hook).
+  if (desktopRecord(state, name).recompose) idleDesktopRecord(state, name);
   await ensureRunning(runtime, desktopHandle(store, state, name), name, quiet);
 }
 
@@ -331,7 +343,7 @@ export async function destroyDesktop(store: Store, runtime: DesktopRuntime | nul
 }
 
 /** Persist-and-run the desktop's recompose plan (the record is inside `state`). */
-async function recomposeRecorded(store: Store, state: StoreState, name: string, log: Log, runtime: DesktopRuntime | null): Promise<RecomposeReport> {
+export async function recomposeRecorded(store: Store, state: StoreState, name: string, log: Log, runtime: DesktopRuntime | null): Promise<RecomposeReport> {
   const record = desktopRecord(state, name);
   const report = await runRecompose({
     desktopDir: store.path(record.dir),
@@ -356,7 +368,7 @@ async function recomposeRecorded(store: Store, state: StoreState, name: string, 
  * look again at the files of the apps already assigned (recheckAssigned): blocks the user freed
  * since may now belong to the new placeholders.
  */
-async function locateOffline(store: Store, handle: DesktopHandle, manifests: AppManifest[], assigned: LocatedFile[]): Promise<{ located: LocatedFile[]; rechecked: RecheckedFiles }> {
+export async function locateOffline(store: Store, handle: DesktopHandle, manifests: AppManifest[], assigned: LocatedFile[]): Promise<{ located: LocatedFile[]; rechecked: RecheckedFiles }> {
   const chain = await openChain(handle.userPath, { allowedDirectories: [store.root] });
   try {
     const filesystem = await openGuestFilesystem(chain);
@@ -368,7 +380,7 @@ async function locateOffline(store: Store, handle: DesktopHandle, manifests: App
 }
 
 /** Check offline that none of these paths exists any more. */
-async function assertGoneOffline(store: Store, handle: DesktopHandle, paths: string[]): Promise<void> {
+export async function assertGoneOffline(store: Store, handle: DesktopHandle, paths: string[]): Promise<void> {
   const chain = await openChain(handle.userPath, { allowedDirectories: [store.root] });
   try {
     const filesystem = await openGuestFilesystem(chain);
@@ -448,6 +460,7 @@ async function guestSide(
 ): Promise<{ allocation: AllocationResult; located: LocatedFile[] }> {
   const record = desktopRecord(state, name);
   const handle = desktopHandle(store, state, name);
+  await refuseStartedOutside(runtime, handle, options.kind);
   const wasRunning = await runtime.isRunning(handle);
   if (wasRunning) await assertAgentAnswers(runtime, handle, name);
   record.operation = newOperation(options.kind, manifests.map(appKey), options.replacing, wasRunning);
@@ -624,6 +637,7 @@ export async function unassignLocked(store: Store, state: StoreState, runtime: D
   const removing = record.apps.filter((a) => !plan.apps.includes(a));
   const manifests = await Promise.all(removing.map((ref) => resolveApp(store, ref)));
   const handle = desktopHandle(store, state, name);
+  await refuseStartedOutside(runtime, handle, 'unassign');
   await ensureRunning(runtime, handle, name, log, store);
   log(`deleting ${removing.join(', ')} in the guest`);
   const alreadyGone = await removeAppFiles(runtime.shell(handle), manifests);

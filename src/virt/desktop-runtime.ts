@@ -8,8 +8,8 @@ import { resolveAccel, type Accel } from './accel.js';
 import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
-import { domainFromTemplate, firstDisk, replaceFirstDiskChain } from './domain-edit.js';
-import { buildDomainXml, diskSources, nvramPath, withNvram, type DomainSpec } from './domain-xml.js';
+import { domainFromTemplate, firstDisk, replaceFirstDiskChain, setDesktopMetadata } from './domain-edit.js';
+import { buildDomainXml, diskSources, nvramPath, withNvram, xmlEscape, type DesktopMetadata, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -35,6 +35,19 @@ export interface DesktopRuntimeOptions {
   network?: string | null;
   /** The display of each new desktop (config desktop.graphics); none by default. */
   graphics?: 'spice' | 'vnc' | 'none';
+}
+
+/**
+ * The live-only metadata element qlayer sets on a domain it started itself. libvirt drops live
+ * metadata when the guest stops, so a domain started by `virsh start` or virt-manager lacks it:
+ * that is how a plain assign knows the guest is someone's session that a shutdown would end.
+ */
+const RUN_NS = 'https://qlayer.invalid/xmlns/run/1';
+
+/** The desktop's entry for the domain's <metadata> (absent for a handle without a store root). */
+function desktopMetadata(desktop: DesktopHandle): DesktopMetadata | undefined {
+  if (desktop.storeRoot === undefined) return undefined;
+  return { store: desktop.storeRoot, name: desktop.name, ...(desktop.storeId === undefined ? {} : { storeId: desktop.storeId }) };
 }
 
 /**
@@ -180,11 +193,32 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       else await this.pointAtChain(connection, name, desktop);
       await connection.startDefined(name);
       try {
+        await this.markStartedHere(name);
         await new GuestAgent(name, { uri: this.uri }).waitReady(this.options.bootTimeoutMs);
       } catch (error) {
         await connection.destroy(name).catch(() => undefined);
         throw error;
       }
+    });
+  }
+
+  /** Record in the running domain's live metadata that qlayer started it (see RUN_NS). */
+  private async markStartedHere(name: string): Promise<void> {
+    const { execa } = await import('execa');
+    const element = `<run by='qlayer' pid='${process.pid}' at='${xmlEscape(new Date().toISOString())}'/>`;
+    await execa('virsh', ['-c', this.uri, 'metadata', name, '--live', '--uri', RUN_NS, '--key', 'qlayer-run', '--set', element], { timeout: 30_000 });
+  }
+
+  /**
+   * The desktop runs, and not because qlayer started it (`virsh start`, virt-manager, a guest
+   * reboot of a domain libvirt restarted): its live XML lacks qlayer's run mark.
+   */
+  async startedOutside(desktop: DesktopHandle): Promise<boolean> {
+    return withConnection(this.uri, async (connection) => {
+      const found = await this.ownDomain(connection, desktop);
+      if (found === null) return false;
+      const xml = await connection.xml(found.name);
+      return xml !== undefined && !xml.includes(RUN_NS);
     });
   }
 
@@ -218,6 +252,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
         if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
         // A UEFI template's NVRAM file is the template's: the desktop gets its own, in its folder.
         xml = withNvram(domainFromTemplate(source, name, this.layers(desktop)), desktopNvramPath(desktop));
+        const meta = desktopMetadata(desktop);
+        if (meta !== undefined) xml = setDesktopMetadata(xml, meta);
       }
       try {
         await connection.define(xml, name);
@@ -310,7 +346,10 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
   private async pointAtChain(connection: LibvirtConnection, name: string, desktop: DesktopHandle): Promise<void> {
     const xml = await connection.inactiveXml(name);
     if (xml === undefined) throw new VirtError('virt.start-failed', `domain ${name} went away`);
-    const updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    let updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    // The hook finds the store and the desktop here; a definition from before it gets it now.
+    const meta = desktopMetadata(desktop);
+    if (meta !== undefined) updated = setDesktopMetadata(updated, meta);
     if (updated !== xml) await connection.define(updated, name);
   }
 
@@ -336,6 +375,7 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       disks: [{ ...top!, backingChain: below, discard: 'unmap' }],
       serialLog,
       guestAgent: true,
+      ...(desktopMetadata(desktop) ? { desktop: desktopMetadata(desktop)! } : {}),
       ...(this.options.network ? { network: this.options.network } : {}),
       ...(this.options.graphics && this.options.graphics !== 'none' ? { graphics: this.options.graphics } : {}),
     };

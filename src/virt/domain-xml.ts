@@ -70,12 +70,57 @@ export interface DomainSpec {
   graphics?: 'vnc' | 'spice';
   /** Recorded in <metadata> so that a later run can tell a stale qlayer domain from a live one. */
   owner?: { pid: number; host: string; started: string };
+  /** A desktop's domain: which store and desktop it is, in <metadata>, for libvirt's QEMU hook. */
+  desktop?: DesktopMetadata;
   /** Keep libvirt from relabelling (chowning) the images: default true, see README. */
   noSecurityLabel?: boolean;
 }
 
 /** The XML namespace of qlayer's <metadata> element. */
 export const QLAYER_METADATA_NS = 'https://qlayer.invalid/xmlns/domain/1';
+
+/**
+ * A desktop domain's own record in <metadata>: its store (root folder and id) and desktop name.
+ * libvirt's QEMU hook gets only the domain's XML, and must not call libvirt, so this is how it
+ * finds the store and the desktop (and tells a qlayer desktop from any other domain). Its own
+ * namespace: libvirt keeps one metadata element per namespace.
+ */
+export const QLAYER_DESKTOP_NS = 'https://qlayer.invalid/xmlns/desktop/1';
+
+export interface DesktopMetadata {
+  /** The store's root folder (absolute). */
+  store: string;
+  storeId?: string;
+  name: string;
+}
+
+/** The metadata element for a desktop (one line, libvirt's own quoting style does not matter). */
+export function desktopMetadataElement(meta: DesktopMetadata): string {
+  const id = meta.storeId === undefined ? '' : ` store-id='${xmlEscape(meta.storeId)}'`;
+  return `<qlayer:desktop xmlns:qlayer='${QLAYER_DESKTOP_NS}' store='${xmlEscape(meta.store)}'${id} name='${xmlEscape(meta.name)}'/>`;
+}
+
+/** The desktop recorded in a domain's XML (as libvirt formats it, or as qlayer wrote it); undefined when absent or incomplete. */
+export function parseDesktopMetadata(xml: string): DesktopMetadata | undefined {
+  const metadata = /<metadata>([\s\S]*?)<\/metadata>/.exec(xml)?.[1];
+  if (metadata === undefined) return undefined;
+  for (const element of metadata.matchAll(/<(?:[\w.-]+:)?desktop\b[^>]*>/g)) {
+    const text = element[0];
+    if (!/\bxmlns(?::[\w.-]+)?=(['"])https:\/\/qlayer\.invalid\/xmlns\/desktop\/1\1/.test(text)) continue;
+    const attr = (name: string): string | undefined => {
+      const value = new RegExp(`\\s${name}=(['"])(.*?)\\1`).exec(text)?.[2];
+      return value === undefined ? undefined : unescapeXml(value);
+    };
+    const store = attr('store');
+    const name = attr('name');
+    const storeId = attr('store-id');
+    if (store === undefined || name === undefined || !store.startsWith('/')) return undefined;
+    return { store, name, ...(storeId === undefined ? {} : { storeId }) };
+  }
+  return undefined;
+}
+
+const unescapeXml = (s: string): string => s.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
 
 export const DOMAIN_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}$/;
 
@@ -168,12 +213,13 @@ export function buildDomainXml(spec: DomainSpec): string {
   checkSpec(spec);
   const lines: string[] = [`<domain type='${spec.type}'>`, `  <name>${xmlEscape(spec.name)}</name>`];
   if (spec.uuid !== undefined) lines.push(`  <uuid>${spec.uuid}</uuid>`);
-  if (spec.owner !== undefined) {
-    lines.push(
-      '  <metadata>',
-      `    <qlayer:owner xmlns:qlayer='${QLAYER_METADATA_NS}' pid='${spec.owner.pid}' host='${xmlEscape(spec.owner.host)}' started='${xmlEscape(spec.owner.started)}'/>`,
-      '  </metadata>',
-    );
+  if (spec.owner !== undefined || spec.desktop !== undefined) {
+    lines.push('  <metadata>');
+    if (spec.owner !== undefined) {
+      lines.push(`    <qlayer:owner xmlns:qlayer='${QLAYER_METADATA_NS}' pid='${spec.owner.pid}' host='${xmlEscape(spec.owner.host)}' started='${xmlEscape(spec.owner.started)}'/>`);
+    }
+    if (spec.desktop !== undefined) lines.push(`    ${desktopMetadataElement(spec.desktop)}`);
+    lines.push('  </metadata>');
   }
   lines.push(`  <memory unit='MiB'>${spec.memoryMiB}</memory>`, `  <vcpu>${spec.vcpus}</vcpu>`);
 
