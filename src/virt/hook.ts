@@ -168,8 +168,8 @@ export async function installHook(options: { node: string; bin: string; path?: s
   } else {
     daemonMustReload = true;
     daemonNote =
-      `${daemon.name} (pid ${daemon.pid}) looks for hook files only when it starts or reloads: restart it, or make it reload with kill -HUP ${daemon.pid}` +
-      ' (running guests survive either)';
+      `${daemon.name} (pid ${daemon.pid}) looks for hook files only when it starts or reloads, and qlayer cannot tell whether it has reloaded since the hook file appeared: ` +
+      `restart it, make it reload with kill -HUP ${daemon.pid}, or run this again with --reload-daemon (running guests survive each)`;
   }
   return { path, replaced, runs: `${options.node} ${options.bin} host run-hook`, daemonMustReload, daemonNote };
 }
