@@ -13,11 +13,24 @@ if [ ! -f native/build/Release/qlayer_seek.node ] || [ ! -x native/build/qlayer-
   node scripts/build-native.mjs
 fi
 npm run --silent build
+# libvirt's QEMU hook (assign --at-next-boot): installed here, in set-up, never during a test run.
+# libvirtd looks for hook files when it starts or reloads, so when the running daemon has not seen
+# this one yet, install-hook --reload-daemon sends it one SIGHUP (a reload: running guests are not
+# touched; later runs find the hook seen and send nothing). A foreign hook at hooks/qemu stays;
+# ours then goes to hooks/qemu.d/ (libvirt 6.5+ runs both).
+if [ -d /etc/libvirt/hooks ]; then
+  node bin/qlayer.js host install-hook --reload-daemon >&2 2>/dev/null || {
+    mkdir -p /etc/libvirt/hooks/qemu.d
+    node bin/qlayer.js host install-hook --reload-daemon --path /etc/libvirt/hooks/qemu.d/qlayer >&2
+  }
+fi
 if [ -x vm-fixtures/build.sh ]; then
   bash vm-fixtures/build.sh >&2
 fi
-# The Debian guest (test/e2e/debian.test.ts, qlayer demo --guest debian): about a minute the first
-# time, seconds when cached. QLAYER_SKIP_DEBIAN_GUEST=1 skips it (its test then builds it itself).
+# The Debian guests (test/e2e/debian.test.ts and debian-uefi.test.ts, qlayer demo --guest
+# debian|debian-uefi): about a minute each the first time, seconds when cached.
+# QLAYER_SKIP_DEBIAN_GUEST=1 skips them (their tests then build them themselves).
 if [ -x vm-fixtures/build-debian.sh ] && [ "${QLAYER_SKIP_DEBIAN_GUEST:-0}" != 1 ]; then
   bash vm-fixtures/build-debian.sh >&2
+  bash vm-fixtures/build-debian.sh --firmware uefi >&2
 fi

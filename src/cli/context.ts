@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { loadConfig, type QlayerConfig } from '../config/config.js';
 import { Store } from '../layers/store.js';
 import { LibvirtDesktopRuntime } from '../virt/desktop-runtime.js';
+import { checkUriForStore } from '../virt/uri.js';
 import type { CommonOptions } from './output.js';
 
 /** Options of every command that works on the store. */
@@ -47,12 +48,18 @@ export function runtimeFor(config: QlayerConfig, store: Store): LibvirtDesktopRu
     agentTimeoutMs: config.timeouts.agent * 1000,
     shutdownTimeoutMs: config.timeouts.shutdown * 1000,
     logDir: join(store.root, 'logs'),
+    // Every definition the runtime makes gets the config's hardware: desktop create, and a
+    // desktop of an older store defined at its first start or after a recompose.
+    network: config.desktop.network,
+    graphics: config.desktop.graphics,
   });
 }
 
 export async function openContext(options: StoreCommandOptions): Promise<CommandContext> {
   const config = loadCommandConfig(options);
   const store = await Store.open(config.store);
+  const given = options.store ?? process.env.QLAYER_STORE;
+  checkUriForStore(config.libvirt.uri, { root: store.root, ...(given ? { given } : {}) });
   return { config, store, runtime: runtimeFor(config, store) };
 }
 

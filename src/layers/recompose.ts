@@ -1,4 +1,5 @@
-import { rm } from 'node:fs/promises';
+import { lstatSync, symlinkSync } from 'node:fs';
+import { open, readlink, rename, rm, symlink } from 'node:fs/promises';
 import { basename, dirname, join, relative } from 'node:path';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
 import { punchHoles } from '../io/punch-hole.js';
@@ -56,6 +57,56 @@ export interface RecomposeReport {
 
 export const appsLayerName = (generation: number): string => `apps.${generation}.qcow2`;
 export const USER_LAYER = 'user.qcow2';
+
+/**
+ * The stable name of the desktop's apps layer: a symbolic link to apps.N.qcow2 in the same
+ * folder. The domain's XML names this link in its explicit <backingStore> chain, never the
+ * generation, because libvirt fixes a start's chain from the XML before its QEMU hook runs: a
+ * recompose done by the hook (assign at the next boot) changes the generation after that, and
+ * QEMU must open the new one. The recompose repoints the link in its relink phase (together with
+ * the user delta's backing-file name) and again, idempotently, at its end.
+ */
+export const APPS_LINK = 'apps.qcow2';
+
+/**
+ * Point desktopDir/apps.qcow2 at apps.<generation>.qcow2, atomically (a new link renamed over
+ * the old one, then the folder fsynced). Nothing to do when it already does.
+ */
+export async function pointAppsLink(desktopDir: string, generation: number): Promise<void> {
+  const link = join(desktopDir, APPS_LINK);
+  const target = appsLayerName(generation);
+  if ((await readlink(link).catch(() => null)) === target) return;
+  const temporary = `${link}.${process.pid}.tmp`;
+  await rm(temporary, { force: true });
+  await symlink(target, temporary);
+  await rename(temporary, link);
+  const dir = await open(desktopDir, 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+/**
+ * The link for a desktop that has none yet (one made before the link existed), created at the
+ * generation its record names. An existing link is left alone: during a recompose it may point
+ * at the next generation already.
+ */
+export function ensureAppsLinkSync(desktopDir: string, generation: number): void {
+  const link = join(desktopDir, APPS_LINK);
+  try {
+    lstatSync(link);
+    return;
+  } catch {
+    // absent: made below
+  }
+  try {
+    symlinkSync(appsLayerName(generation), link);
+  } catch {
+    // Another process made it meanwhile, or the folder is gone (the caller's next step says so).
+  }
+}
 
 /** Open every payload the plan needs once; close them all afterwards. */
 async function openPayloads(plan: RecomposePlan, ctx: RecomposeContext, fs: FileSystemAccess): Promise<Map<string, HostFile>> {
@@ -172,6 +223,8 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
         log(`relinking ${USER_LAYER} onto ${newName}`);
         await user.setBackingFile(newName, 'qcow2');
       }
+      // The link the domain's XML names follows the user delta's backing file in the same phase.
+      await pointAppsLink(ctx.desktopDir, plan.toGeneration);
       await advance('relinked');
     }
 
@@ -235,7 +288,9 @@ export async function runRecompose(ctx: RecomposeContext): Promise<RecomposeRepo
       report.leakedClustersReclaimed = check.leaksFixed ?? 0;
     }
 
-    // Done: the old apps layer is referenced by nothing now.
+    // Done: the old apps layer is referenced by nothing now (the link is repointed first, again:
+    // a run resumed past the relink phase may not have repointed it).
+    await pointAppsLink(ctx.desktopDir, plan.toGeneration);
     if (plan.fromGeneration !== plan.toGeneration) {
       await rm(join(ctx.desktopDir, appsLayerName(plan.fromGeneration)), { force: true });
     }

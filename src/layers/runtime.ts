@@ -5,6 +5,8 @@ export interface DesktopHandle {
   name: string;
   /** The store's id: two stores may both have a desktop NAME, and their domains must differ. */
   storeId?: string;
+  /** The store's root folder (absolute): recorded in the domain's metadata for libvirt's QEMU hook. */
+  storeRoot?: string;
   /** The top of the chain QEMU opens (absolute). */
   userPath: string;
   /** Every image of the chain, top first (absolute), for the domain's explicit backing chain. */
@@ -37,6 +39,12 @@ export interface DesktopRuntime {
   stop(desktop: DesktopHandle): Promise<void>;
   /** A shell into the running guest (the guest agent). */
   shell(desktop: DesktopHandle): GuestShell;
+  /**
+   * The desktop runs and was not started by qlayer (virsh start, virt-manager): someone's
+   * session, which a plain assign must not end by shutting the guest down. Optional: a runtime
+   * without it counts every running desktop as qlayer's.
+   */
+  startedOutside?(desktop: DesktopHandle): Promise<boolean>;
 
   // Persistent definitions (optional: a runtime without them runs desktops as it likes).
   /** Define the new desktop's domain (hardware from `template`, or the runtime's defaults). */
@@ -73,6 +81,9 @@ export class DelegatingRuntime implements DesktopRuntime {
     return this.inner.shell(desktop);
   }
   // The optional hooks pass through when the inner runtime has them, and do nothing when not.
+  async startedOutside(desktop: DesktopHandle): Promise<boolean> {
+    return (await this.inner.startedOutside?.(desktop)) ?? false;
+  }
   async define(desktop: DesktopHandle, template?: DesktopTemplate): Promise<void> {
     await this.inner.define?.(desktop, template);
   }

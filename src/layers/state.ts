@@ -48,6 +48,13 @@ export interface LocatedFile {
    * the recompose marks them written, its last step. Absent or false: written zeros.
    */
   unwritten?: boolean;
+  /**
+   * The placeholder's inode number and mtime (seconds) when it was located. A later verify that
+   * finds the file changed tells a user's edit (new inode or mtime) from damage (neither moved).
+   * Absent in records made before they were kept.
+   */
+  inode?: number;
+  mtime?: number;
 }
 
 export type RecomposePhase =
@@ -75,6 +82,11 @@ export interface RecomposePlan {
   startedAt: string;
   /** Runs started on this plan; more than one means an earlier run stopped part-way. */
   attempts?: number;
+  /**
+   * The plan of a change made `--at-next-boot`: a start (libvirt's hook) finishes it if a run
+   * stopped part-way. Absent: qlayer's own, which only `desktop recompose` finishes.
+   */
+  atNextBoot?: boolean;
 }
 
 /**
@@ -99,6 +111,21 @@ export interface GuestOperation {
   failure: { code: string; message: string } | null;
 }
 
+/**
+ * The host half of an assign or unassign `--at-next-boot`: the guest half (placeholders
+ * allocated, or the app's files deleted) is done; locating and recomposing wait for the next
+ * start. Why the last attempt did not run is not kept here: the hook may find the store locked,
+ * so it writes that beside the desktop (src/layers/pending.ts).
+ */
+export interface PendingBootChange {
+  kind: 'assign' | 'unassign';
+  /** name@version. */
+  refs: string[];
+  requestedAt: string;
+  /** What the allocation made in the guest (assign), for `desktop assign --abort`. */
+  created: { files: Array<{ path: string; size: number }>; dirs: string[] } | null;
+}
+
 export interface DesktopRecord {
   base: string;
   /** Relative to the store root. */
@@ -118,6 +145,11 @@ export interface DesktopRecord {
   domain?: string;
   /** An assign or update whose guest side has not finished or not been undone (absent: none). */
   operation?: GuestOperation | null;
+  /**
+   * An assign or unassign done in the running guest whose recompose waits for the desktop's next
+   * start (`--at-next-boot`): libvirt's QEMU hook runs it before QEMU opens the disk (absent: none).
+   */
+  pendingBoot?: PendingBootChange | null;
   createdAt: string;
 }
 

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { constants, existsSync, mkdirSync } from 'node:fs';
+import { copyFile, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { DesktopHandle, DesktopRuntime, DesktopTemplate, ForeignDomain } from '../layers/runtime.js';
 import type { GuestShell } from '../layers/guest-script.js';
@@ -8,8 +8,8 @@ import { resolveAccel, type Accel } from './accel.js';
 import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
-import { domainFromTemplate, firstDisk, replaceFirstDiskChain } from './domain-edit.js';
-import { buildDomainXml, diskSources, type DomainSpec } from './domain-xml.js';
+import { domainFromTemplate, firstDisk, replaceFirstDiskChain, setDesktopMetadata } from './domain-edit.js';
+import { buildDomainXml, diskSources, nvramPath, withNvram, xmlEscape, type DesktopMetadata, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -35,6 +35,37 @@ export interface DesktopRuntimeOptions {
   network?: string | null;
   /** The display of each new desktop (config desktop.graphics); none by default. */
   graphics?: 'spice' | 'vnc' | 'none';
+}
+
+/**
+ * The live-only metadata element qlayer sets on a domain it started itself. libvirt drops live
+ * metadata when the guest stops, so a domain started by `virsh start` or virt-manager lacks it:
+ * that is how a plain assign knows the guest is someone's session that a shutdown would end.
+ */
+const RUN_NS = 'https://qlayer.invalid/xmlns/run/1';
+
+/** The desktop's entry for the domain's <metadata> (absent for a handle without a store root). */
+function desktopMetadata(desktop: DesktopHandle): DesktopMetadata | undefined {
+  if (desktop.storeRoot === undefined) return undefined;
+  return { store: desktop.storeRoot, name: desktop.name, ...(desktop.storeId === undefined ? {} : { storeId: desktop.storeId }) };
+}
+
+/**
+ * A UEFI desktop's variable store (boot entries, firmware settings), in the desktop's own folder
+ * beside user.qcow2: it is the desktop's state like its disk, so it moves, is backed up and is
+ * deleted with the desktop and the store, and two stores never share one (libvirt's default,
+ * /var/lib/libvirt/qemu/nvram/DOMAIN_VARS.fd, is keyed by domain name only).
+ */
+export const NVRAM_FILE = 'nvram.fd';
+
+/** The NVRAM file of a desktop (whether or not it boots through UEFI). */
+export function desktopNvramPath(desktop: Pick<DesktopHandle, 'userPath'>): string {
+  return join(dirname(desktop.userPath), NVRAM_FILE);
+}
+
+/** Where a released desktop's NVRAM file goes: beside its image, e.g. alice.qcow2 -> alice.nvram.fd. */
+export function releasedNvramPath(image: string): string {
+  return `${image.replace(/\.(qcow2|raw|img)$/i, '')}.nvram.fd`;
 }
 
 /** libvirt's limit on our domain names (DOMAIN_NAME_PATTERN in domain-xml.ts). */
@@ -162,11 +193,32 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       else await this.pointAtChain(connection, name, desktop);
       await connection.startDefined(name);
       try {
+        await this.markStartedHere(name);
         await new GuestAgent(name, { uri: this.uri }).waitReady(this.options.bootTimeoutMs);
       } catch (error) {
         await connection.destroy(name).catch(() => undefined);
         throw error;
       }
+    });
+  }
+
+  /** Record in the running domain's live metadata that qlayer started it (see RUN_NS). */
+  private async markStartedHere(name: string): Promise<void> {
+    const { execa } = await import('execa');
+    const element = `<run by='qlayer' pid='${process.pid}' at='${xmlEscape(new Date().toISOString())}'/>`;
+    await execa('virsh', ['-c', this.uri, 'metadata', name, '--live', '--uri', RUN_NS, '--key', 'qlayer-run', '--set', element], { timeout: 30_000 });
+  }
+
+  /**
+   * The desktop runs, and not because qlayer started it (`virsh start`, virt-manager, a guest
+   * reboot of a domain libvirt restarted): its live XML lacks qlayer's run mark.
+   */
+  async startedOutside(desktop: DesktopHandle): Promise<boolean> {
+    return withConnection(this.uri, async (connection) => {
+      const found = await this.ownDomain(connection, desktop);
+      if (found === null) return false;
+      const xml = await connection.xml(found.name);
+      return xml !== undefined && !xml.includes(RUN_NS);
     });
   }
 
@@ -198,7 +250,10 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       else {
         const source = template.kind === 'xml' ? template.xml : await connection.inactiveXml(template.name);
         if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
-        xml = domainFromTemplate(source, name, this.layers(desktop));
+        // A UEFI template's NVRAM file is the template's: the desktop gets its own, in its folder.
+        xml = withNvram(domainFromTemplate(source, name, this.layers(desktop)), desktopNvramPath(desktop));
+        const meta = desktopMetadata(desktop);
+        if (meta !== undefined) xml = setDesktopMetadata(xml, meta);
       }
       try {
         await connection.define(xml, name);
@@ -259,7 +314,26 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       if (found.state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${found.name}); stop it first`);
       const xml = await connection.inactiveXml(found.name);
       if (xml === undefined) throw new VirtError('virt.invalid-spec', `domain ${found.name} went away`);
-      await connection.define(replaceFirstDiskChain(xml, [image]), found.name);
+      let updated = replaceFirstDiskChain(xml, [image]);
+      // A UEFI desktop's NVRAM file is in its folder, which the release deletes: a copy goes
+      // beside the released image (kept boot entries and settings), and the domain names it.
+      let copied: string | undefined;
+      const nvram = nvramPath(xml);
+      if (nvram !== undefined && (await sameFile(nvram, desktopNvramPath(desktop)))) {
+        const moved = releasedNvramPath(image.path);
+        if (existsSync(moved)) throw new VirtError('virt.invalid-spec', `${moved} exists already; the released domain's NVRAM file goes there`);
+        if (existsSync(nvram)) {
+          await copyFile(nvram, moved, constants.COPYFILE_EXCL);
+          copied = moved;
+        }
+        updated = withNvram(updated, moved);
+      }
+      try {
+        await connection.define(updated, found.name);
+      } catch (error) {
+        if (copied !== undefined) await rm(copied, { force: true });
+        throw error;
+      }
       return found.name;
     });
   }
@@ -272,7 +346,10 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
   private async pointAtChain(connection: LibvirtConnection, name: string, desktop: DesktopHandle): Promise<void> {
     const xml = await connection.inactiveXml(name);
     if (xml === undefined) throw new VirtError('virt.start-failed', `domain ${name} went away`);
-    const updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    let updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    // The hook finds the store and the desktop here; a definition from before it gets it now.
+    const meta = desktopMetadata(desktop);
+    if (meta !== undefined) updated = setDesktopMetadata(updated, meta);
     if (updated !== xml) await connection.define(updated, name);
   }
 
@@ -290,10 +367,15 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       vcpus: this.options.vcpus,
       boot: kernel
         ? { kind: 'kernel', kernel, ...(initrd ? { initrd } : {}), ...(cmdline ? { cmdline } : {}) }
-        : { kind: 'firmware', firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' },
-      disks: [{ ...top!, backingChain: below }],
+        : this.options.firmware === 'uefi'
+          ? { kind: 'firmware', firmware: 'efi', nvram: desktopNvramPath(desktop) }
+          : { kind: 'firmware', firmware: 'bios' },
+      // Discards reach the user delta: a desktop's fstrim gives its freed space back to the host
+      // (as virt-install does for qcow2 disks). App extents are never free while assigned.
+      disks: [{ ...top!, backingChain: below, discard: 'unmap' }],
       serialLog,
       guestAgent: true,
+      ...(desktopMetadata(desktop) ? { desktop: desktopMetadata(desktop)! } : {}),
       ...(this.options.network ? { network: this.options.network } : {}),
       ...(this.options.graphics && this.options.graphics !== 'none' ? { graphics: this.options.graphics } : {}),
     };

@@ -9,7 +9,7 @@
  * element, which keeps whatever qlayer does not understand untouched by construction.
  */
 import { VirtError } from './errors.js';
-import { xmlEscape, type DiskLayer } from './domain-xml.js';
+import { desktopMetadataElement, xmlEscape, type DesktopMetadata, type DiskLayer } from './domain-xml.js';
 
 const unescape = (s: string): string => s.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
 
@@ -165,4 +165,23 @@ export function domainFromTemplate(template: string, name: string, chain: DiskLa
 export function domainNameOf(xml: string): string | undefined {
   const name = /<name>([\s\S]*?)<\/name>/.exec(xml)?.[1];
   return name === undefined ? undefined : unescape(name.trim());
+}
+
+/**
+ * The domain XML with qlayer's desktop element in <metadata> (replacing an older one of the
+ * same namespace; every other metadata element, an administrator's or another tool's, stays).
+ */
+export function setDesktopMetadata(xml: string, meta: DesktopMetadata): string {
+  const element = desktopMetadataElement(meta);
+  const ours = /[ \t]*<([\w.-]+:)?desktop\b[^>]*\bxmlns(?::[\w.-]+)?=(['"])https:\/\/qlayer\.invalid\/xmlns\/desktop\/1\2[^>]*?(?:\/>|>[\s\S]*?<\/\1?desktop>)[ \t]*\n?/;
+  const metadata = /<metadata>([\s\S]*?)<\/metadata>/.exec(xml);
+  if (metadata) {
+    const inner = metadata[1]!;
+    const updated = ours.test(inner) ? inner.replace(ours, `    ${element}\n`) : `${inner.replace(/\s*$/, '')}\n    ${element}\n  `;
+    return xml.slice(0, metadata.index) + `<metadata>${updated}</metadata>` + xml.slice(metadata.index + metadata[0].length);
+  }
+  const anchor = /<\/uuid>|<\/name>/.exec(xml);
+  if (!anchor) throw new VirtError('virt.invalid-spec', 'the domain has no <name> to put qlayer\'s metadata after');
+  const at = anchor.index + anchor[0].length;
+  return `${xml.slice(0, at)}\n  <metadata>\n    ${element}\n  </metadata>${xml.slice(at)}`;
 }

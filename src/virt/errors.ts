@@ -23,7 +23,10 @@ export type VirtErrorCode =
   | 'virt.agent-unavailable' // the guest agent did not answer (not started, not connected)
   | 'virt.agent-error' // the guest agent answered a command with an error
   | 'virt.agent-timeout' // a guest agent command or guest-exec did not finish in time
-  | 'virt.fixture-missing'; // the test guest was not built (vm-fixtures/build.sh)
+  | 'virt.fixture-missing' // the test guest was not built (vm-fixtures/build.sh)
+  | 'virt.hook-foreign' // a libvirt hook file that is not qlayer's is where qlayer's would go
+  | 'virt.hook-no-dir' // the libvirt hooks folder does not exist (libvirt not installed)
+  | 'virt.bad-uri'; // libvirt.uri cannot work with this store (see src/virt/uri.ts)
 
 /** Every error the libvirt layer raises on purpose. */
 export class VirtError extends QlayerError {

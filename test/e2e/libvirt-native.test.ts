@@ -4,7 +4,7 @@
  * desktops show in `virsh list --all`; a template's hardware is copied. Every proof comes from
  * libvirt (virsh dumpxml/dominfo/list), qemu-img, and the booted guest.
  */
-import { copyFile, writeFile } from 'node:fs/promises';
+import { copyFile, readlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -142,15 +142,18 @@ describe('adopt, edit with virsh, assign, release (real guest)', () => {
     const result = await assignApps(store, runtime, 'office', ['greeter']);
     expect(result.apps).toEqual(['greeter@1']);
     const handle = desktopHandle(store, await store.readState(), 'office');
-    // The recompose path's hook: after it the definition opens the new apps generation.
+    // The recompose path's hook: after it the definition opens the new apps generation, through
+    // the stable apps.qcow2 link the recompose repointed (docs/design.md).
     await runtime.updateDefinition(handle);
     const xml = await inactiveXml(vm);
     expect(await persistent(vm)).toBe(true);
     expect(xml).toMatch(/<memory unit='KiB'>327680<\/memory>/);
     expect(xml).toMatch(/<currentMemory unit='KiB'>327680<\/currentMemory>/);
-    expect(handle.chain[1]!.path).toMatch(/apps\.1\.qcow2$/);
+    expect(handle.chain[1]!.path).toMatch(/\/apps\.qcow2$/);
+    expect(await readlink(handle.chain[1]!.path)).toBe('apps.1.qcow2');
     expect(xml).toContain(`file='${handle.chain[1]!.path}'`);
-    expect(xml).not.toContain('apps.0.qcow2');
+    expect(xml).not.toMatch(/apps\.\d+\.qcow2/);
+    expect(xml).toContain(`store="${store.root}"`); // the hook's way to the store
 
     const verified = await verifyDesktop(store, runtime, 'office');
     expect(verified.files.length).toBe(2);

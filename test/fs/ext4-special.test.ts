@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execa } from 'execa';
-import { writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { tempDir } from '../helpers/qemu.js';
 import { readPartitions } from '../../src/fs/index.js';
@@ -284,6 +284,27 @@ describe('partition tables', () => {
     await checkPartition(image, 55296 * 512, 20480 * 512, 5);
     await expect(openRaw(image, { partition: 1 })).rejects.toMatchObject({ code: 'fs.not-ext' });
     await expect(openRaw(image, { partition: 9 })).rejects.toMatchObject({ code: 'fs.partition-not-found' });
+  });
+
+  it('two Linux filesystems, a /boot and a root (as Debian and Ubuntu install on LVM): the one with /etc/fstab is the root', async () => {
+    const rootTree = join(dir, 'root-tree');
+    await mkdir(join(rootTree, 'etc'), { recursive: true });
+    await writeFile(join(rootTree, 'etc', 'fstab'), 'UUID=x / ext4 defaults 0 1\n');
+    await writeFile(join(rootTree, 'data.bin'), patternBytes(200_000, 21));
+    const image = join(dir, 'boot-and-root.img');
+    await writeFile(image, '');
+    await execa('truncate', ['-s', `${80 * MiB}`, image]);
+    await execa('sfdisk', ['-q', image], { input: 'label: dos\nstart=2048, size=20480, type=83\nstart=22528, size=40960, type=83\n' });
+    await mkfs(image, { size: 80 * MiB, blockSize: 1024, type: 'ext2', from: tree, offset: 2048 * 512, fsBytes: 20480 * 512 });
+    await mkfs(image, { size: 80 * MiB, blockSize: 4096, from: rootTree, offset: 22528 * 512, fsBytes: 40960 * 512 });
+    const fs = await openRaw(image);
+    expect(fs.partition.index).toBe(2);
+    // debugfs (the oracle) reads the same file at the partition's offset.
+    expect((await fs.readFile('/etc/fstab')).toString()).toBe('UUID=x / ext4 defaults 0 1\n');
+    // Both holding /etc/fstab: no guess, and the message says which.
+    await mkfs(image, { size: 80 * MiB, blockSize: 1024, type: 'ext2', from: rootTree, offset: 2048 * 512, fsBytes: 20480 * 512 });
+    await expect(openRaw(image)).rejects.toMatchObject({ code: 'fs.partition-ambiguous', message: expect.stringContaining('2 of them hold /etc/fstab: 1, 2') });
+    expect((await openRaw(image, { partition: 1 })).partition.index).toBe(1);
   });
 
   it('GPT: validates the CRCs, picks the Linux filesystem partition, falls back to the backup header', async () => {

@@ -106,6 +106,17 @@ export async function qemuReadRaw(path: string, format = 'qcow2'): Promise<Buffe
   }
 }
 
+/**
+ * The disk as QEMU reads it when libvirt starts a desktop: the top image with its backing given
+ * explicitly (as an explicit <backingStore> chain makes libvirt do), here the desktop's stable
+ * apps.qcow2 link, whatever name the top image's header holds; the link's own backing comes from
+ * its header.
+ */
+export async function qemuReadRawExplicit(top: string, backing: string): Promise<Buffer> {
+  const spec = { driver: 'qcow2', file: { driver: 'file', filename: top }, backing: { driver: 'qcow2', file: { driver: 'file', filename: backing } } };
+  return qemuReadRaw(`json:${JSON.stringify(spec)}`);
+}
+
 /** sha256 hex of the raw virtual disk as qemu sees it. */
 export async function qemuRawHash(path: string, format = 'qcow2'): Promise<string> {
   return sha256(await qemuReadRaw(path, format));

@@ -3,7 +3,7 @@
  * (apps.0 <- user), a user file and an app built, with the guest's side (allocating
  * placeholders) done by debugfs on the chain (test/helpers/offline-guest.ts).
  */
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { expect } from 'vitest';
@@ -38,6 +38,7 @@ async function newDesktopImages(store: Store, name: string): Promise<{ desktopDi
   await createImage({ path: join(desktopDir, 'apps.0.qcow2'), backing: { path: '../../bases/base.qcow2', format: 'qcow2' } });
   const userPath = join(desktopDir, 'user.qcow2');
   await createImage({ path: userPath, backing: { path: 'apps.0.qcow2', format: 'qcow2' } });
+  await symlink('apps.0.qcow2', join(desktopDir, 'apps.qcow2'));
   return { desktopDir, userPath };
 }
 

@@ -1,4 +1,4 @@
-import { copyFile, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, readlink, rm, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -10,7 +10,7 @@ import { planAssign, planUnassign } from '../../src/layers/plan.js';
 import { runRecompose } from '../../src/layers/recompose.js';
 import { newDesktopRecord, type DesktopRecord, type LocatedFile } from '../../src/layers/state.js';
 import { debugfsExtents, debugfsLeaves, debugfsRead, guestChange } from '../helpers/offline-guest.js';
-import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, sha256, tempDir } from '../helpers/qemu.js';
+import { qemuCheck, qemuImg, qemuInfo, qemuReadRaw, qemuReadRawExplicit, sha256, tempDir } from '../helpers/qemu.js';
 import {
   BLOCK,
   allocateFallocated,
@@ -130,8 +130,11 @@ describe('recompose (offline guest)', () => {
     const restore = async (): Promise<void> => {
       for (const f of ['apps.1.qcow2', 'apps.2.qcow2']) await rm(join(desktop.desktopDir, f), { force: true });
       for (const f of ['apps.0.qcow2', 'user.qcow2']) await copyFile(join(planned, f), join(desktop.desktopDir, f));
+      await rm(appsLink, { force: true });
+      await symlink('apps.0.qcow2', appsLink);
       desktop.record = JSON.parse(await readFile(join(planned, 'record.json'), 'utf8')) as DesktopRecord;
     };
+    const appsLink = join(desktop.desktopDir, 'apps.qcow2');
     const expected = await expectedAfterAssign(before, located, desktop.appSource, desktop.manifest.prefix);
     const newExtents = located.flatMap((f) => f.extents);
 
@@ -165,12 +168,17 @@ describe('recompose (offline guest)', () => {
       }
       const userCheck = await qemuCheck(desktop.userPath);
       expect(userCheck.corruptions, `crash at op ${n}: user delta corrupt`).toBe(0);
+      // A domain names the apps.qcow2 link in its explicit chain: through it, a start now (a
+      // `virsh start` of the stopped desktop) reads exactly what the header chain reads.
+      expect((await qemuReadRawExplicit(desktop.userPath, appsLink)).equals(stopped), `crash at op ${n}/${total}: the link disagrees with the user delta's backing file`).toBe(true);
 
       // Rerun from what was persisted: it completes, and nothing leaks.
       desktop.record = JSON.parse(persisted.json) as DesktopRecord;
       await runRecompose(context(desktop, { json: '' }));
       const finished = await qemuReadRaw(desktop.userPath);
       expect(finished.equals(expected), `crash at op ${n}/${total}: rerun did not reach the expected disk`).toBe(true);
+      expect(await readlink(appsLink)).toBe('apps.1.qcow2');
+      expect(existsSync(join(desktop.desktopDir, 'apps.0.qcow2'))).toBe(false);
       await assertCleanImages([join(desktop.desktopDir, 'apps.1.qcow2'), desktop.userPath]);
     }
     // The power-failure model must really have thrown writes away at some crash points.

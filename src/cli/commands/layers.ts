@@ -27,6 +27,7 @@ import {
   type DesktopView,
 } from '../../layers/desktops.js';
 import { desktopDomain } from '../../virt/desktop-runtime.js';
+import { abortPendingAssign, assignAtNextBoot, unassignAtNextBoot, type AtNextBootResult } from '../../layers/pending.js';
 import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../layers/fleet.js';
 import { describeUndo } from '../../layers/guest-operation.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
@@ -54,6 +55,14 @@ function describeDesktop(view: DesktopView): string {
     `  chain: ${view.paths.user}`,
     `      <- ${view.paths.apps}`,
     `      <- ${view.paths.base}`,
+    ...(view.pendingAtNextBoot
+      ? [
+          `  pending at the next start: ${view.pendingAtNextBoot.kind} of ${view.pendingAtNextBoot.apps.join(', ')} (asked ${view.pendingAtNextBoot.requestedAt})`,
+          ...(view.pendingAtNextBoot.lastAttempt
+            ? [`    not applied at the start of ${view.pendingAtNextBoot.lastAttempt.at} (${view.pendingAtNextBoot.lastAttempt.by}): ${view.pendingAtNextBoot.lastAttempt.reason.split('\n')[0]}`]
+            : []),
+        ]
+      : []),
     ...(view.pendingRecompose ? [`  unfinished recompose at phase ${view.pendingRecompose.phase}: run qlayer desktop recompose ${view.name}`] : []),
     ...(view.operation
       ? [
@@ -63,6 +72,11 @@ function describeDesktop(view: DesktopView): string {
         ]
       : []),
   ].join('\n');
+}
+
+function describeAtNextBoot(result: AtNextBootResult): string {
+  const done = result.kind === 'assign' ? `allocated ${result.allocation?.files ?? 0} placeholders in the guest` : `deleted the files in the guest${result.alreadyGone.length ? ` (${result.alreadyGone.length} were gone already)` : ''}`;
+  return `${result.kind} of ${result.apps.join(', ')} pending for ${result.desktop}'s next start: ${done}; the guest keeps running. It lands when the domain next starts (shut it down from inside, virsh, or qlayer desktop stop; then start it). qlayer desktop show ${result.desktop} tells whether it is still pending.`;
 }
 
 function describeRecompose(report: RecomposeReport | null): string {
@@ -195,12 +209,12 @@ export function registerLayerCommands(program: Command): void {
       .option('--like <domain>', "copy another domain's hardware (memory, CPUs, NICs, graphics, ...); its disks are replaced by the desktop's")
       .option('--xml <file>', 'take the hardware from a libvirt domain XML file; its disks are replaced by the desktop\'s'),
   ).action(async (name: string, options: StoreCommandOptions & { base: string; like?: string; xml?: string }) => {
-    const { store, runtime, config } = await openContext(options);
+    const { store, runtime } = await openContext(options);
     if (options.like !== undefined && options.xml !== undefined) throw new QlayerError('cli.usage', 'give --like or --xml, not both');
     const template: DesktopTemplate | undefined =
       options.like !== undefined ? { kind: 'domain', name: options.like } : options.xml !== undefined ? { kind: 'xml', xml: await readFile(options.xml, 'utf8'), source: options.xml } : undefined;
-    const defining = runtime.withHardware({ network: config.desktop.network, graphics: config.desktop.graphics });
-    await createDesktop(store, name, options.base, { runtime: defining, ...(template ? { template } : {}) });
+    // The runtime carries the config's desktop.network/graphics for every definition it makes (context.ts).
+    await createDesktop(store, name, options.base, { runtime, ...(template ? { template } : {}) });
     const view = await showDesktop(store, runtime, name);
     printResult(options, view, () => describeDesktop(view));
   });
@@ -289,7 +303,8 @@ export function registerLayerCommands(program: Command): void {
     desktop
       .command('assign')
       .description(
-        'assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose. ' +
+        'assign apps: allocate their files in the running guest (started if needed), shut down, locate them offline, recompose ' +
+          '(with --at-next-boot: allocate now, keep the guest running, the rest at its next start). ' +
           'With --desktops or --all, every APP argument is an app and the desktops go a few at a time; one failing leaves the others done',
       )
       .usage('[options] NAME APP[@VERSION]...  |  --desktops A,B,... APP[@VERSION]...  |  --all APP[@VERSION]...')
@@ -298,15 +313,27 @@ export function registerLayerCommands(program: Command): void {
       .option('--desktops <list>', 'comma-separated desktops to assign to')
       .option('--all', 'every desktop in the store (those that already have the app are skipped)')
       .option('--parallel <n>', 'desktops at once (default: one per core, within free memory)')
-      .option('--abort', 'undo an unfinished assign or update of NAME: delete the placeholders it left in the guest (only untouched ones) and its record'),
-  ).action(async (name: string, apps: string[], options: StoreCommandOptions & { desktops?: string; all?: boolean; parallel?: string; abort?: boolean }) => {
+      .option('--abort', 'undo an unfinished assign or update of NAME, or drop its pending --at-next-boot assign: delete the placeholders it left in the guest (only untouched ones) and its record')
+      .option(
+        '--at-next-boot',
+        'for a running desktop: allocate the placeholders now and leave the guest running; the recompose runs when the domain next starts, whoever starts it (needs qlayer host install-hook, or qlayer desktop start)',
+      ),
+  ).action(async (name: string, apps: string[], options: StoreCommandOptions & { desktops?: string; all?: boolean; parallel?: string; abort?: boolean; atNextBoot?: boolean }) => {
     const { store, runtime, config } = await openContext(options);
     if (options.abort) {
       if (apps.length || options.desktops !== undefined || options.all) throw new QlayerError('cli.usage', '--abort takes only the desktop: qlayer desktop assign --abort NAME');
-      const undone = await abortOperation(store, runtime, name, stepLogger(options));
+      const pendingUndone = await abortPendingAssign(store, runtime, name, stepLogger(options));
+      const undone = pendingUndone !== 'nothing' ? pendingUndone : await abortOperation(store, runtime, name, stepLogger(options));
       printResult(options, { desktop: name, aborted: undone !== 'nothing', undone: undone === 'nothing' ? null : undone }, () =>
         undone === 'nothing' ? `${name} has no unfinished assign or update` : `undone: ${describeUndo(undone)}`,
       );
+      return;
+    }
+    if (options.atNextBoot) {
+      if (options.desktops !== undefined || options.all) throw new QlayerError('cli.usage', '--at-next-boot works on one desktop: qlayer desktop assign NAME APP... --at-next-boot');
+      if (!apps.length) throw new QlayerError('cli.usage', 'name at least one app to assign: qlayer desktop assign NAME APP[@VERSION]... --at-next-boot');
+      const result = await assignAtNextBoot(store, runtime, name, apps, stepLogger(options));
+      printResult(options, result, () => describeAtNextBoot(result));
       return;
     }
     if (options.desktops === undefined && !options.all) {
@@ -339,9 +366,15 @@ export function registerLayerCommands(program: Command): void {
       .command('unassign')
       .description('unassign apps: delete their files in the guest, check offline they are gone, shut down, recompose')
       .argument('<name>')
-      .argument('<apps...>', 'APP or APP@VERSION'),
-  ).action(async (name: string, apps: string[], options: StoreCommandOptions) => {
+      .argument('<apps...>', 'APP or APP@VERSION')
+      .option('--at-next-boot', 'for a running desktop: delete the files in the guest now and leave it running; the apps leave its layers when the domain next starts'),
+  ).action(async (name: string, apps: string[], options: StoreCommandOptions & { atNextBoot?: boolean }) => {
     const { store, runtime } = await openContext(options);
+    if (options.atNextBoot) {
+      const result = await unassignAtNextBoot(store, runtime, name, apps, stepLogger(options));
+      printResult(options, result, () => describeAtNextBoot(result));
+      return;
+    }
     const report = await unassignApps(store, runtime, name, apps, stepLogger(options));
     printResult(options, report, () =>
       [describeRecompose(report), ...(report.alreadyGone.length ? [`  already deleted in the guest: ${report.alreadyGone.join(', ')}`] : [])].join('\n'),
@@ -354,19 +387,41 @@ export function registerLayerCommands(program: Command): void {
       printResult(options, report ?? { nothingToDo: true }, () => describeRecompose(report));
     },
   );
-  storeOptions(desktop.command('verify').description('boot the desktop, hash every assigned app file in the guest, compare with the manifests').argument('<name>')).action(
+  storeOptions(
+    desktop
+      .command('verify')
+      .description('boot the desktop, hash every assigned app file in the guest, compare with the manifests')
+      .argument('<name>')
+      .addHelpText(
+        'after',
+        [
+          '',
+          'Each app file is one of: ok; user-changed (written or replaced in the guest after the assign: the',
+          "user's edit, kept in the user delta); user-deleted; damaged (different, with no write through the",
+          "guest's filesystem to explain it).",
+          'Exit status: 0 every file matches, 1 only user changes, 2 a file is damaged (or an error).',
+        ].join('\n'),
+      ),
+  ).action(
     async (name: string, options: StoreCommandOptions) => {
       const { store, runtime } = await openContext(options);
       const result = await verifyDesktop(store, runtime, name, [], stepLogger(options));
       const bad = result.files.filter((f) => !f.ok);
+      const damaged = bad.filter((f) => f.status === 'damaged');
+      const label: Record<string, string> = { ok: 'ok          ', 'user-changed': 'user-changed', 'user-deleted': 'user-deleted', damaged: 'DAMAGED     ' };
       printResult(options, result, () =>
         [
-          ...result.files.map((f) => `${f.ok ? 'ok     ' : 'WRONG  '} ${f.app}\t${f.path}`),
-          result.files.length === 0 ? `${name} has no apps assigned: nothing to verify` : bad.length ? `${bad.length} of ${result.files.length} files do not match` : `all ${result.files.length} app files match their manifests`,
+          ...result.files.map((f) => `${label[f.status] ?? f.status} ${f.app}\t${f.path}${f.why ? `\n             ${f.why}` : ''}`),
+          result.files.length === 0
+            ? `${name} has no apps assigned: nothing to verify`
+            : bad.length
+              ? `${bad.length} of ${result.files.length} files differ from their manifests: ${damaged.length} damaged, ${bad.length - damaged.length} changed by the user`
+              : `all ${result.files.length} app files match their manifests`,
           ...(result.unknownFiles.length ? [`note: ${result.unknownFiles.length} file(s) under the apps' folders belong to no assigned app (the user's, or left by an undo): ${result.unknownFiles.join(', ')}`] : []),
         ].join('\n'),
       );
-      if (bad.length) process.exitCode = 2;
+      if (damaged.length) process.exitCode = 2;
+      else if (bad.length) process.exitCode = 1;
     },
   );
 
