@@ -187,7 +187,9 @@ const fs = {
       length: () => file.length(), read: (b, at) => file.read(b, at), truncate: (n) => file.truncate(n),
       sync: () => file.sync(), close: () => file.close(),
       write(data, at) {
-        if (++writes === 2) { process.stdout.write('writing\\n'); return new Promise(() => {}); }
+        // The timer keeps the process alive: with only a promise that never settles, Node would
+        // exit by itself (13, unsettled top-level await) before the signal arrives.
+        if (++writes === 2) { setInterval(() => {}, 1000); process.stdout.write('writing\\n'); return new Promise(() => {}); }
         return file.write(data, at);
       },
     };
