@@ -15,6 +15,7 @@ import { failAndUndo, newOperation, operationView, undoOperation, type UndoConte
 import { runGuestScript, shellQuote, type GuestShell } from './guest-script.js';
 import { locatePlaceholders } from './locate.js';
 import { checkName } from './names.js';
+import { createHomeDisk, guestHomeMount, HOME_FILE, HOME_LABEL, prepareHomeMount, type HomeMount } from './home-disk.js'; // home disk (issue 13)
 import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
 import { appsLayerName, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime, DesktopTemplate } from './runtime.js';
@@ -34,7 +35,7 @@ export async function importBase(
   store: Store,
   name: string,
   image: string,
-  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void; allowedDirectories?: string[] } = {},
+  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void; allowedDirectories?: string[]; prepareHome?: boolean; log?: Log } = {},
 ): Promise<BaseRecord> {
   checkName('base', name);
   return store.withLock(async () => {
@@ -61,6 +62,8 @@ export async function importBase(
           `${image} is ${result.virtualSize} bytes: too small to hold a guest's disk (at least ${MIN_BASE_BYTES} bytes: a partition table and a filesystem); nothing was imported`,
         );
       }
+      // home disk (issue 13): the fstab line that mounts a desktop's home disk at /home.
+      if (options.prepareHome) await prepareHomeMount(partial, options.log);
       // Read-only, and for the owner and group alone: a base holds whatever its guest had.
       await chmod(partial, 0o440);
       await rename(partial, target);
@@ -165,6 +168,7 @@ export function desktopHandle(store: Store, state: StoreState, name: string): De
     storeId: store.id,
     ...(record.domain === undefined ? {} : { domain: record.domain }),
     userPath: join(dir, USER_LAYER),
+    ...(record.home ? { home: store.path(record.home.file) } : {}), // home disk (issue 13)
     chain: [
       { path: join(dir, USER_LAYER), format: 'qcow2' },
       { path: join(dir, appsLayerName(record.appsGeneration)), format: 'qcow2' },
@@ -182,7 +186,7 @@ export async function createDesktop(
   store: Store,
   name: string,
   base: string,
-  options: { runtime?: DesktopRuntime | null; template?: DesktopTemplate } = {},
+  options: { runtime?: DesktopRuntime | null; template?: DesktopTemplate; homeBytes?: number } = {},
 ): Promise<DesktopRecord> {
   checkName('desktop', name);
   return store.withLock(async () => {
@@ -198,11 +202,14 @@ export async function createDesktop(
       // Relative backing names: the store can move to another folder or host.
       await createImage({ path: join(dir, appsLayerName(0)), backing: { path: relative(dir, store.path(baseRecord.file)), format: 'qcow2' } });
       await createImage({ path: join(dir, USER_LAYER), backing: { path: appsLayerName(0), format: 'qcow2' } });
+      // home disk (issue 13): beside the chain, in no chain.
+      if (options.homeBytes !== undefined) await createHomeDisk(join(dir, HOME_FILE), options.homeBytes);
     } catch (error) {
       await rm(dir, { recursive: true, force: true });
       throw error;
     }
     const record = newDesktopRecord(base, dirRelative);
+    if (options.homeBytes !== undefined) record.home = { file: join(dirRelative, HOME_FILE), size: options.homeBytes, label: HOME_LABEL, createdAt: record.createdAt }; // home disk (issue 13)
     state.desktops[name] = record;
     try {
       await options.runtime?.define?.(desktopHandle(store, state, name), options.template);
@@ -232,11 +239,13 @@ export interface DesktopView {
   base: string;
   apps: string[];
   files: number;
-  paths: { base: string; apps: string; user: string };
+  paths: { base: string; apps: string; user: string; home?: string };
   appsGeneration: number;
   pendingRecompose: { phase: string; apps: string[] } | null;
   /** An assign or update whose guest side did not finish: what it is and the commands that end it. */
   operation: ReturnType<typeof operationView> | null;
+  /** A rebase that has not finished (issue 13). */
+  rebase?: { phase: string; from: string; to: string } | null;
   createdAt: string;
 }
 
@@ -251,10 +260,11 @@ export async function showDesktop(store: Store, runtime: DesktopRuntime | null, 
     base: record.base,
     apps: record.apps,
     files: record.files.length,
-    paths: { base: handle.chain[2]!.path, apps: handle.chain[1]!.path, user: handle.userPath },
+    paths: { base: handle.chain[2]!.path, apps: handle.chain[1]!.path, user: handle.userPath, ...(handle.home ? { home: handle.home } : {}) },
     appsGeneration: record.appsGeneration,
     pendingRecompose: record.recompose ? { phase: record.recompose.phase, apps: record.recompose.apps } : null,
     operation: record.operation ? operationView(name, record.operation) : null,
+    ...(record.rebase ? { rebase: { phase: record.rebase.phase, from: record.rebase.from, to: record.rebase.to } } : {}),
     createdAt: record.createdAt,
   };
 }
@@ -284,6 +294,7 @@ export async function destroyDesktop(store: Store, runtime: DesktopRuntime | nul
     await assertNotInUse(runtime, handle, 'destroy');
     await runtime?.undefine?.(handle); // before the files: a definition on missing files helps nobody
     await rm(store.path(record.dir), { recursive: true, force: true });
+    if (record.home) await rm(dirname(store.path(record.home.file)), { recursive: true, force: true }); // home disk (issue 13): its folder may outlive a rebased chain's
     delete state.desktops[name];
     await store.writeState(state);
   });
@@ -624,6 +635,8 @@ export interface VerifyResult {
   unknownFiles: string[];
   /** sha256 of each extra path asked for (null when missing): e.g. a user file to prove intact. */
   extra: Record<string, string | null>;
+  /** home disk (issue 13): whether the guest mounted something at /home (absent: no home disk). */
+  home?: HomeMount & { disk: string };
 }
 
 export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[] = [], log: Log = quiet): Promise<VerifyResult> {
@@ -632,7 +645,8 @@ export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name:
   return store.withLock(() => verifyLocked(store, runtime, name, extraPaths, log));
 }
 
-async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[], log: Log): Promise<VerifyResult> {
+/** verifyDesktop for a caller that holds the store lock (exported for rebase.ts, issue 13). */
+export async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[], log: Log): Promise<VerifyResult> {
   const state = await store.readState();
   const record = idleDesktopRecord(state, name);
   if (record.operation) {
@@ -670,6 +684,7 @@ async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string,
       files: files.map((f) => ({ ...f, actual: hashOf(f.path), ok: hashOf(f.path) === f.expected })),
       extra: Object.fromEntries(extraPaths.map((p) => [p, hashOf(p)])),
       unknownFiles: await unknownFilesUnder(runtime.shell(handle), manifests),
+      ...(handle.home ? { home: { disk: handle.home, ...(await guestHomeMount(runtime.shell(handle))) } } : {}), // home disk (issue 13)
     };
   } finally {
     if (!wasRunning) {

@@ -9,7 +9,7 @@ import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
 import { domainFromTemplate, firstDisk, replaceFirstDiskChain } from './domain-edit.js';
-import { buildDomainXml, diskSources, type DomainSpec } from './domain-xml.js';
+import { buildDomainXml, diskSources, withHomeDisk, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -199,6 +199,7 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
         const source = template.kind === 'xml' ? template.xml : await connection.inactiveXml(template.name);
         if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
         xml = domainFromTemplate(source, name, this.layers(desktop));
+        if (desktop.home !== undefined) xml = withHomeDisk(xml, desktop.home); // home disk (issue 13)
       }
       try {
         await connection.define(xml, name);
@@ -216,6 +217,29 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       if (found === null) await connection.define(await this.defaultXml(desktop), desktopDomain(desktop));
       // A running transient guest of an older qlayer has no definition to update: its next start defines one.
       else if (await connection.isPersistent(found.name)) await this.pointAtChain(connection, found.name, desktop);
+    });
+  }
+
+  /**
+   * The switch of a rebase (issue 13): the definition that opens the old chain (top
+   * `fromUserPath`) is pointed at the handle's chain and home disk. It may open the new chain
+   * already (a rerun); it must not open anything else (another store's domain is left alone).
+   */
+  async moveDefinition(desktop: DesktopHandle, fromUserPath: string): Promise<void> {
+    await withConnection(this.uri, async (connection) => {
+      const name = desktopDomain(desktop);
+      const state = await connection.state(name);
+      if (state === 'absent') {
+        await connection.define(await this.defaultXml(desktop), name);
+        return;
+      }
+      if (state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${name}); stop it first`);
+      const xml = await connection.inactiveXml(name);
+      const disk = xml === undefined ? undefined : diskSources(xml)[0];
+      if (disk === undefined || !((await sameFile(disk, desktop.userPath)) || (await sameFile(disk, fromUserPath)) || !existsSync(disk))) {
+        throw new VirtError('virt.domain-conflict', `domain ${name} is defined on ${disk ?? 'no disk'}, neither desktop ${desktop.name}'s old chain ${fromUserPath} nor its new one: it belongs to another store; qlayer leaves it alone`);
+      }
+      await this.pointAtChain(connection, name, desktop);
     });
   }
 
@@ -272,7 +296,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
   private async pointAtChain(connection: LibvirtConnection, name: string, desktop: DesktopHandle): Promise<void> {
     const xml = await connection.inactiveXml(name);
     if (xml === undefined) throw new VirtError('virt.start-failed', `domain ${name} went away`);
-    const updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    let updated = replaceFirstDiskChain(xml, this.layers(desktop));
+    if (desktop.home !== undefined) updated = withHomeDisk(updated, desktop.home); // home disk (issue 13): kept as a second disk
     if (updated !== xml) await connection.define(updated, name);
   }
 
@@ -291,7 +316,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       boot: kernel
         ? { kind: 'kernel', kernel, ...(initrd ? { initrd } : {}), ...(cmdline ? { cmdline } : {}) }
         : { kind: 'firmware', firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' },
-      disks: [{ ...top!, backingChain: below }],
+      // home disk (issue 13): a second virtio disk, in no chain.
+      disks: [{ ...top!, backingChain: below }, ...(desktop.home !== undefined ? [{ path: desktop.home, format: 'qcow2' as const, backingChain: [] }] : [])],
       serialLog,
       guestAgent: true,
       ...(this.options.network ? { network: this.options.network } : {}),
