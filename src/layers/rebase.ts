@@ -132,7 +132,11 @@ export function describeLoss(loss: RebaseLoss): string {
 
 /** What a rebase of `name` onto `base` would lose; changes nothing (the confirmation's text). */
 export async function rebaseLoss(store: Store, runtime: DesktopRuntime | null, name: string, base: string): Promise<RebaseLoss> {
-  const state = await store.readState();
+  return checkRebase(store, await store.readState(), runtime, name, base);
+}
+
+/** rebaseLoss for a caller that holds the lock (group rebase). */
+export function rebaseLossIn(store: Store, state: StoreState, runtime: DesktopRuntime | null, name: string, base: string): Promise<RebaseLoss> {
   return checkRebase(store, state, runtime, name, base);
 }
 
