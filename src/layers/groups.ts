@@ -228,7 +228,7 @@ export async function groupRebase(store: Store, runtime: DesktopRuntime, name: s
         }
       }
       try {
-        const result = await rebaseLocked(store, state, runtime, desktop, base, { yes: true, log });
+        const result = await rebaseLocked(store, state, runtime, desktop, base, { yes: true, unchangedIfOn: true, log });
         tracked.pending = tracked.pending.filter((d) => d !== desktop);
         await store.writeState(state);
         log(result.unchanged ? `on ${base} already` : `rebased from ${result.from} to ${base}`);

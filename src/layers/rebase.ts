@@ -34,6 +34,8 @@ export interface RebaseOptions {
   log?: Log;
   /** Test seam: runs after each phase is recorded; a throw there stops the rebase as a crash would. */
   afterPhase?: (phase: RebasePhase | 'planned') => Promise<void>;
+  /** A desktop on the base already is 'unchanged', not refused (group rebase, whose reruns skip done members). */
+  unchangedIfOn?: boolean;
 }
 
 export interface RebaseResult {
@@ -164,7 +166,8 @@ export async function rebaseLocked(store: Store, state: StoreState, runtime: Des
       interrupted = 'discarded';
     }
   }
-  if (record.base === base && state.bases[base]) {
+  // On `base` already: fine for a rerun that just finished it, or a group rebase; an error otherwise.
+  if (record.base === base && state.bases[base] && (interrupted !== null || options.unchangedIfOn)) {
     return { desktop: name, from: base, to: base, apps: [...record.apps], home: desktopHandle(store, state, name).home ?? null, unchanged: true, interrupted };
   }
   const loss = await checkRebase(store, state, runtime, name, base);

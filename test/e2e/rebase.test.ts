@@ -7,10 +7,11 @@
  * Then the rebase stopped after each of its phases (the desktop whole every time, a rerun
  * finishes it), a group rebase with a running member, and the refusals.
  */
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/layers/app.js';
@@ -67,7 +68,7 @@ async function assertWhole(name: string, state?: StoreState): Promise<void> {
   if (handle.home) expect((await qemuCheck(handle.home)).corruptions).toBe(0);
   const info = await execa('qemu-img', ['info', '--backing-chain', '--output=json', '-U', handle.userPath]);
   const chain = JSON.parse(info.stdout) as Array<{ filename: string }>;
-  expect(chain.map((c) => c.filename)).toEqual(handle.chain.map((l) => l.path));
+  expect(chain.map((c) => resolve(c.filename))).toEqual(handle.chain.map((l) => l.path));
   expect(handle.chain[2]!.path).toBe(store.path(s.bases[s.desktops[name]!.base]!.file));
 }
 
@@ -243,3 +244,73 @@ describe('desktop rebase onto a new base, keeping apps and the home disk (real g
     for (const name of ['g1', 'g2', 'g3']) await assertWhole(name, state);
   }, 1_200_000);
 });
+
+const CLI = join(process.cwd(), 'bin', 'qlayer.js');
+
+/** Run the CLI until a step line starting with `step` appears on stderr, then SIGKILL it. */
+async function killAt(args: string[], step: string): Promise<{ killed: boolean; stderr: string }> {
+  const child = spawn(process.execPath, [CLI, ...args, '--store', store.root], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  let killed = false;
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+    if (!killed && stderr.split('\n').some((line) => line.replace(/^• /, '').startsWith(step))) killed = child.kill('SIGKILL');
+  });
+  await new Promise((done) => child.on('close', done));
+  return { killed, stderr };
+}
+
+async function cli(args: string[]): Promise<{ exitCode: number; json: Record<string, unknown> }> {
+  const result = await execa(process.execPath, [CLI, ...args, '--store', store.root, '--json'], { reject: false });
+  return { exitCode: result.exitCode ?? -1, json: JSON.parse(result.stdout || '{}') as Record<string, unknown> };
+}
+
+describe('qlayer desktop rebase killed for real (SIGKILL) at each phase, then --resume', () => {
+  it('without --yes: prints what would be lost, exits 1, changes nothing', async () => {
+    await createDesktop(store, 'k', 'v1', { runtime: libvirt, homeBytes: 64 * 1048576 });
+    await assignApps(store, libvirt, 'k', ['tool@1']);
+    const before = JSON.stringify(await store.readState());
+    const { exitCode, json } = await cli(['desktop', 'rebase', 'k', '--base', 'v2']);
+    expect(exitCode).toBe(1);
+    expect(json).toMatchObject({ desktop: 'k', from: 'v1', to: 'v2', confirmed: false, apps: ['tool@1'], home: store.path('desktops/k/home.qcow2') });
+    expect(JSON.stringify(await store.readState())).toBe(before);
+    const smaller = await cli(['desktop', 'rebase', 'k', '--base', 'small', '--yes']);
+    expect([smaller.exitCode, (smaller.json.error as { code: string }).code]).toEqual([1, 'rebase.smaller-base']);
+    expect(JSON.stringify(await store.readState())).toBe(before);
+  }, 600_000);
+
+  it.each([
+    ['building the new system chain', 'planned'],
+    ['placing ', 'staged'],
+    ['[new system] allocating', 'staged'],
+    ['booting the new system to verify', 'assigned'],
+    ['removing the old system chain', 'switched'],
+  ] as const)('killed at "%s" (phase %s): whole, and --resume finishes or undoes it', async (step, phase) => {
+    const from = (await store.readState()).desktops.k!.base;
+    const to = from === 'v1' ? 'v2' : 'v1';
+    const { killed, stderr } = await killAt(['desktop', 'rebase', 'k', '--base', to, '--yes'], step);
+    expect(killed, stderr).toBe(true);
+    const shown = await cli(['desktop', 'show', 'k']);
+    expect(shown.json.rebase).toMatchObject({ phase, from, to });
+    expect(shown.json.base).toBe(phase === 'switched' ? to : from);
+    await assertWhole('k');
+    const resumed = await cli(['desktop', 'rebase', '--resume', 'k']);
+    expect(resumed.exitCode).toBe(0);
+    expect(resumed.json.interrupted).toBe(phase === 'switched' ? 'finished' : 'discarded');
+    const state = await store.readState();
+    expect(state.desktops.k).toMatchObject({ base: phase === 'switched' ? to : from, apps: ['tool@1'], rebase: null });
+    expect(state.desktops[stagingName('k')]).toBeUndefined();
+    expect(existsSync(store.path(`desktops/k.on-${phase === 'switched' ? from : to}`))).toBe(false);
+    const { stdout: domains } = await execa('virsh', ['-c', 'qemu:///system', 'list', '--all', '--name']);
+    expect(domains.split('\n')).not.toContain(desktopDomain({ name: stagingName('k'), storeId: store.id }));
+    await assertWhole('k', state);
+  }, 900_000);
+
+  it('after the kills: the desktop boots, its app verifies, its home disk is mounted', async () => {
+    const verified = await verifyDesktop(store, libvirt, 'k');
+    expect(verified.files.length).toBe(2);
+    expect(verified.files.every((f) => f.ok)).toBe(true);
+    expect(verified.home?.mounted).toBe(true);
+  }, 300_000);
+});
+
