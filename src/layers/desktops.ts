@@ -796,6 +796,8 @@ export async function releaseDesktop(
     const state = await store.readState();
     const record = idleDesktopRecord(state, name);
     if (record.operation) throw new LayerError('desktop.operation-pending', `desktop ${name} has an unfinished ${record.operation.kind}; undo it first (qlayer desktop assign --abort ${name})`);
+    // home disk (issue 13): release would delete it with the desktop's folder while the domain still names it.
+    if (record.home) throw new LayerError('release.has-home', `desktop ${name} has a home disk (${store.path(record.home.file)}); release does not carry it out of the store yet, and would delete it: copy /home out first`);
     const handle = desktopHandle(store, state, name);
     await assertNotInUse(runtime, handle, 'release');
     // convert truncates its output: never over a file that exists.
