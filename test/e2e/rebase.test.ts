@@ -76,7 +76,8 @@ beforeAll(async () => {
   const fixture = await ensureFixture();
   ({ dir, cleanup } = await tempDir('qlayer-e2e-rebase-'));
   store = await Store.open(join(dir, 'store'));
-  libvirt = testGuestRuntime({ logDir: join(dir, 'logs') });
+  // QLAYER_KEEP_LOGS=DIR keeps the guests' serial logs after the run (to read why a boot failed).
+  libvirt = testGuestRuntime({ logDir: process.env.QLAYER_KEEP_LOGS ?? join(dir, 'logs') });
   await importBase(store, 'v1', fixture.images.base.path, { format: 'qcow2', prepareHome: true });
   await newerGuestImage(fixture.images.base.path, join(dir, 'v2.qcow2'));
   await importBase(store, 'v2', join(dir, 'v2.qcow2'), { format: 'qcow2', prepareHome: true });
