@@ -246,6 +246,8 @@ export interface DesktopView {
   operation: ReturnType<typeof operationView> | null;
   /** A rebase that has not finished (issue 13). */
   rebase?: { phase: string; from: string; to: string } | null;
+  /** This is the staging desktop of that desktop's rebase (issue 13). */
+  stagingFor?: string;
   createdAt: string;
 }
 
@@ -265,6 +267,7 @@ export async function showDesktop(store: Store, runtime: DesktopRuntime | null, 
     pendingRecompose: record.recompose ? { phase: record.recompose.phase, apps: record.recompose.apps } : null,
     operation: record.operation ? operationView(name, record.operation) : null,
     ...(record.rebase ? { rebase: { phase: record.rebase.phase, from: record.rebase.from, to: record.rebase.to } } : {}),
+    ...(record.stagingFor !== undefined ? { stagingFor: record.stagingFor } : {}),
     createdAt: record.createdAt,
   };
 }
@@ -290,6 +293,8 @@ export async function destroyDesktop(store: Store, runtime: DesktopRuntime | nul
   await store.withLock(async () => {
     const state = await store.readState();
     const record = desktopRecord(state, name);
+    // rebase (issue 13): its staging desktop and new chain would be left behind.
+    if (record.rebase) throw new LayerError('desktop.rebase-pending', `desktop ${name} has an unfinished rebase; finish or undo it first: qlayer desktop rebase ${name} --resume`);
     const handle = desktopHandle(store, state, name);
     await assertNotInUse(runtime, handle, 'destroy');
     await runtime?.undefine?.(handle); // before the files: a definition on missing files helps nobody

@@ -152,6 +152,13 @@ export async function rebaseLocked(store: Store, state: StoreState, runtime: Des
   const log = options.log ?? quiet;
   const persist = (): Promise<void> => store.writeState(state);
   const record = recordOf(state, name);
+  if (record.rebase && !options.yes) {
+    // Finishing or undoing it is a change too: not without --yes (or --resume, which does only that).
+    throw new LayerError(
+      'rebase.needs-yes',
+      `desktop ${name} has an interrupted rebase from ${record.rebase.from} to ${record.rebase.to} (phase ${record.rebase.phase}); nothing was changed: qlayer desktop rebase ${name} --resume finishes or undoes it, or add --yes`,
+    );
+  }
   let interrupted: RebaseResult['interrupted'] = null;
   if (record.rebase) {
     if (record.rebase.phase === 'switched') {

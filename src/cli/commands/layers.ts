@@ -57,6 +57,7 @@ function describeDesktop(view: DesktopView): string {
     `      <- ${view.paths.apps}`,
     `      <- ${view.paths.base}`,
     ...(view.paths.home ? [`  home disk: ${view.paths.home} (mounted at /home)`] : []),
+    ...(view.stagingFor !== undefined ? [`  the staging desktop of ${view.stagingFor}'s rebase: qlayer desktop rebase ${view.stagingFor} --resume finishes or removes it`] : []),
     ...(view.rebase ? [`  unfinished rebase from ${view.rebase.from} to ${view.rebase.to} (${view.rebase.phase}): run qlayer desktop rebase ${view.name} --resume`] : []),
     ...(view.pendingRecompose ? [`  unfinished recompose at phase ${view.pendingRecompose.phase}: run qlayer desktop recompose ${view.name}`] : []),
     ...(view.operation
