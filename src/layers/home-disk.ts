@@ -180,9 +180,15 @@ export interface HomeMount {
   fstype?: string;
 }
 
-/** Whether the running guest mounted something at /home (its /proc/mounts, read through the agent). */
-export async function guestHomeMount(shell: GuestShell): Promise<HomeMount> {
-  const mounts = await runGuestScript(shell, 'cat /proc/mounts\n', 'reading /proc/mounts');
+/**
+ * Whether the running guest mounted something at /home (its /proc/mounts, read through the
+ * agent). It waits up to `waitSeconds` for the mount: with `nofail` systemd does not hold
+ * local-fs.target for /home, so the guest agent can answer a second or so before /home is
+ * mounted (seen on the Debian guest).
+ */
+export async function guestHomeMount(shell: GuestShell, waitSeconds = 30): Promise<HomeMount> {
+  const script = `i=0\nwhile [ "$i" -lt ${Math.max(0, Math.floor(waitSeconds))} ] && ! grep -q ' /home ' /proc/mounts; do sleep 1; i=$((i + 1)); done\ncat /proc/mounts\n`;
+  const mounts = await runGuestScript(shell, script, 'reading /proc/mounts', (waitSeconds + 60) * 1000);
   const line = mounts.split('\n').map((l) => l.split(' ')).find((fields) => fields[1] === '/home');
   return line ? { mounted: true, device: line[0]!, fstype: line[2]! } : { mounted: false };
 }
