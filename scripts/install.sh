@@ -16,8 +16,10 @@ npm run --silent build
 if [ -x vm-fixtures/build.sh ]; then
   bash vm-fixtures/build.sh >&2
 fi
-# The Debian guest (test/e2e/debian.test.ts, qlayer demo --guest debian): about a minute the first
-# time, seconds when cached. QLAYER_SKIP_DEBIAN_GUEST=1 skips it (its test then builds it itself).
+# The Debian guests (test/e2e/debian.test.ts and debian-uefi.test.ts, qlayer demo --guest
+# debian|debian-uefi): about a minute each the first time, seconds when cached.
+# QLAYER_SKIP_DEBIAN_GUEST=1 skips them (their tests then build them themselves).
 if [ -x vm-fixtures/build-debian.sh ] && [ "${QLAYER_SKIP_DEBIAN_GUEST:-0}" != 1 ]; then
   bash vm-fixtures/build-debian.sh >&2
+  bash vm-fixtures/build-debian.sh --firmware uefi >&2
 fi

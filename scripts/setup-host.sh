@@ -19,6 +19,9 @@ packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvi
   musl-tools # musl-tools: a small static native/build/qlayer-guest-alloc (scripts/build-native.mjs)
   xfsprogs # xfsprogs: the reflink tests put a store on an XFS made in a file
   mmdebstrap # mmdebstrap: vm-fixtures/build-debian.sh builds the Debian test guest
+  lvm2 # lvm2: test/fs/lvm-oracle.test.ts and build-debian.sh --root lvm write VGs with lvm2's own tools
+  ovmf # ovmf: UEFI firmware for desktops with boot.firmware uefi (libvirt finds it by its descriptors)
+  dosfstools mtools # dosfstools, mtools: the EFI system partition of build-debian.sh --firmware uefi
   virtinst) # virtinst: test/e2e/libvirt-native.test.ts makes an ordinary VM with virt-install --import to adopt
 
 missing=()

@@ -28,8 +28,8 @@ import type { CommandContext } from './context.js';
 
 const USER_FILE = '/home/user/notes.txt';
 
-/** Which guest the demo runs on: the tiny busybox test guest, or the Debian 12 guest (grub, systemd). */
-export type DemoGuest = 'tiny' | 'debian';
+/** Which guest the demo runs on: the tiny busybox test guest, or the Debian 12 guest (grub, systemd) by BIOS or UEFI. */
+export type DemoGuest = 'tiny' | 'debian' | 'debian-uefi';
 
 interface DemoTarget {
   desktop: string;
@@ -79,12 +79,14 @@ export async function runDemo(context: CommandContext, say: (line: string) => vo
 
   let baseImage: string;
   let target: DemoTarget;
-  if (options.guest === 'debian') {
-    const fixture = await ensureDebianFixture();
+  if (options.guest === 'debian' || options.guest === 'debian-uefi') {
+    const uefi = options.guest === 'debian-uefi';
+    const fixture = await ensureDebianFixture({ firmware: uefi ? 'uefi' : 'bios' });
     baseImage = fixture.image.path;
-    record('test guest', `Debian 12 (grub-pc, systemd, qemu-guest-agent ${fixture.agentVersion}), kernel ${fixture.kernelRelease}, base disk ${baseImage} (${(fixture.image.allocated / 1048576).toFixed(0)} MiB of ${(fixture.image.virtualSize / 1048576).toFixed(0)} MiB)`);
+    const loader = uefi ? 'OVMF on q35, grub-efi' : 'grub-pc';
+    record('test guest', `Debian 12 (${loader}, systemd, qemu-guest-agent ${fixture.agentVersion}), kernel ${fixture.kernelRelease}, base disk ${baseImage} (${(fixture.image.allocated / 1048576).toFixed(0)} MiB of ${(fixture.image.virtualSize / 1048576).toFixed(0)} MiB)`);
     const user = fixture.user.name;
-    target = { desktop: 'demo-debian', base: 'demo-debian-base', asUser: (script) => `runuser -u ${user} -- sh -c ${shellQuote(script)}` };
+    target = { desktop: `demo-${options.guest}`, base: `demo-${options.guest}-base`, asUser: (script) => `runuser -u ${user} -- sh -c ${shellQuote(script)}` };
     // The Debian guest boots through its own bootloader, and needs more memory and time than the tiny one.
     context = {
       ...context,
@@ -97,7 +99,7 @@ export async function runDemo(context: CommandContext, say: (line: string) => vo
         kernel: null,
         initrd: null,
         cmdline: null,
-        firmware: 'bios',
+        firmware: uefi ? 'uefi' : 'bios',
         bootTimeoutMs: Math.max(300_000, context.config.timeouts.boot * 1000),
         agentTimeoutMs: Math.max(300_000, context.config.timeouts.agent * 1000),
         shutdownTimeoutMs: Math.max(120_000, context.config.timeouts.shutdown * 1000),

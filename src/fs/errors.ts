@@ -24,7 +24,10 @@ export type Ext4ErrorCode =
   | 'fs.partition-table-corrupt'
   | 'fs.layout-changed'
   | 'fs.orphans-pending'
-  | 'fs.not-writable';
+  | 'fs.not-writable'
+  | 'fs.lvm-corrupt'
+  | 'fs.lvm-unsupported'
+  | 'fs.lvm-missing-pv';
 
 /** Every error the filesystem reader raises on purpose (bad input never escapes as a TypeError). */
 export class Ext4Error extends QlayerError {

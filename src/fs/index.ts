@@ -16,18 +16,22 @@ import { RO_COMPAT } from './ext4/features.js';
 import { INODE_FLAGS, type FileType, type Inode } from './ext4/inode.js';
 import type { ReadStats } from './ext4/block-reader.js';
 import { hasRoCompat, type Superblock } from './ext4/superblock.js';
-import { choosePartition, readPartitions, type Partition } from './partitions.js';
+import { volumeSource, volumeToDisk } from './lvm/mapping.js';
+import { choosePartition, readVolumes, type Partition, type PartitionSelector } from './partitions.js';
 import { identifyNonExt } from './probe.js';
 
 export { Ext4Error } from './errors.js';
 export type { Ext4ErrorCode } from './errors.js';
-export { readPartitions, choosePartition, type Partition } from './partitions.js';
+export { readPartitions, readVolumes, choosePartition, parsePartitionSelector, type Partition, type PartitionSelector } from './partitions.js';
 export type { DirEntry } from './ext4/directory.js';
 export type { FileType } from './ext4/inode.js';
 
 export interface OpenGuestFilesystemOptions {
-  /** Partition index (1-based, as Linux numbers them; 0 = whole disk). Default: see choosePartition. */
-  partition?: number;
+  /**
+   * Partition index (1-based, as Linux numbers them; 0 = whole disk) or an LVM logical volume
+   * as "VG/LV". Default: see choosePartition.
+   */
+  partition?: PartitionSelector;
   /**
    * Open even when the journal needs recovery. What is read may then be older than what the
    * guest last wrote (the newest metadata may sit only in the journal). Default false: refuse.
@@ -105,14 +109,39 @@ function infoOf(inode: Inode): FileInfo {
   };
 }
 
-/** Block runs as byte extents on the virtual disk. */
-export function runsToExtents(runs: BlockRun[], blockSize: number, partitionOffset: number): FileExtent[] {
-  return runs.map((run) => ({
-    fileOffset: run.logical * blockSize,
-    diskOffset: partitionOffset + run.physical * blockSize,
-    length: run.count * blockSize,
-    unwritten: run.unwritten,
-  }));
+/**
+ * Block runs as byte extents on the virtual disk. `partition` is a partition's offset, or the
+ * partition itself; on an LVM logical volume a run that crosses from one of the LV's pieces to
+ * the next becomes one extent per piece, since the pieces need not be adjacent on the disk.
+ */
+export function runsToExtents(runs: BlockRun[], blockSize: number, partition: number | Partition): FileExtent[] {
+  const pieces = typeof partition === 'number' ? undefined : partition.lvm?.pieces;
+  const offset = typeof partition === 'number' ? partition : partition.offset;
+  if (!pieces) {
+    return runs.map((run) => ({
+      fileOffset: run.logical * blockSize,
+      diskOffset: offset + run.physical * blockSize,
+      length: run.count * blockSize,
+      unwritten: run.unwritten,
+    }));
+  }
+  return runs.flatMap((run) =>
+    volumeToDisk(pieces, run.physical * blockSize, run.count * blockSize).map((range) => ({
+      fileOffset: run.logical * blockSize + (range.offset - run.physical * blockSize),
+      diskOffset: range.diskOffset,
+      length: range.length,
+      unwritten: run.unwritten,
+    })),
+  );
+}
+
+/** The bytes of a partition or LV as a source of their own. */
+function partitionSource(disk: ByteSource, partition: Partition): ByteSource {
+  if (partition.lvm) {
+    if (!partition.lvm.pieces) throw new Ext4Error('fs.lvm-unsupported', partition.lvm.refused ?? `LV ${partition.name} cannot be read`);
+    return volumeSource(disk, partition.lvm.pieces, partition.length);
+  }
+  return partition.offset === 0 && partition.length === disk.size ? disk : windowOf(disk, partition.offset, partition.length);
 }
 
 class GuestExt4 implements GuestFilesystem {
@@ -139,7 +168,7 @@ class GuestExt4 implements GuestFilesystem {
   }
 
   private async extentsOf(inode: Inode): Promise<FileExtent[]> {
-    return runsToExtents(await this.fs.blockRuns(inode), this.fs.blockSize, this.partition.offset);
+    return runsToExtents(await this.fs.blockRuns(inode), this.fs.blockSize, this.partition);
   }
 
   async extents(path: string, options: { follow?: boolean } = {}): Promise<FileExtent[]> {
@@ -176,17 +205,18 @@ class GuestExt4 implements GuestFilesystem {
 
 /** The partition and the ext filesystem on it, with the journal checked. */
 async function openExt4(disk: ByteSource, options: OpenGuestFilesystemOptions): Promise<{ partition: Partition; fs: Ext4Filesystem }> {
-  const partitions = await readPartitions(disk);
-  const partition = await choosePartition(disk, partitions, options.partition);
-  const source = partition.offset === 0 && partition.length === disk.size ? disk : windowOf(disk, partition.offset, partition.length);
+  const { volumes, lvm } = await readVolumes(disk);
+  const partition = await choosePartition(disk, volumes, options.partition, lvm);
+  const source = partitionSource(disk, partition);
   let fs: Ext4Filesystem;
   try {
     fs = await Ext4Filesystem.open(source);
   } catch (error) {
     if (error instanceof Ext4Error && error.code === 'fs.not-ext') {
       const what = await identifyNonExt(source);
-      const where = partition.scheme === 'none' ? 'the disk' : `partition ${partition.index}`;
-      throw new Ext4Error('fs.not-ext', `${where} holds ${what}, not an ext2/3/4 filesystem (only ext2/3/4 can be read)`);
+      const where = partition.scheme === 'lvm' ? `LV ${partition.name}` : partition.scheme === 'none' ? 'the disk' : `partition ${partition.index}`;
+      const hint = what === 'an LVM physical volume' ? '; pick one of its logical volumes with --partition VG/LV (`qlayer fs partitions` lists them)' : '';
+      throw new Ext4Error('fs.not-ext', `${where} holds ${what}, not an ext2/3/4 filesystem (only ext2/3/4 can be read)${hint}`);
     }
     throw error;
   }
@@ -255,12 +285,17 @@ export async function markPlaceholdersWritten(
     throw new Ext4Error('fs.not-writable', 'the guest filesystem carries the read-only feature flag; its placeholders cannot be marked written');
   }
   const report: MarkWrittenReport = { filesChanged: 0, extentsFlipped: 0, extentsAlreadyWritten: 0, metadataWrites: 0 };
-  const write = (data: Buffer, fsOffset: number): Promise<void> => disk.writeAt(data, partition.offset + fsOffset);
+  const write = async (data: Buffer, fsOffset: number): Promise<void> => {
+    if (!partition.lvm?.pieces) return disk.writeAt(data, partition.offset + fsOffset);
+    for (const range of volumeToDisk(partition.lvm.pieces, fsOffset, data.length)) {
+      await disk.writeAt(data.subarray(range.offset - fsOffset, range.offset - fsOffset + range.length), range.diskOffset);
+    }
+  };
   for (const file of files) {
     const inode = await fs.resolve(file.path, { follow: false });
     if (inode.type !== 'file') throw new Ext4Error('fs.layout-changed', `${file.path} is no longer a regular file (${inode.type})`);
     // mapBlocks validates the whole tree (checksums, loops, bounds) before anything is written.
-    const now = runsToExtents(await fs.blockRuns(inode), fs.blockSize, partition.offset);
+    const now = runsToExtents(await fs.blockRuns(inode), fs.blockSize, partition);
     if (mergedRuns(now) !== mergedRuns(file.extents)) {
       throw new Ext4Error('fs.layout-changed', `${file.path} no longer has the blocks it had when it was located; the guest disk changed under the recompose`);
     }

@@ -7,23 +7,32 @@
 import { readBytes, type ByteSource } from '../io/byte-source.js';
 import { crc32 } from './crc.js';
 import { Ext4Error } from './errors.js';
+import { findVolume, scanLvm, type LvmScan, type LvmVolumeDetails } from './lvm/scan.js';
 
-export type PartitionScheme = 'mbr' | 'gpt' | 'none';
+export type PartitionScheme = 'mbr' | 'gpt' | 'none' | 'lvm';
 
 export interface Partition {
-  /** 1-based like Linux (vda1, vda5 for the first logical MBR partition); 0 is the whole disk. */
+  /**
+   * 1-based like Linux (vda1, vda5 for the first logical MBR partition); 0 is the whole disk.
+   * An LVM logical volume (scheme "lvm") carries the index of the partition holding its PV.
+   */
   index: number;
-  /** Byte offset of the partition on the virtual disk. */
+  /**
+   * Byte offset of the partition on the virtual disk. An LV need not be contiguous: this is
+   * where its first piece starts, and `lvm.pieces` says where every byte is.
+   */
   offset: number;
   /** Length in bytes. */
   length: number;
-  /** MBR: "0x83"; GPT: the type GUID in lower case; whole disk: "none". */
+  /** MBR: "0x83"; GPT: the type GUID in lower case; whole disk: "none"; LV: "linear", "thin", ... */
   type: string;
   scheme: PartitionScheme;
-  /** GPT partition name, when there is one. */
+  /** GPT partition name, when there is one; "VG/LV" for a logical volume. */
   name?: string;
-  /** True for MBR type 0x83 and the GPT "Linux filesystem" GUID. */
+  /** True for MBR type 0x83 and the GPT "Linux filesystem" GUID, and for an LV holding an ext filesystem. */
   linux: boolean;
+  /** Logical volumes only: VG, LV, and where its bytes are (or why it cannot be read). */
+  lvm?: LvmVolumeDetails;
 }
 
 export const LINUX_FILESYSTEM_GUID = '0fc63daf-8483-4772-8e79-3d69d8477de4';
@@ -230,27 +239,65 @@ export async function readPartitions(disk: ByteSource): Promise<Partition[]> {
   return [{ ...whole, linux: await hasExtMagic(disk, 0) }];
 }
 
+/** The partitions and, after them, every LVM logical volume on the disk (scheme "lvm"). */
+export async function readVolumes(disk: ByteSource): Promise<{ volumes: Partition[]; lvm: LvmScan }> {
+  const partitions = await readPartitions(disk);
+  const lvm = await scanLvm(disk, partitions, hasExtMagic);
+  return { volumes: [...partitions, ...lvm.volumes], lvm };
+}
+
+/** A `--partition` value: a number (0 = the whole disk) or "VG/LV". */
+export type PartitionSelector = number | string;
+
+/** Parse what a user typed after --partition; undefined when it is neither a number nor VG/LV. */
+export function parsePartitionSelector(value: string): PartitionSelector | undefined {
+  if (/^[0-9]+$/.test(value)) return Number(value);
+  // LVM's own name rules: letters, digits and + _ . -, not starting with "-".
+  if (/^[A-Za-z0-9+_.][A-Za-z0-9+_.-]*\/[A-Za-z0-9+_.][A-Za-z0-9+_.-]*$/.test(value)) return value;
+  return undefined;
+}
+
+function describe(p: Partition): string {
+  if (p.scheme === 'lvm') return `${p.name} (LVM ${p.type}, ${p.length} bytes${p.lvm?.refused ? ', cannot be read' : ''})`;
+  return `${p.index} (${p.scheme} type ${p.type}, ${p.length} bytes at ${p.offset})`;
+}
+
 /**
- * The partition to read: `wanted` when given, else the only Linux partition (or the whole disk
- * when it is a filesystem itself), else the only partition holding an ext superblock.
+ * The partition or LV to read: `wanted` when given (a partition number, or "VG/LV"), else the
+ * only Linux partition or LV holding an ext filesystem (or the whole disk when it is a
+ * filesystem itself), else the only partition holding an ext superblock.
  */
-export async function choosePartition(disk: ByteSource, partitions: Partition[], wanted?: number): Promise<Partition> {
-  const list = partitions.map((p) => `${p.index} (${p.scheme} type ${p.type}, ${p.length} bytes at ${p.offset})`).join(', ');
+export async function choosePartition(disk: ByteSource, volumes: Partition[], wanted?: PartitionSelector, lvm?: LvmScan): Promise<Partition> {
+  const partitions = volumes.filter((p) => p.scheme !== 'lvm');
+  const list = volumes.map(describe).join(', ');
+  if (typeof wanted === 'string') {
+    return findVolume(lvm ?? { pvs: [], vgs: [], volumes: volumes.filter((p) => p.scheme === 'lvm'), problems: [] }, wanted);
+  }
   if (wanted !== undefined) {
     const found = partitions.find((p) => p.index === wanted);
     if (!found) throw new Ext4Error('fs.partition-not-found', `partition ${wanted} does not exist; the disk has: ${list || 'no partitions'}`);
     return found;
   }
-  const linux = partitions.filter((p) => p.linux);
+  const linux = volumes.filter((p) => p.linux);
   if (linux.length === 1) return linux[0]!;
   if (linux.length > 1) {
-    throw new Ext4Error('fs.partition-ambiguous', `the disk has ${linux.length} Linux partitions (${list}); pick one with --partition N`);
+    throw new Ext4Error('fs.partition-ambiguous', `the disk has ${linux.length} Linux partitions or LVs (${list}); pick one with --partition N or --partition VG/LV`);
   }
+  const pvPartitions = new Set(lvm?.pvs.map((pv) => pv.partition) ?? []);
   const withExt: Partition[] = [];
-  for (const p of partitions) if (await hasExtMagic(disk, p.offset)) withExt.push(p);
+  for (const p of partitions) if (!pvPartitions.has(p.index) && (await hasExtMagic(disk, p.offset))) withExt.push(p);
   if (withExt.length === 1) return withExt[0]!;
   if (withExt.length > 1) {
     throw new Ext4Error('fs.partition-ambiguous', `${withExt.length} partitions hold ext filesystems (${list}); pick one with --partition N`);
+  }
+  if (lvm && (lvm.pvs.length > 0 || lvm.problems.length > 0)) {
+    // The root is presumably on LVM: say what stood in the way.
+    if (lvm.problems.length > 0) throw lvm.problems[0]!;
+    const refused = lvm.volumes.filter((v) => v.lvm?.refused).map((v) => v.lvm!.refused!);
+    throw new Ext4Error(
+      'fs.partition-not-found',
+      `no LVM logical volume holding an ext filesystem could be read; the disk has: ${list}${refused.length > 0 ? `. ${refused.join('; ')}` : ''}`,
+    );
   }
   if (partitions.length === 1) return partitions[0]!; // let the filesystem probe name what it is
   throw new Ext4Error('fs.partition-not-found', `no Linux partition and no ext filesystem found; the disk has: ${list || 'no partitions'}`);

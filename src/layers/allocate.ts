@@ -241,21 +241,60 @@ export async function allocatePlaceholders(guest: GuestShell, manifests: AppMani
  * a margin), read with df on the filesystem that will hold the first app's folder (its nearest
  * existing parent). Refuses with both numbers before anything is made in the guest.
  */
-export async function checkGuestSpace(guest: GuestShell, manifests: AppManifest[], timeoutMs?: number): Promise<{ needed: number; free: number; filesystem: string }> {
-  const needed = spaceNeeded(manifests);
-  const prefix = manifests[0]?.prefix ?? '/';
-  const script = `d=${shellQuote(prefix)}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; printf '%s\\n' "$d"; df -Pk "$d" | awk 'NR==2 {print $4}'\n`;
-  const [filesystem = prefix, freeK = ''] = (await runGuestScript(guest, script, 'checking the guest\'s free space', timeoutMs)).trim().split('\n');
-  const free = Number(freeK) * 1024;
-  if (!Number.isFinite(free) || freeK === '') throw new LayerError('guest.script-failed', `checking the guest's free space: df printed ${JSON.stringify(freeK)}`);
-  if (free < needed) {
-    const mib = (n: number): string => `${(n / 1048576).toFixed(1)} MiB`;
+export interface GuestSpace {
+  /** What the apps on this filesystem need, with the margin. */
+  needed: number;
+  free: number;
+  /** The nearest existing folder of the first app prefix on this filesystem. */
+  filesystem: string;
+  /** The filesystem's mount point in the guest (df's "Mounted on"). */
+  mountPoint: string;
+  apps: string[];
+}
+
+/**
+ * Each guest filesystem that will hold app files, against what the apps placed on it need. Apps
+ * whose prefixes lie on different filesystems (/opt on the root, /srv on its own disk) are
+ * counted where they go. Returns the tightest filesystem first, every one in `filesystems`.
+ */
+export async function checkGuestSpace(guest: GuestShell, manifests: AppManifest[], timeoutMs?: number): Promise<GuestSpace & { filesystems: GuestSpace[] }> {
+  const prefixes = manifests.length ? manifests.map((m) => m.prefix) : ['/'];
+  // One line per prefix: free KiB, mount point, nearest existing folder (tab-separated).
+  const script =
+    `for p in ${prefixes.map(shellQuote).join(' ')}; do d=$p; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; ` +
+    `df -Pk "$d" | awk -v d="$d" 'NR==2 {m=$6; for (i = 7; i <= NF; i++) m = m " " $i; printf "%s\\t%s\\t%s\\n", $4, m, d}'; done\n`;
+  const lines = (await runGuestScript(guest, script, 'checking the guest\'s free space', timeoutMs)).split('\n').filter((l) => l.includes('\t'));
+  if (lines.length !== prefixes.length) {
+    throw new LayerError('guest.script-failed', `checking the guest's free space: df printed ${lines.length} answers for ${prefixes.length} app folders: ${JSON.stringify(lines.join('\n'))}`);
+  }
+  const byMount = new Map<string, { free: number; filesystem: string; manifests: AppManifest[] }>();
+  lines.forEach((line, i) => {
+    const [freeK = '', mountPoint = '', folder = ''] = line.split('\t');
+    const free = Number(freeK) * 1024;
+    if (!Number.isFinite(free) || freeK === '') throw new LayerError('guest.script-failed', `checking the guest's free space: df printed ${JSON.stringify(freeK)}`);
+    const entry = byMount.get(mountPoint) ?? { free, filesystem: folder, manifests: [] };
+    if (manifests[i]) entry.manifests.push(manifests[i]!);
+    byMount.set(mountPoint, entry);
+  });
+  const filesystems: GuestSpace[] = [...byMount].map(([mountPoint, e]) => ({
+    needed: spaceNeeded(e.manifests),
+    free: e.free,
+    filesystem: e.filesystem,
+    mountPoint,
+    apps: e.manifests.map((m) => `${m.name}@${m.version}`),
+  }));
+  filesystems.sort((a, b) => a.free - a.needed - (b.free - b.needed));
+  const mib = (n: number): string => `${(n / 1048576).toFixed(1)} MiB`;
+  const short = filesystems.filter((f) => f.free < f.needed);
+  if (short.length) {
     throw new LayerError(
       'allocate.not-enough-space',
-      `${manifests.map((m) => `${m.name}@${m.version}`).join(', ')} needs ${mib(needed)} on the guest filesystem holding ${filesystem} (its files, their metadata and a margin of 2 %, at least 16 MiB), which has ${mib(free)} free; nothing was made in the guest`,
+      short
+        .map((f) => `${f.apps.join(', ')} needs ${mib(f.needed)} on the guest filesystem holding ${f.filesystem} (its files, their metadata and a margin of 2 %, at least 16 MiB), which has ${mib(f.free)} free`)
+        .join('; ') + '; nothing was made in the guest',
     );
   }
-  return { needed, free, filesystem };
+  return { ...filesystems[0]!, filesystems };
 }
 
 /** Delete these apps' files in the running guest; returns the paths that were already gone. */

@@ -13,7 +13,7 @@ import { LayerError } from './errors.js';
 import { groupsWanting, recordDirect } from './app-sources.js';
 import { failAndUndo, newOperation, operationView, undoOperation, type UndoContext } from './guest-operation.js';
 import { runGuestScript, shellQuote, type GuestShell } from './guest-script.js';
-import { locatePlaceholders } from './locate.js';
+import { locatePlaceholders, recheckAssigned, type RecheckedFiles } from './locate.js';
 import { checkName } from './names.js';
 import { createHomeDisk, guestHomeMount, HOME_FILE, HOME_LABEL, prepareHomeMount, type HomeMount } from './home-disk.js'; // home disk (issue 13)
 import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
@@ -142,9 +142,50 @@ function idleDesktopRecord(state: StoreState, name: string): DesktopRecord {
   return record;
 }
 
-/** Start the desktop's guest unless it already runs. */
-async function ensureRunning(runtime: DesktopRuntime, handle: DesktopHandle, name: string, log: Log): Promise<void> {
+/**
+ * A running guest whose agent does not answer (stopped, crashed, never installed) can get no
+ * placeholders, and no undo could reach it either. Found before anything is recorded, so the
+ * refusal changes nothing. (A guest qlayer starts is waited for until its agent answers.)
+ */
+async function assertAgentAnswers(runtime: DesktopRuntime, handle: DesktopHandle, name: string): Promise<void> {
+  try {
+    await runGuestScript(runtime.shell(handle), 'true\n', 'checking the guest agent');
+  } catch (error) {
+    throw new LayerError(
+      'guest.agent-unavailable',
+      `desktop ${name} is running, but its guest agent does not answer (${error instanceof Error ? error.message : String(error)}): qlayer allocates through qemu-guest-agent; start it in the guest (systemctl start qemu-guest-agent) or shut the desktop down, and try again; nothing was changed`,
+    );
+  }
+}
+
+/**
+ * Was the desktop's guest filesystem left dirty (powered off hard, virsh destroy)? Read offline
+ * from the stopped chain; null when it cannot be told (no ext4 root found, a chain being written).
+ */
+async function uncleanShutdown(store: Store, handle: DesktopHandle): Promise<boolean | null> {
+  try {
+    const chain = await openChain(handle.userPath, { allowedDirectories: [store.root] });
+    try {
+      const filesystem = await openGuestFilesystem(chain, { allowNeedsRecovery: true });
+      return filesystem.needsRecovery;
+    } finally {
+      await chain.close();
+    }
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Start the desktop's guest unless it already runs. A guest that was powered off hard is started
+ * all the same, and says so: its kernel replays the journal when it mounts the filesystem, before
+ * anything is allocated, and the recompose later checks the filesystem is clean.
+ */
+async function ensureRunning(runtime: DesktopRuntime, handle: DesktopHandle, name: string, log: Log, store?: Store): Promise<void> {
   if (await runtime.isRunning(handle)) return;
+  if (store !== undefined && (await uncleanShutdown(store, handle)) === true) {
+    log(`${name} was not shut down cleanly (its filesystem journal needs recovery): the guest replays it as it boots, before anything is allocated`);
+  }
   log(`starting ${name}`);
   await runtime.start(handle);
 }
@@ -326,11 +367,17 @@ async function recomposeRecorded(store: Store, state: StoreState, name: string, 
   return report;
 }
 
-/** Locate placeholders offline, reading the guest filesystem from the stopped desktop's chain. */
-async function locateOffline(store: Store, handle: DesktopHandle, manifests: AppManifest[]) {
+/**
+ * Locate placeholders offline, reading the guest filesystem from the stopped desktop's chain, and
+ * look again at the files of the apps already assigned (recheckAssigned): blocks the user freed
+ * since may now belong to the new placeholders.
+ */
+async function locateOffline(store: Store, handle: DesktopHandle, manifests: AppManifest[], assigned: LocatedFile[]): Promise<{ located: LocatedFile[]; rechecked: RecheckedFiles }> {
   const chain = await openChain(handle.userPath, { allowedDirectories: [store.root] });
   try {
-    return await locatePlaceholders(await openGuestFilesystem(chain), chain, manifests);
+    const filesystem = await openGuestFilesystem(chain);
+    const located = await locatePlaceholders(filesystem, chain, manifests);
+    return { located, rechecked: await recheckAssigned(filesystem, assigned) };
   } finally {
     await chain.close();
   }
@@ -417,11 +464,13 @@ async function guestSide(
 ): Promise<{ allocation: AllocationResult; located: LocatedFile[] }> {
   const record = desktopRecord(state, name);
   const handle = desktopHandle(store, state, name);
-  record.operation = newOperation(options.kind, manifests.map(appKey), options.replacing, await runtime.isRunning(handle));
+  const wasRunning = await runtime.isRunning(handle);
+  if (wasRunning) await assertAgentAnswers(runtime, handle, name);
+  record.operation = newOperation(options.kind, manifests.map(appKey), options.replacing, wasRunning);
   await store.writeState(state);
   const op = record.operation;
   try {
-    await ensureRunning(runtime, handle, name, options.log);
+    await ensureRunning(runtime, handle, name, options.log, store);
     await options.beforeAllocate?.(handle);
     const space = await checkGuestSpace(runtime.shell(handle), manifests);
     options.log(`the guest has ${(space.free / 1048576).toFixed(0)} MiB free on ${space.filesystem}; the app needs ${(space.needed / 1048576).toFixed(0)} MiB with its margin`);
@@ -441,7 +490,13 @@ async function guestSide(
     await options.afterStop?.(handle);
     await options.hooks.beforeLocate?.();
     options.log('locating placeholders offline');
-    const located = await locateOffline(store, handle, manifests);
+    // The files of an app being replaced were deleted on purpose; the plan drops them anyway.
+    const replacing = (f: LocatedFile): boolean => options.replacing.includes(f.app);
+    const { located, rechecked } = await locateOffline(store, handle, manifests, record.files.filter((f) => !replacing(f)));
+    for (const gone of rechecked.released) {
+      options.log(`${gone.path}: ${gone.why}; its ${gone.bytes} freed bytes no longer read from the apps layer`);
+    }
+    record.files = [...rechecked.files, ...record.files.filter(replacing)];
     return { allocation, located };
   } catch (error) {
     throw await failAndUndo(undoContext(store, state, runtime, name, options.log), error);
@@ -585,7 +640,7 @@ export async function unassignLocked(store: Store, state: StoreState, runtime: D
   const removing = record.apps.filter((a) => !plan.apps.includes(a));
   const manifests = await Promise.all(removing.map((ref) => resolveApp(store, ref)));
   const handle = desktopHandle(store, state, name);
-  await ensureRunning(runtime, handle, name, log);
+  await ensureRunning(runtime, handle, name, log, store);
   log(`deleting ${removing.join(', ')} in the guest`);
   const alreadyGone = await removeAppFiles(runtime.shell(handle), manifests);
   if (alreadyGone.length) log(`${alreadyGone.length} app files were already gone: ${alreadyGone.slice(0, 5).join(', ')}${alreadyGone.length > 5 ? ', ...' : ''}`);
@@ -609,12 +664,53 @@ export async function recomposeDesktop(store: Store, runtime: DesktopRuntime | n
   });
 }
 
+/**
+ * What verify found for one app file:
+ * - ok: its bytes hash to the manifest;
+ * - user-changed: different, and the guest's filesystem says it was written or replaced after the
+ *   assign (its mtime or inode moved): the user's own edit, kept in the user delta;
+ * - user-deleted: the guest has no such file any more;
+ * - damaged: different, though neither its inode nor its mtime moved: no write through the
+ *   guest's filesystem explains it, so a layer is wrong (or, for apps assigned before qlayer
+ *   recorded inode times, it cannot tell).
+ */
+export type VerifiedStatus = 'ok' | 'user-changed' | 'user-deleted' | 'damaged';
+
 export interface VerifiedFile {
   app: string;
   path: string;
   expected: string;
   actual: string | null;
   ok: boolean;
+  status: VerifiedStatus;
+  /** Why a file that is not ok got its status, in the guest's terms. */
+  why?: string;
+}
+
+/** The guest's inode number and mtime of each path that exists (one stat per file, missing ones skipped). */
+async function guestIdentities(shell: GuestShell, paths: string[]): Promise<Map<string, { inode: number; mtime: number }>> {
+  const found = new Map<string, { inode: number; mtime: number }>();
+  if (!paths.length) return found;
+  const script = paths.map((p) => `stat -c '%i %Y %n' ${shellQuote(p)} 2>/dev/null || true`).join('\n');
+  const output = await runGuestScript(shell, `${script}\n`, 'reading the changed files\' inodes');
+  for (const line of output.split('\n')) {
+    const match = /^(\d+) (-?\d+) (.*)$/.exec(line.trim());
+    if (match) found.set(match[3]!, { inode: Number(match[1]), mtime: Number(match[2]) });
+  }
+  return found;
+}
+
+/** Tell a user's edit from damage for a file whose hash differs (see VerifiedStatus). */
+function classifyChanged(located: LocatedFile | undefined, now: { inode: number; mtime: number } | undefined): { status: VerifiedStatus; why: string } {
+  if (now === undefined) return { status: 'user-deleted', why: 'the guest has no such file: deleted in the guest' };
+  if (located?.inode === undefined || located.mtime === undefined) {
+    return { status: 'damaged', why: 'its bytes differ, and this assign predates recorded inode times: qlayer cannot tell a user\'s edit from damage' };
+  }
+  if (now.inode !== located.inode) return { status: 'user-changed', why: `replaced in the guest (inode ${now.inode}, was ${located.inode}); the new file lives in the user delta` };
+  if (now.mtime !== located.mtime) {
+    return { status: 'user-changed', why: `written in the guest at ${new Date(now.mtime * 1000).toISOString()} (assigned with mtime ${new Date(located.mtime * 1000).toISOString()}); the changed blocks live in the user delta` };
+  }
+  return { status: 'damaged', why: 'its bytes differ, but neither its inode nor its mtime changed since the assign: no write through the guest explains it (check the layers: qlayer image check, e2fsck)' };
 }
 
 /**
@@ -685,8 +781,15 @@ export async function verifyLocked(store: Store, runtime: DesktopRuntime, name: 
       const actual = hashes.get(path);
       return actual && actual !== 'missing' ? actual : null;
     };
+    const changed = files.filter((f) => hashOf(f.path) !== f.expected).map((f) => f.path);
+    const identities = await guestIdentities(runtime.shell(handle), changed);
+    const locatedByPath = new Map(record.files.map((f) => [f.path, f]));
     return {
-      files: files.map((f) => ({ ...f, actual: hashOf(f.path), ok: hashOf(f.path) === f.expected })),
+      files: files.map((f): VerifiedFile => {
+        const actual = hashOf(f.path);
+        if (actual === f.expected) return { ...f, actual, ok: true, status: 'ok' };
+        return { ...f, actual, ok: false, ...classifyChanged(locatedByPath.get(f.path), identities.get(f.path)) };
+      }),
       extra: Object.fromEntries(extraPaths.map((p) => [p, hashOf(p)])),
       unknownFiles: await unknownFilesUnder(runtime.shell(handle), manifests),
       ...(handle.home ? { home: { disk: handle.home, ...(await guestHomeMount(runtime.shell(handle))) } } : {}), // home disk (issue 13)

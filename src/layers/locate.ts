@@ -6,7 +6,7 @@ import type { LocatedFile } from './state.js';
 
 /** What locate needs of a guest filesystem reader (src/fs provides it). */
 export interface PlaceholderReader {
-  lookup(path: string, options?: { follow?: boolean }): Promise<{ type: string; size: number; inline?: boolean }>;
+  lookup(path: string, options?: { follow?: boolean }): Promise<{ type: string; size: number; inline?: boolean; inode?: number; mtime?: number }>;
   extents(path: string): Promise<Array<{ fileOffset: number; diskOffset: number; length: number; unwritten: boolean }>>;
 }
 
@@ -48,7 +48,7 @@ export async function locatePlaceholders(
     for (const file of manifest.files) {
       const changed = (why: string): LayerError =>
         new LayerError('locate.placeholder-changed', `placeholder ${file.path} of ${appKey(manifest)} ${why}; refusing to recompose (unassign and assign the app again)`);
-      let info: { type: string; size: number; inline?: boolean };
+      let info: { type: string; size: number; inline?: boolean; inode?: number; mtime?: number };
       try {
         // Not following symlinks: a link swapped in for a placeholder must not redirect the write.
         info = await filesystem.lookup(file.path, { follow: false });
@@ -59,8 +59,9 @@ export async function locatePlaceholders(
       if (info.type !== 'file' && info.type !== 'regular') throw changed(`is no longer a regular file (${info.type})`);
       if (info.size !== file.size) throw changed(`has size ${info.size}, expected ${file.size}`);
       if (info.inline && file.size > 0) throw changed('keeps its data inside the inode (inline data): it has no blocks to compose');
+      const identity = { ...(info.inode !== undefined ? { inode: info.inode } : {}), ...(info.mtime !== undefined ? { mtime: info.mtime } : {}) };
       if (file.size === 0) {
-        located.push({ app: appKey(manifest), path: file.path, size: 0, payloadOffset: file.payloadOffset, extents: [] });
+        located.push({ app: appKey(manifest), path: file.path, size: 0, payloadOffset: file.payloadOffset, extents: [], ...identity });
         continue;
       }
       const extents = (await filesystem.extents(file.path)).sort((a, b) => a.fileOffset - b.fileOffset);
@@ -88,6 +89,7 @@ export async function locatePlaceholders(
         payloadOffset: file.payloadOffset,
         extents: extents.map(({ fileOffset, diskOffset, length }) => ({ fileOffset, diskOffset, length })),
         ...(fallocated ? { unwritten: true } : {}),
+        ...identity,
       });
     }
   }
@@ -96,4 +98,69 @@ export async function locatePlaceholders(
     throw new LayerError('locate.overlap', `the filesystem says ${overlap[0].path} and ${overlap[1].path} share disk blocks; the guest filesystem is damaged (run e2fsck)`);
   }
   return located;
+}
+
+/** What recheckAssigned found about the files of apps already assigned. */
+export interface RecheckedFiles {
+  files: LocatedFile[];
+  /** Paths whose blocks the guest no longer gives (wholly or in part) to the app's file. */
+  released: Array<{ path: string; why: string; bytes: number }>;
+}
+
+/**
+ * Before a new plan, look again at the files of apps that stay assigned. A user may have deleted
+ * or replaced an app file, or truncated it, since its assign: the guest then freed its blocks and
+ * may have given them to anything since, new placeholders included. The apps layer must no longer
+ * hold the app's bytes there, or they would collide with the new owner's. So keep of each recorded
+ * extent only the part the same file (same inode, same file offset) still maps to the same disk
+ * blocks, and report the rest as released. What the file still holds keeps its app bytes.
+ */
+export async function recheckAssigned(filesystem: PlaceholderReader, files: LocatedFile[]): Promise<RecheckedFiles> {
+  const released: RecheckedFiles['released'] = [];
+  const kept: LocatedFile[] = [];
+  for (const file of files) {
+    const recordedBytes = file.extents.reduce((n, e) => n + e.length, 0);
+    if (recordedBytes === 0) {
+      kept.push(file);
+      continue;
+    }
+    const release = (why: string, extents: LocatedFile['extents']): void => {
+      const keptBytes = extents.reduce((n, e) => n + e.length, 0);
+      released.push({ path: file.path, why, bytes: recordedBytes - keptBytes });
+      kept.push({ ...file, extents });
+    };
+    let info: { type: string; inode?: number };
+    try {
+      info = await filesystem.lookup(file.path, { follow: false });
+    } catch (error) {
+      if ((error as { code?: string }).code === 'fs.not-found') {
+        release('deleted in the guest', []);
+        continue;
+      }
+      throw error;
+    }
+    if (info.type !== 'file' && info.type !== 'regular') {
+      release(`replaced in the guest by a ${info.type}`, []);
+      continue;
+    }
+    if (file.inode !== undefined && info.inode !== undefined && info.inode !== file.inode) {
+      release(`replaced in the guest (inode ${info.inode}, was ${file.inode})`, []);
+      continue;
+    }
+    const now = await filesystem.extents(file.path);
+    const still: LocatedFile['extents'] = [];
+    for (const recorded of file.extents) {
+      const shift = recorded.diskOffset - recorded.fileOffset;
+      for (const current of now) {
+        if (current.diskOffset - current.fileOffset !== shift) continue;
+        const start = Math.max(recorded.fileOffset, current.fileOffset);
+        const end = Math.min(recorded.fileOffset + recorded.length, current.fileOffset + current.length);
+        if (start < end) still.push({ fileOffset: start, diskOffset: start + shift, length: end - start });
+      }
+    }
+    still.sort((a, b) => a.fileOffset - b.fileOffset);
+    if (still.reduce((n, e) => n + e.length, 0) === recordedBytes) kept.push(file);
+    else release('truncated or rewritten in the guest: part of its blocks were freed', still);
+  }
+  return { files: kept, released };
 }

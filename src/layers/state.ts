@@ -50,6 +50,13 @@ export interface LocatedFile {
    * the recompose marks them written, its last step. Absent or false: written zeros.
    */
   unwritten?: boolean;
+  /**
+   * The placeholder's inode number and mtime (seconds) when it was located. A later verify that
+   * finds the file changed tells a user's edit (new inode or mtime) from damage (neither moved).
+   * Absent in records made before they were kept.
+   */
+  inode?: number;
+  mtime?: number;
 }
 
 export type RecomposePhase =

@@ -111,6 +111,8 @@ export function resolveOptions(options: VmOptions): ResolvedOptions {
       ...(boot.cmdline === undefined ? {} : { cmdline: boot.cmdline }),
     };
   } else if (boot.mode === 'firmware') {
+    // 'uefi': OVMF on q35 (the ovmf package), the NVRAM file in the VM's own folder.
+    if (boot.firmware !== undefined && boot.firmware !== 'bios' && boot.firmware !== 'uefi') bad(`boot.firmware must be 'bios' or 'uefi', not ${JSON.stringify(boot.firmware)}`);
     resolvedBoot = { kind: 'firmware', firmware: boot.firmware === 'uefi' ? 'efi' : 'bios' };
   } else {
     return bad(`boot.mode must be 'firmware' or 'kernel', not ${JSON.stringify((boot as { mode?: unknown }).mode)}`);

@@ -23,6 +23,12 @@ export interface BootOptions {
   cmdline?: string;
   /** Firmware for a boot without kernel: default 'bios'. */
   firmware?: 'bios' | 'efi';
+  /**
+   * UEFI only: the guest's NVRAM file (made from OVMF's template when missing). Default: beside
+   * the serial log (NAME.nvram.fd), because libvirt leaves a transient domain's
+   * /var/lib/libvirt/qemu/nvram/NAME_VARS.fd behind when the domain goes.
+   */
+  nvram?: string;
   memoryMiB?: number;
   vcpus?: number;
   accel?: Accel;
@@ -499,7 +505,9 @@ export async function bootGuest(options: BootOptions): Promise<RunningGuest> {
     vcpus: options.vcpus ?? 1,
     boot:
       kernel === undefined
-        ? { kind: 'firmware', firmware: options.firmware ?? 'bios' }
+        ? options.firmware === 'efi'
+          ? { kind: 'firmware', firmware: 'efi', nvram: resolve(options.nvram ?? serialLog.replace(/(\.serial)?\.log$/, '') + '.nvram.fd') }
+          : { kind: 'firmware', firmware: options.firmware ?? 'bios' }
         : { kind: 'kernel', kernel, ...(initrd === undefined ? {} : { initrd }), ...(options.cmdline === undefined ? {} : { cmdline: options.cmdline }) },
     disks: [disk, ...(options.extraDisks ?? []).map(normalizeDisk)],
     serialLog,

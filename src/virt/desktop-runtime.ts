@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { constants, existsSync, mkdirSync } from 'node:fs';
+import { copyFile, rm, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { DesktopHandle, DesktopRuntime, DesktopTemplate, ForeignDomain } from '../layers/runtime.js';
 import type { GuestShell } from '../layers/guest-script.js';
@@ -9,7 +9,7 @@ import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
 import { domainFromTemplate, firstDisk, replaceFirstDiskChain } from './domain-edit.js';
-import { buildDomainXml, diskSources, withHomeDisk, type DomainSpec } from './domain-xml.js';
+import { buildDomainXml, diskSources, nvramPath, withHomeDisk, withNvram, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -35,6 +35,24 @@ export interface DesktopRuntimeOptions {
   network?: string | null;
   /** The display of each new desktop (config desktop.graphics); none by default. */
   graphics?: 'spice' | 'vnc' | 'none';
+}
+
+/**
+ * A UEFI desktop's variable store (boot entries, firmware settings), in the desktop's own folder
+ * beside user.qcow2: it is the desktop's state like its disk, so it moves, is backed up and is
+ * deleted with the desktop and the store, and two stores never share one (libvirt's default,
+ * /var/lib/libvirt/qemu/nvram/DOMAIN_VARS.fd, is keyed by domain name only).
+ */
+export const NVRAM_FILE = 'nvram.fd';
+
+/** The NVRAM file of a desktop (whether or not it boots through UEFI). */
+export function desktopNvramPath(desktop: Pick<DesktopHandle, 'userPath'>): string {
+  return join(dirname(desktop.userPath), NVRAM_FILE);
+}
+
+/** Where a released desktop's NVRAM file goes: beside its image, e.g. alice.qcow2 -> alice.nvram.fd. */
+export function releasedNvramPath(image: string): string {
+  return `${image.replace(/\.(qcow2|raw|img)$/i, '')}.nvram.fd`;
 }
 
 /** libvirt's limit on our domain names (DOMAIN_NAME_PATTERN in domain-xml.ts). */
@@ -198,7 +216,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       else {
         const source = template.kind === 'xml' ? template.xml : await connection.inactiveXml(template.name);
         if (source === undefined) throw new VirtError('virt.invalid-spec', `--like ${template.kind === 'domain' ? template.name : ''}: libvirt knows no such domain`);
-        xml = domainFromTemplate(source, name, this.layers(desktop));
+        // A UEFI template's NVRAM file is the template's: the desktop gets its own, in its folder.
+        xml = withNvram(domainFromTemplate(source, name, this.layers(desktop)), desktopNvramPath(desktop));
         if (desktop.home !== undefined) xml = withHomeDisk(xml, desktop.home); // home disk (issue 13)
       }
       try {
@@ -238,6 +257,16 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       const disk = xml === undefined ? undefined : diskSources(xml)[0];
       if (disk === undefined || !((await sameFile(disk, desktop.userPath)) || (await sameFile(disk, fromUserPath)) || !existsSync(disk))) {
         throw new VirtError('virt.domain-conflict', `domain ${name} is defined on ${disk ?? 'no disk'}, neither desktop ${desktop.name}'s old chain ${fromUserPath} nor its new one: it belongs to another store; qlayer leaves it alone`);
+      }
+      // A UEFI desktop's NVRAM file sits beside its chain, and the old chain's folder is deleted
+      // next: the file (its boot entries and settings) is copied into the new folder first.
+      const nvram = xml === undefined ? undefined : nvramPath(xml);
+      const oldNvram = join(dirname(fromUserPath), NVRAM_FILE);
+      const newNvram = desktopNvramPath(desktop);
+      if (nvram !== undefined && nvram === oldNvram) {
+        if (existsSync(oldNvram) && !existsSync(newNvram)) await copyFile(oldNvram, newNvram, constants.COPYFILE_EXCL);
+        const moved = withNvram(xml!, newNvram);
+        if (moved !== xml) await connection.define(moved, name);
       }
       await this.pointAtChain(connection, name, desktop);
     });
@@ -283,7 +312,26 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       if (found.state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${found.name}); stop it first`);
       const xml = await connection.inactiveXml(found.name);
       if (xml === undefined) throw new VirtError('virt.invalid-spec', `domain ${found.name} went away`);
-      await connection.define(replaceFirstDiskChain(xml, [image]), found.name);
+      let updated = replaceFirstDiskChain(xml, [image]);
+      // A UEFI desktop's NVRAM file is in its folder, which the release deletes: a copy goes
+      // beside the released image (kept boot entries and settings), and the domain names it.
+      let copied: string | undefined;
+      const nvram = nvramPath(xml);
+      if (nvram !== undefined && (await sameFile(nvram, desktopNvramPath(desktop)))) {
+        const moved = releasedNvramPath(image.path);
+        if (existsSync(moved)) throw new VirtError('virt.invalid-spec', `${moved} exists already; the released domain's NVRAM file goes there`);
+        if (existsSync(nvram)) {
+          await copyFile(nvram, moved, constants.COPYFILE_EXCL);
+          copied = moved;
+        }
+        updated = withNvram(updated, moved);
+      }
+      try {
+        await connection.define(updated, found.name);
+      } catch (error) {
+        if (copied !== undefined) await rm(copied, { force: true });
+        throw error;
+      }
       return found.name;
     });
   }
@@ -315,9 +363,13 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       vcpus: this.options.vcpus,
       boot: kernel
         ? { kind: 'kernel', kernel, ...(initrd ? { initrd } : {}), ...(cmdline ? { cmdline } : {}) }
-        : { kind: 'firmware', firmware: this.options.firmware === 'uefi' ? 'efi' : 'bios' },
+        : this.options.firmware === 'uefi'
+          ? { kind: 'firmware', firmware: 'efi', nvram: desktopNvramPath(desktop) }
+          : { kind: 'firmware', firmware: 'bios' },
+      // Discards reach the user delta: a desktop's fstrim gives its freed space back to the host
+      // (as virt-install does for qcow2 disks). App extents are never free while assigned.
       // home disk (issue 13): a second virtio disk, in no chain.
-      disks: [{ ...top!, backingChain: below }, ...(desktop.home !== undefined ? [{ path: desktop.home, format: 'qcow2' as const, backingChain: [] }] : [])],
+      disks: [{ ...top!, backingChain: below, discard: 'unmap' }, ...(desktop.home !== undefined ? [{ path: desktop.home, format: 'qcow2' as const, backingChain: [] }] : [])],
       serialLog,
       guestAgent: true,
       ...(this.options.network ? { network: this.options.network } : {}),

@@ -26,12 +26,24 @@ export interface DiskSpec extends DiskLayer {
   readOnly?: boolean;
   /** QEMU cache mode; libvirt's default (writeback) when omitted. */
   cache?: 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+  /**
+   * What the guest's discards (fstrim, `discard` mounts) do: 'unmap' passes them to the top image,
+   * where qcow2 turns freed clusters into zero clusters and gives their host space back;
+   * libvirt's default ('ignore') drops them.
+   */
+  discard?: 'unmap' | 'ignore';
 }
 
-/** Direct kernel boot (the test guest) or firmware boot from the disk (a real desktop image). */
+/**
+ * Direct kernel boot (the test guest) or firmware boot from the disk (a real desktop image).
+ * UEFI (`firmware: 'efi'`): OVMF, chosen by libvirt from the firmware descriptors the ovmf package
+ * installs (/usr/share/qemu/firmware), with secure boot off; `nvram` names the domain's own
+ * variable store, which libvirt creates from the firmware's template at the first start when it
+ * is missing (libvirt's own place, /var/lib/libvirt/qemu/nvram/NAME_VARS.fd, when omitted).
+ */
 export type BootSpec =
   | { kind: 'kernel'; kernel: string; initrd?: string; cmdline?: string }
-  | { kind: 'firmware'; firmware: 'bios' | 'efi' };
+  | { kind: 'firmware'; firmware: 'bios' | 'efi'; nvram?: string };
 
 export interface DomainSpec {
   /** Domain name; qlayer's domains start with `qlayer-`. */
@@ -46,7 +58,7 @@ export interface DomainSpec {
   serialLog?: string;
   /** Add the virtio-serial channel org.qemu.guest_agent.0 (default true). */
   guestAgent?: boolean;
-  /** Machine type; default 'pc' (i440fx: the fastest to start under TCG), 'q35' suits EFI desktops. */
+  /** Machine type; default 'pc' (i440fx: the fastest to start under TCG), 'q35' for UEFI (what OVMF is built and tested on). */
   machine?: string;
   /** What a guest reboot does; default 'destroy' for kernel boot (a test guest never reboots on purpose), 'restart' for firmware boot. */
   onReboot?: 'destroy' | 'restart';
@@ -92,6 +104,9 @@ function checkSpec(spec: DomainSpec): void {
   if (spec.boot.kind === 'kernel') {
     checkPath('boot.kernel', spec.boot.kernel);
     if (spec.boot.initrd !== undefined) checkPath('boot.initrd', spec.boot.initrd);
+  } else if (spec.boot.nvram !== undefined) {
+    if (spec.boot.firmware !== 'efi') invalid('boot.nvram', 'only a UEFI boot (firmware efi) has an NVRAM file');
+    checkPath('boot.nvram', spec.boot.nvram);
   }
   const targets = new Set<string>();
   spec.disks.forEach((disk, i) => {
@@ -127,6 +142,7 @@ function diskXml(disk: DiskSpec, index: number): string {
   const target = disk.target ?? `vd${String.fromCharCode(97 + index)}`;
   const driver = [`name='qemu'`, `type='${disk.format}'`];
   if (disk.cache !== undefined) driver.push(`cache='${disk.cache}'`);
+  if (disk.discard !== undefined) driver.push(`discard='${disk.discard}'`);
   const lines = [
     `    <disk type='file' device='disk'>`,
     `      <driver ${driver.join(' ')}/>`,
@@ -161,7 +177,7 @@ export function buildDomainXml(spec: DomainSpec): string {
   }
   lines.push(`  <memory unit='MiB'>${spec.memoryMiB}</memory>`, `  <vcpu>${spec.vcpus}</vcpu>`);
 
-  const machine = spec.machine ?? 'pc';
+  const machine = spec.machine ?? (spec.boot.kind === 'firmware' && spec.boot.firmware === 'efi' ? 'q35' : 'pc');
   if (spec.boot.kind === 'kernel') {
     lines.push('  <os>', `    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`);
     lines.push(`    <kernel>${xmlEscape(spec.boot.kernel)}</kernel>`);
@@ -169,9 +185,16 @@ export function buildDomainXml(spec: DomainSpec): string {
     if (spec.boot.cmdline !== undefined) lines.push(`    <cmdline>${xmlEscape(spec.boot.cmdline)}</cmdline>`);
     lines.push('  </os>');
   } else {
-    // libvirt 9 picks the firmware image from the installed descriptors (OVMF for efi).
+    // libvirt 9 picks the firmware image from the installed descriptors (OVMF for efi), so no
+    // distribution's file names are written here. Secure boot off: the guest's grub is unsigned,
+    // and the secure-boot builds need SMM, which is slow under TCG.
     lines.push(spec.boot.firmware === 'efi' ? `  <os firmware='efi'>` : '  <os>');
-    lines.push(`    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`, `    <boot dev='hd'/>`);
+    lines.push(`    <type arch='x86_64' machine='${xmlEscape(machine)}'>hvm</type>`);
+    if (spec.boot.firmware === 'efi') {
+      lines.push('    <firmware>', `      <feature enabled='no' name='secure-boot'/>`, `      <feature enabled='no' name='enrolled-keys'/>`, '    </firmware>');
+      if (spec.boot.nvram !== undefined) lines.push(`    <nvram>${xmlEscape(spec.boot.nvram)}</nvram>`);
+    }
+    lines.push(`    <boot dev='hd'/>`);
     // SeaBIOS prints to the serial port too, so a desktop that never reaches its bootloader says why.
     if (spec.boot.firmware === 'bios' && spec.serialLog !== undefined) lines.push(`    <bios useserial='yes'/>`);
     lines.push('  </os>');
@@ -208,6 +231,32 @@ export function buildDomainXml(spec: DomainSpec): string {
   if (spec.noSecurityLabel ?? true) lines.push(`  <seclabel type='none'/>`);
   lines.push('</domain>');
   return `${lines.join('\n')}\n`;
+}
+
+/** Whether a domain boots through UEFI: `<os firmware='efi'>`, or a pflash `<loader>` (OVMF named by hand). */
+export function bootsUefi(xml: string): boolean {
+  const os = /<os\b([^>]*)>([\s\S]*?)<\/os>/.exec(xml);
+  if (os === null) return false;
+  return /\bfirmware=['"]efi['"]/.test(os[1]!) || /<loader\b[^>]*\btype=['"]pflash['"]/.test(os[2]!);
+}
+
+/** The NVRAM file a domain's XML names (undefined when it names none). */
+export function nvramPath(xml: string): string | undefined {
+  const file = /<nvram\b[^>]*>([^<]+)<\/nvram>/.exec(xml)?.[1]?.trim();
+  return file === undefined ? undefined : file.replace(/&(amp|lt|gt|quot|apos);/g, (_, e: string) => ({ amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" })[e] ?? _);
+}
+
+/**
+ * The domain XML with its NVRAM file at `path`: an existing <nvram> element's file is replaced
+ * (its template attribute kept), or one is added to a UEFI domain's <os>. A domain that does not
+ * boot through UEFI is returned unchanged.
+ */
+export function withNvram(xml: string, path: string): string {
+  if (!bootsUefi(xml)) return xml;
+  const element = `<nvram>${xmlEscape(path)}</nvram>`;
+  const existing = /<nvram\b([^>]*?)(\/>|>[\s\S]*?<\/nvram>)/.exec(xml);
+  if (existing !== null) return xml.slice(0, existing.index) + `<nvram${existing[1]!.replace(/\s+$/, '')}>${xmlEscape(path)}</nvram>` + xml.slice(existing.index + existing[0].length);
+  return xml.replace(/([ \t]*)<\/os>/, (_, indent: string) => `${indent}  ${element}\n${indent}</os>`);
 }
 
 /** Read the owner recorded by buildDomainXml back out of a domain's XML (undefined when absent). */

@@ -108,11 +108,16 @@ export async function ensureFixture(options: { cacheDir?: string; force?: boolea
   return loadFixture(cacheDir);
 }
 
-/** The Debian 12 guest built by vm-fixtures/build-debian.sh (boots through its own grub, BIOS). */
+/** Which of build-debian.sh's guests: grub-pc for BIOS, or grub-efi on an EFI system partition for UEFI (OVMF). */
+export type DebianFirmware = 'bios' | 'uefi';
+
+/** The Debian 12 guest built by vm-fixtures/build-debian.sh (boots through its own grub, BIOS or UEFI). */
 export interface DebianFixture {
   dir: string;
   key: string;
-  /** base.qcow2: GPT, partition 1 BIOS boot, partition 2 the ext4 root. */
+  /** The firmware its bootloader is for (boot.firmware of a desktop on it). */
+  firmware: DebianFirmware;
+  /** base.qcow2: GPT, partition 1 BIOS boot (bios) or the EFI system partition (uefi), partition 2 the ext4 root. */
   image: {
     path: string;
     sha256: string;
@@ -132,25 +137,33 @@ export interface DebianFixture {
   manifest: unknown;
 }
 
+/** The cache entry (symlink) of a Debian guest: debian-current, debian-uefi-current. */
+const debianCurrent = (firmware: DebianFirmware): string => (firmware === 'uefi' ? 'debian-uefi-current' : 'debian-current');
+
 /** Load the current Debian guest's manifest; 'virt.fixture-missing' says how to build it. */
-export function loadDebianFixture(cacheDir: string = fixtureCacheDir()): DebianFixture {
-  const current = join(cacheDir, 'debian-current');
+export function loadDebianFixture(cacheDir: string = fixtureCacheDir(), firmware: DebianFirmware = 'bios'): DebianFixture {
+  const current = join(cacheDir, debianCurrent(firmware));
   const manifestPath = join(current, 'manifest.json');
   if (!existsSync(manifestPath)) {
-    throw new VirtError('virt.fixture-missing', `the Debian test guest is not built (no ${manifestPath}); run vm-fixtures/build-debian.sh (as root, with mmdebstrap)`);
+    const build = firmware === 'uefi' ? 'vm-fixtures/build-debian.sh --firmware uefi' : 'vm-fixtures/build-debian.sh';
+    throw new VirtError('virt.fixture-missing', `the Debian test guest${firmware === 'uefi' ? ' for UEFI' : ''} is not built (no ${manifestPath}); run ${build} (as root, with mmdebstrap)`);
   }
   const dir = realpathSync(current);
   const m = JSON.parse(readFileSync(manifestPath, 'utf8')) as {
     key: string;
     image: { path: string; sha256: string; virtualSize: number; allocated: number; rootDevice: string; filesystem: { offset: number; uuid: string } };
-    boot: { cmdline: string };
+    boot: { cmdline: string; firmware?: string };
     kernel: { release: string };
     user: { name: string; uid: number; home: string };
     agent: { version: string };
   };
+  // Manifests from before the UEFI variant name no firmware: they are BIOS builds.
+  const built = (m.boot.firmware ?? 'bios') as DebianFirmware;
+  if (built !== firmware) throw new VirtError('virt.fixture-missing', `${manifestPath} is a ${built} build, not ${firmware}; rebuild with vm-fixtures/build-debian.sh --firmware ${firmware}`);
   return {
     dir,
     key: m.key,
+    firmware,
     image: {
       path: resolve(dir, m.image.path),
       sha256: m.image.sha256,
@@ -169,17 +182,19 @@ export function loadDebianFixture(cacheDir: string = fixtureCacheDir()): DebianF
 }
 
 /** Build the Debian guest if its inputs changed (seconds when cached, about a minute otherwise), then load it. */
-export async function ensureDebianFixture(options: { cacheDir?: string; force?: boolean } = {}): Promise<DebianFixture> {
+export async function ensureDebianFixture(options: { cacheDir?: string; force?: boolean; firmware?: DebianFirmware } = {}): Promise<DebianFixture> {
   const cacheDir = options.cacheDir ?? fixtureCacheDir();
+  const firmware = options.firmware ?? 'bios';
   const script = join(repoRoot(), 'vm-fixtures', 'build-debian.sh');
   const { execa } = await loadExeca();
-  const result = await execa('bash', [script, ...(options.force ? ['--force'] : [])], {
+  const args = [script, ...(firmware === 'uefi' ? ['--firmware', 'uefi'] : []), ...(options.force ? ['--force'] : [])];
+  const result = await execa('bash', args, {
     reject: false,
     env: { QLAYER_FIXTURES_CACHE: cacheDir },
     timeout: 900_000,
   });
   if (result.exitCode !== 0) {
-    throw new VirtError('virt.fixture-missing', `vm-fixtures/build-debian.sh failed (exit ${result.exitCode}): ${result.stderr.trim().split('\n').slice(-5).join('\n')}`);
+    throw new VirtError('virt.fixture-missing', `vm-fixtures/build-debian.sh${firmware === 'uefi' ? ' --firmware uefi' : ''} failed (exit ${result.exitCode}): ${result.stderr.trim().split('\n').slice(-5).join('\n')}`);
   }
-  return loadDebianFixture(cacheDir);
+  return loadDebianFixture(cacheDir, firmware);
 }

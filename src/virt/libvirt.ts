@@ -259,16 +259,14 @@ export class LibvirtConnection {
     }
   }
 
-  /** Destroy, then undefine if persistent: afterwards libvirt knows no domain of this name. */
+  /**
+   * Destroy, then undefine if persistent: afterwards libvirt knows no domain of this name.
+   * Through undefine() (virsh undefine --nvram): the binding's flagless undefine refuses a UEFI
+   * domain, and a stale UEFI desktop must go like any other.
+   */
   async remove(name: string): Promise<void> {
     await this.destroy(name);
-    const domain = await this.lookup(name);
-    if (domain === undefined) return;
-    try {
-      await this.hypervisor.domainUndefine(domain);
-    } catch (error) {
-      if (!isNotFound(error)) throw new VirtError('virt.libvirt-unreachable', `libvirt undefine of ${name} failed: ${messageOf(error)}`, { cause: error });
-    }
+    await this.undefine(name);
   }
 
   /** qlayer's domains (named qlayer-…), running or defined. */

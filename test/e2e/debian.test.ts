@@ -19,7 +19,7 @@ import { guestHelperPath } from '../../src/layers/guest-alloc.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
-import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { desktopDomain, testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
 import { debugfsCat, fileSha256 } from './guest-helpers.js';
@@ -188,6 +188,72 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     expect(verified.files.filter((f) => !f.ok)).toEqual([]);
   }, 900_000);
 
+  it('between boots, as real guests do: fstrim, a user edit, a user delete, a hard power-off before an assign', async () => {
+    // wide@1 is assigned and the desktop is stopped (the test before).
+    const handleOf = async () => desktopHandle(store, await store.readState(), 'deb');
+    const fstrim = async (when: string): Promise<void> => {
+      const out = await runGuestScript(runtime.shell(await handleOf()), 'fstrim -v / 2>&1; echo "exit $?"\n', `fstrim ${when}`);
+      console.log(`[debian] fstrim ${when}: ${out.trim().replace(/\n/g, ' / ')}`);
+      expect(out).toMatch(/exit 0/);
+      expect(out).toMatch(/trimmed/);
+    };
+    const statuses = (files: Array<{ path: string; status: string }>) => Object.fromEntries(files.map((f) => [f.path, f.status]));
+
+    // 1. fstrim with an app assigned: the discards reach the user delta (discard='unmap') as
+    //    zero clusters, the oracle being qemu-img map of the stopped chain; the app still verifies.
+    await startDesktop(store, runtime, 'deb');
+    await fstrim('with wide@1 assigned');
+    const afterTrim = await verifyDesktop(store, runtime, 'deb');
+    expect(afterTrim.files.filter((f) => !f.ok)).toEqual([]);
+    await stopDesktop(store, runtime, 'deb');
+    const map = JSON.parse((await qemuImg(['map', '--output=json', (await handleOf()).userPath])).stdout) as Array<{ depth: number; zero: boolean; data: boolean; length: number }>;
+    const zeroedInUser = map.filter((m) => m.depth === 0 && m.zero && !m.data).reduce((n, m) => n + m.length, 0);
+    console.log(`[debian] after fstrim, zero clusters in the user delta: ${(zeroedInUser / 1048576).toFixed(0)} MiB`);
+    expect(zeroedInUser).toBeGreaterThan(0);
+
+    // 2. An assign whose placeholders land on trimmed blocks (zero clusters in the user delta):
+    //    the recompose must drop those clusters, or the files would read as zeros.
+    await assignApps(store, runtime, 'deb', ['tools@1']);
+    await startDesktop(store, runtime, 'deb');
+    // 3. fstrim again with both apps assigned: app extents are never free, so nothing of them goes.
+    await fstrim('with wide@1 and tools@1 assigned');
+    const both = await verifyDesktop(store, runtime, 'deb');
+    expect(both.files.length).toBeGreaterThan(app.files.length);
+    expect(both.files.filter((f) => !f.ok)).toEqual([]);
+
+    // 4. The user edits one app file and deletes another: verify says so, and calls neither damage.
+    const edited = `${app.prefix}/share/tool/README`;
+    const deleted = `${app.prefix}/share/tool/data.bin`;
+    await runGuestScript(runtime.shell(await handleOf()), `echo "the user's own line" >> ${shellQuote(edited)} && rm ${shellQuote(deleted)} && sync\n`, 'user edits');
+    const afterEdits = await verifyDesktop(store, runtime, 'deb');
+    const byPath = statuses(afterEdits.files);
+    expect(byPath[edited]).toBe('user-changed');
+    expect(byPath[deleted]).toBe('user-deleted');
+    expect(afterEdits.files.filter((f) => f.status === 'damaged')).toEqual([]);
+    expect(afterEdits.files.filter((f) => f.ok).length).toBe(afterEdits.files.length - 2);
+    console.log(`[debian] verify after the user's edits: ${afterEdits.files.filter((f) => !f.ok).map((f) => `${f.path} ${f.status} (${f.why})`).join('; ')}`);
+
+    // 5. Powered off hard, then assigned: the filesystem needs recovery offline; the assign says
+    //    so, boots the guest (which replays its journal), and everything ends clean.
+    const destroyed = await execa('virsh', ['-c', 'qemu:///system', 'destroy', desktopDomain(await handleOf())], { reject: false });
+    expect(destroyed.exitCode, destroyed.stderr).toBe(0);
+    const source = join(dir, 'src', 'late');
+    await mkdir(source, { recursive: true });
+    await writeFile(join(source, 'late.txt'), randomBytes(200_000));
+    await store.withLock(() => buildApp(store, { name: 'late', sourceDir: source, version: '1' }));
+    const lines: string[] = [];
+    await assignApps(store, runtime, 'deb', ['late@1'], (line) => lines.push(line));
+    console.log(`[debian] assign after virsh destroy:\n  ${lines.join('\n  ')}`);
+    expect(lines.join('\n')).toMatch(/was not shut down cleanly .*replays it as it boots/);
+    const last = await verifyDesktop(store, runtime, 'deb');
+    expect(statuses(last.files)).toMatchObject({ [edited]: 'user-changed', [deleted]: 'user-deleted' });
+    expect(last.files.filter((f) => !f.ok).length).toBe(2);
+    const raw = await rootPartitionRaw((await handleOf()).userPath, join(dir, 'deb-between.raw'));
+    const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+    expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
+    expect((await debugfsCat(raw, edited)).toString()).toMatch(/the user's own line\n$/);
+  }, 1_800_000);
+
   it('a guest whose guest-shutdown fails (no dbus) stops in seconds through systemctl poweroff, and says why', async () => {
     await createDesktop(store, 'nobus', 'debian');
     await startDesktop(store, runtime, 'nobus');
@@ -216,4 +282,41 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
   }, 900_000);
+  it('(on the desktop above, booted again) a running guest whose agent was stopped: assign refuses at once, naming the agent, and changes nothing; stop goes by ACPI', async () => {
+    const source = join(dir, 'src', 'extra');
+    await mkdir(source, { recursive: true });
+    await writeFile(join(source, 'extra.txt'), randomBytes(50_000));
+    await store.withLock(() => buildApp(store, { name: 'extra', sourceDir: source, version: '1' }));
+    await startDesktop(store, runtime, 'nobus');
+    const handle = desktopHandle(store, await store.readState(), 'nobus');
+    // The agent carries out its own stop after it answers; its reply may be lost on the way.
+    await runGuestScript(runtime.shell(handle), 'systemctl --no-block stop qemu-guest-agent.service\n', 'stop the agent').catch(() => undefined);
+    let answering = true;
+    for (let i = 0; i < 60 && answering; i++) {
+      answering = await runtime.shell(handle).exec('/bin/true', []).then(() => true, () => false);
+      if (answering) await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+    expect(answering).toBe(false);
+    const before = JSON.stringify(await store.readState());
+    const t = Date.now();
+    const error = (await assignApps(store, runtime, 'nobus', ['extra@1']).then(() => null, (e: unknown) => e)) as { code?: string; message?: string } | null;
+    console.log(`[debian] assign with the agent stopped, refused in ${seconds(Date.now() - t)}: ${error?.message}`);
+    expect(error).toMatchObject({ code: 'guest.agent-unavailable' });
+    expect(error!.message).toMatch(/desktop nobus is running, but its guest agent does not answer .*nothing was changed$/s);
+    expect(JSON.stringify(await store.readState())).toBe(before);
+    expect(await runtime.isRunning(handle)).toBe(true);
+
+    // Stopping such a guest: ACPI (logind) powers it off cleanly.
+    const stopsBefore = shutdowns.length;
+    await stopDesktop(store, runtime, 'nobus');
+    const stop = shutdowns.slice(stopsBefore).at(-1)!.result;
+    console.log(`[debian] stop without an agent: ${stop.how} in ${seconds(stop.ms)}; ${stop.steps.map((s) => `${s.ok ? 'ok' : 'failed'} ${s.how}: ${s.detail}`).join(' / ')}`);
+    expect(stop.how).toBe('acpi');
+    // The agent was not even connected: the stop says so, and goes to ACPI without waiting.
+    expect(stop.steps.map((s) => s.detail).join(' / ')).toMatch(/no guest agent/);
+    const raw = await rootPartitionRaw(handle.userPath, join(dir, 'nobus-noagent.raw'));
+    const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
+    expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
+  }, 900_000);
+
 });

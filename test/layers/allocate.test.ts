@@ -414,4 +414,25 @@ describe('undoing an allocation: the placeholders it made, and only those', () =
     expect(ok.filesystem).toBe(roomy);
     rmSync(roomy, { recursive: true, force: true });
   });
+
+  it('counts each app on the filesystem its prefix is on, and names only the one short of space', async ({ skip }) => {
+    // Two apps on two host filesystems (the disk's /tmp and the tmpfs /dev/shm): each is counted
+    // where it goes, with its own margin.
+    if (!existsSync('/dev/shm')) skip('no /dev/shm');
+    const onDisk = mkdtempSync(join(tmpdir(), 'qlayer-space-'));
+    const onShm = mkdtempSync('/dev/shm/qlayer-space-');
+    const a = nastyManifest(onDisk);
+    const b = { ...nastyManifest(onShm), name: 'other' };
+    const fits = await checkGuestSpace(busybox, [a, b]);
+    expect(fits.filesystems.map((f) => [f.mountPoint, f.apps])).toEqual(expect.arrayContaining([['/dev/shm', ['other@1']], [expect.any(String), ['nasty@1']]]));
+    expect(fits.filesystems).toHaveLength(2);
+    for (const f of fits.filesystems) expect(f.free).toBeGreaterThan(f.needed);
+    // On the small ext4 (32 MiB in all) the same app is too big: only it is named, with its own numbers.
+    const small = nastyManifest(ext4Folder(skip, 'space-split'));
+    const error = await checkGuestSpace(busybox, [small, b]).then(() => null, (e: Error) => e);
+    expect(error?.message).toMatch(/^nasty@1 needs \d+\.\d MiB on the guest filesystem holding .*space-split.*, which has \d+\.\d MiB free; nothing was made in the guest$/);
+    expect(error?.message).not.toContain('other@1');
+    rmSync(onDisk, { recursive: true, force: true });
+    rmSync(onShm, { recursive: true, force: true });
+  });
 });

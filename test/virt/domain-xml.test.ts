@@ -51,6 +51,7 @@ const shapes: Array<[string, DomainSpec]> = [
           path: '/images/user.qcow2',
           format: 'qcow2',
           cache: 'none',
+          discard: 'unmap',
           backingChain: [
             { path: '/images/apps.qcow2', format: 'qcow2' },
             { path: '/images/base.qcow2', format: 'qcow2' },
@@ -86,6 +87,7 @@ describe('buildDomainXml', () => {
     expect(xml).toContain(`<domain type='kvm'>`);
     expect(xml).toContain(`<cpu mode='host-passthrough'/>`);
     expect(xml).toContain('<acpi/>');
+    expect(xml).toContain(`<driver name='qemu' type='qcow2' cache='none' discard='unmap'/>`);
     expect(xml).toContain(`<seclabel type='none'/>`);
     expect(xml).toContain(`<target type='virtio' name='org.qemu.guest_agent.0'/>`);
     expect(xml).toContain(`<source path='/var/log/qlayer/serial.log' append='off'/>`);

@@ -4,7 +4,7 @@ import { DemoFailed, runDemo, type DemoGuest } from '../demo.js';
 import { printResult } from '../output.js';
 
 function parseGuest(value: string): DemoGuest {
-  if (value !== 'tiny' && value !== 'debian') throw new InvalidArgumentError('the guest is tiny or debian');
+  if (value !== 'tiny' && value !== 'debian' && value !== 'debian-uefi') throw new InvalidArgumentError('the guest is tiny, debian or debian-uefi');
   return value;
 }
 
@@ -16,7 +16,7 @@ export function registerDemoCommand(program: Command): void {
         "the main job on the test guest: compose a desktop from base + apps + user, boot it, and prove the apps are there and the user's file is intact; then unassign one app and prove it again. The desktop stays in the store.",
       ),
   )
-    .option('--guest <guest>', 'tiny: the busybox test guest (seconds per boot); debian: the Debian 12 guest (grub, systemd, qemu-ga; built on first use, about 20 s per boot under TCG)', parseGuest, 'tiny' as DemoGuest)
+    .option('--guest <guest>', 'tiny: the busybox test guest (seconds per boot); debian: the Debian 12 guest (grub, systemd, qemu-ga; built on first use, about 20 s per boot under TCG); debian-uefi: the same system booting through OVMF on q35 (grub-efi on an EFI system partition; needs the ovmf package)', parseGuest, 'tiny' as DemoGuest)
     .action(async (options: StoreCommandOptions & { guest: DemoGuest }) => {
     const context = await openContext(options);
     const started = Date.now();

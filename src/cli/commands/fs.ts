@@ -5,17 +5,17 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import { printResult, type CommonOptions } from '../output.js';
 import { openDiskImage, type OpenedDisk } from '../../fs/image.js';
-import { openGuestFilesystem, readPartitions, type DirEntry, type GuestFilesystem } from '../../fs/index.js';
+import { openGuestFilesystem, parsePartitionSelector, readVolumes, type DirEntry, type GuestFilesystem, type PartitionSelector } from '../../fs/index.js';
 
 interface FsOptions extends CommonOptions {
-  partition?: number;
+  partition?: PartitionSelector;
   follow?: boolean;
 }
 
-function parsePartition(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError('a partition number (0 = the whole disk, 1, 2, ...)');
-  return n;
+function parsePartition(value: string): PartitionSelector {
+  const selector = parsePartitionSelector(value);
+  if (selector === undefined) throw new InvalidArgumentError('a partition number (0 = the whole disk, 1, 2, ...) or an LVM logical volume as VG/LV');
+  return selector;
 }
 
 async function withFilesystem<T>(image: string, options: FsOptions, job: (fs: GuestFilesystem, disk: OpenedDisk) => Promise<T>): Promise<T> {
@@ -38,7 +38,11 @@ function modeString(type: string, mode: number): string {
 
 function withCommon(command: Command): Command {
   return command
-    .option('--partition <n>', 'partition number (default: the only Linux partition, or the whole disk)', parsePartition)
+    .option(
+      '--partition <n|VG/LV>',
+      'partition number, or an LVM logical volume as VG/LV (default: the only Linux partition or LV holding an ext filesystem, or the whole disk)',
+      parsePartition,
+    )
     .option('--json', 'machine-readable output');
 }
 
@@ -86,7 +90,9 @@ export function registerFsCommands(program: Command): void {
             `inode:     ${stat.inode}   type: ${stat.type}   mode: ${modeString(stat.type, stat.mode)} (0${(stat.mode & 0o7777).toString(8)})`,
             `size:      ${stat.size}   links: ${stat.links}   uid: ${stat.uid}   gid: ${stat.gid}`,
             `mtime:     ${new Date(stat.mtime * 1000).toISOString()}`,
-            `partition: ${guest.partition.index} (${guest.partition.scheme}, offset ${guest.partition.offset})   block size: ${guest.blockSize}`,
+            guest.partition.scheme === 'lvm'
+              ? `partition: LV ${guest.partition.name} (${guest.partition.lvm?.pieces?.length ?? 0} pieces on partition ${guest.partition.index})   block size: ${guest.blockSize}`
+              : `partition: ${guest.partition.index} (${guest.partition.scheme}, offset ${guest.partition.offset})   block size: ${guest.blockSize}`,
             stat.inline ? 'data:      inside the inode (no blocks)' : `extents:   ${stat.extents.length}`,
             ...stat.extents.map((e) => `  file ${e.fileOffset}  disk ${e.diskOffset}  length ${e.length}${e.unwritten ? '  unwritten' : ''}`),
           ].join('\n'),
@@ -152,14 +158,29 @@ export function registerFsCommands(program: Command): void {
 
   fs.command('partitions')
     .argument('<image>')
-    .description('the partition table (MBR or GPT) of a disk image')
+    .description(
+      'the partition table (MBR or GPT) of a disk image, then the LVM logical volumes on it (scheme "lvm", named VG/LV, ' +
+        'with where their pieces lie on the disk, or why they cannot be read)',
+    )
     .option('--json', 'machine-readable output')
     .action(async (image: string, options: CommonOptions) => {
       const disk = await openDiskImage(image);
       try {
-        const partitions = await readPartitions(disk.source);
-        printResult(options, partitions, () =>
-          partitions.map((p) => `${p.index}\t${p.scheme}\t${p.type}\t${p.offset}\t${p.length}${p.linux ? '\tlinux' : ''}${p.name ? `\t${p.name}` : ''}`).join('\n'),
+        const { volumes, lvm } = await readVolumes(disk.source);
+        const pvOf = new Map(lvm.pvs.map((pv) => [pv.partition, pv] as const));
+        printResult(options, volumes, () =>
+          [
+            ...volumes.map((p) => {
+              if (p.scheme === 'lvm') {
+                const where = p.lvm?.pieces ? `${p.lvm.pieces.length} piece${p.lvm.pieces.length === 1 ? '' : 's'}` : `cannot be read: ${p.lvm?.refused}`;
+                return `${p.name}\tlvm\t${p.type}\t${p.offset}\t${p.length}${p.linux ? '\tlinux' : ''}\t${where}`;
+              }
+              const pv = pvOf.get(p.index);
+              const lvmNote = pv ? `\tLVM PV${pv.vg ? ` of VG ${pv.vg}` : ''}` : '';
+              return `${p.index}\t${p.scheme}\t${p.type}\t${p.offset}\t${p.length}${p.linux ? '\tlinux' : ''}${p.name ? `\t${p.name}` : ''}${lvmNote}`;
+            }),
+            ...lvm.problems.map((problem) => `warning: ${problem.message}`),
+          ].join('\n'),
         );
       } finally {
         await disk.close();

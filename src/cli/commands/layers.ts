@@ -363,22 +363,44 @@ export function registerLayerCommands(program: Command): void {
       printResult(options, report ?? { nothingToDo: true }, () => describeRecompose(report));
     },
   );
-  storeOptions(desktop.command('verify').description('boot the desktop, hash every assigned app file in the guest, compare with the manifests').argument('<name>')).action(
+  storeOptions(
+    desktop
+      .command('verify')
+      .description('boot the desktop, hash every assigned app file in the guest, compare with the manifests')
+      .argument('<name>')
+      .addHelpText(
+        'after',
+        [
+          '',
+          'Each app file is one of: ok; user-changed (written or replaced in the guest after the assign: the',
+          "user's edit, kept in the user delta); user-deleted; damaged (different, with no write through the",
+          "guest's filesystem to explain it).",
+          'Exit status: 0 every file matches, 1 only user changes, 2 a file is damaged (or an error).',
+        ].join('\n'),
+      ),
+  ).action(
     async (name: string, options: StoreCommandOptions) => {
       const { store, runtime } = await openContext(options);
       const result = await verifyDesktop(store, runtime, name, [], stepLogger(options));
       const bad = result.files.filter((f) => !f.ok);
+      const damaged = bad.filter((f) => f.status === 'damaged');
+      const label: Record<string, string> = { ok: 'ok          ', 'user-changed': 'user-changed', 'user-deleted': 'user-deleted', damaged: 'DAMAGED     ' };
       printResult(options, result, () =>
         [
-          ...result.files.map((f) => `${f.ok ? 'ok     ' : 'WRONG  '} ${f.app}\t${f.path}`),
-          result.files.length === 0 ? `${name} has no apps assigned: nothing to verify` : bad.length ? `${bad.length} of ${result.files.length} files do not match` : `all ${result.files.length} app files match their manifests`,
+          ...result.files.map((f) => `${label[f.status] ?? f.status} ${f.app}\t${f.path}${f.why ? `\n             ${f.why}` : ''}`),
+          result.files.length === 0
+            ? `${name} has no apps assigned: nothing to verify`
+            : bad.length
+              ? `${bad.length} of ${result.files.length} files differ from their manifests: ${damaged.length} damaged, ${bad.length - damaged.length} changed by the user`
+              : `all ${result.files.length} app files match their manifests`,
           ...(result.unknownFiles.length ? [`note: ${result.unknownFiles.length} file(s) under the apps' folders belong to no assigned app (the user's, or left by an undo): ${result.unknownFiles.join(', ')}`] : []),
           ...(result.home
             ? [result.home.mounted ? `home disk mounted at /home (${result.home.device}, ${result.home.fstype})` : `HOME NOT MOUNTED: ${name} has a home disk (${result.home.disk}) but the guest mounted nothing at /home; import its base with --prepare-home, or add "LABEL=qlayer-home /home ext4 defaults,nofail 0 2" to the guest's /etc/fstab`]
             : []),
         ].join('\n'),
       );
-      if (bad.length || (result.home && !result.home.mounted)) process.exitCode = 2;
+      if (damaged.length || (result.home && !result.home.mounted)) process.exitCode = 2;
+      else if (bad.length) process.exitCode = 1;
     },
   );
 
