@@ -765,6 +765,8 @@ export async function verifyLocked(store: Store, runtime: DesktopRuntime, name: 
     await runtime.start(handle);
   }
   try {
+    // home disk (issue 13): first, since a guest can answer before /home is mounted (systemd, nofail) and files under it must be read from it.
+    const home = handle.home ? { disk: handle.home, ...(await guestHomeMount(runtime.shell(handle))) } : undefined;
     const files = manifests.flatMap((m) => m.files.map((f) => ({ app: appKey(m), path: f.path, expected: f.sha256 })));
     const paths = [...files.map((f) => f.path), ...extraPaths];
     const hashes = new Map<string, string>();
@@ -792,7 +794,7 @@ export async function verifyLocked(store: Store, runtime: DesktopRuntime, name: 
       }),
       extra: Object.fromEntries(extraPaths.map((p) => [p, hashOf(p)])),
       unknownFiles: await unknownFilesUnder(runtime.shell(handle), manifests),
-      ...(handle.home ? { home: { disk: handle.home, ...(await guestHomeMount(runtime.shell(handle))) } } : {}), // home disk (issue 13)
+      ...(home ? { home } : {}), // home disk (issue 13)
     };
   } finally {
     if (!wasRunning) {
