@@ -15,6 +15,7 @@ import { failAndUndo, newOperation, operationView, undoOperation, type UndoConte
 import { runGuestScript, shellQuote, type GuestShell } from './guest-script.js';
 import { locatePlaceholders, recheckAssigned, type RecheckedFiles } from './locate.js';
 import { checkName } from './names.js';
+import { createHomeDisk, guestHomeMount, HOME_FILE, HOME_LABEL, prepareHomeMount, type HomeMount } from './home-disk.js'; // home disk (issue 13)
 import { checkPathConflicts, planAssign, planUnassign, planUpdate } from './plan.js';
 import { APPS_LINK, appsLayerName, ensureAppsLinkSync, runRecompose, USER_LAYER, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime, DesktopTemplate } from './runtime.js';
@@ -35,7 +36,7 @@ export async function importBase(
   store: Store,
   name: string,
   image: string,
-  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void; allowedDirectories?: string[] } = {},
+  options: { format?: 'qcow2' | 'raw'; progress?: (done: number, total: number) => void; allowedDirectories?: string[]; prepareHome?: boolean; log?: Log } = {},
 ): Promise<BaseRecord> {
   checkName('base', name);
   return store.withLock(async () => {
@@ -62,6 +63,8 @@ export async function importBase(
           `${image} is ${result.virtualSize} bytes: too small to hold a guest's disk (at least ${MIN_BASE_BYTES} bytes: a partition table and a filesystem); nothing was imported`,
         );
       }
+      // home disk (issue 13): the fstab line that mounts a desktop's home disk at /home.
+      if (options.prepareHome) await prepareHomeMount(partial, options.log);
       // Read-only, and for the owner and group alone: a base holds whatever its guest had.
       await chmod(partial, 0o440);
       await rename(partial, target);
@@ -211,6 +214,7 @@ export function desktopHandle(store: Store, state: StoreState, name: string): De
     storeRoot: store.root,
     ...(record.domain === undefined ? {} : { domain: record.domain }),
     userPath: join(dir, USER_LAYER),
+    ...(record.home ? { home: store.path(record.home.file) } : {}), // home disk (issue 13)
     chain: [
       { path: join(dir, USER_LAYER), format: 'qcow2' },
       { path: join(dir, APPS_LINK), format: 'qcow2' },
@@ -228,7 +232,7 @@ export async function createDesktop(
   store: Store,
   name: string,
   base: string,
-  options: { runtime?: DesktopRuntime | null; template?: DesktopTemplate } = {},
+  options: { runtime?: DesktopRuntime | null; template?: DesktopTemplate; homeBytes?: number } = {},
 ): Promise<DesktopRecord> {
   checkName('desktop', name);
   return store.withLock(async () => {
@@ -245,11 +249,14 @@ export async function createDesktop(
       await createImage({ path: join(dir, appsLayerName(0)), backing: { path: relative(dir, store.path(baseRecord.file)), format: 'qcow2' } });
       await createImage({ path: join(dir, USER_LAYER), backing: { path: appsLayerName(0), format: 'qcow2' } });
       ensureAppsLinkSync(dir, 0);
+      // home disk (issue 13): beside the chain, in no chain.
+      if (options.homeBytes !== undefined) await createHomeDisk(join(dir, HOME_FILE), options.homeBytes);
     } catch (error) {
       await rm(dir, { recursive: true, force: true });
       throw error;
     }
     const record = newDesktopRecord(base, dirRelative);
+    if (options.homeBytes !== undefined) record.home = { file: join(dirRelative, HOME_FILE), size: options.homeBytes, label: HOME_LABEL, createdAt: record.createdAt }; // home disk (issue 13)
     state.desktops[name] = record;
     try {
       await options.runtime?.define?.(desktopHandle(store, state, name), options.template);
@@ -279,13 +286,17 @@ export interface DesktopView {
   base: string;
   apps: string[];
   files: number;
-  paths: { base: string; apps: string; user: string };
+  paths: { base: string; apps: string; user: string; home?: string };
   appsGeneration: number;
   pendingRecompose: { phase: string; apps: string[] } | null;
   /** An assign or update whose guest side did not finish: what it is and the commands that end it. */
   operation: ReturnType<typeof operationView> | null;
   /** An assign or unassign `--at-next-boot` waiting for the next start, with why the last start did not apply it. */
   pendingAtNextBoot: PendingBootView | null;
+  /** A rebase that has not finished (issue 13). */
+  rebase?: { phase: string; from: string; to: string } | null;
+  /** This is the staging desktop of that desktop's rebase (issue 13). */
+  stagingFor?: string;
   createdAt: string;
 }
 
@@ -300,11 +311,13 @@ export async function showDesktop(store: Store, runtime: DesktopRuntime | null, 
     base: record.base,
     apps: record.apps,
     files: record.files.length,
-    paths: { base: handle.chain[2]!.path, apps: join(store.path(record.dir), appsLayerName(record.appsGeneration)), user: handle.userPath },
+    paths: { base: handle.chain[2]!.path, apps: join(store.path(record.dir), appsLayerName(record.appsGeneration)), user: handle.userPath, ...(handle.home ? { home: handle.home } : {}) },
     appsGeneration: record.appsGeneration,
     pendingRecompose: record.recompose ? { phase: record.recompose.phase, apps: record.recompose.apps } : null,
     operation: record.operation ? operationView(name, record.operation) : null,
     pendingAtNextBoot: await pendingBootView(store, record),
+    ...(record.rebase ? { rebase: { phase: record.rebase.phase, from: record.rebase.from, to: record.rebase.to } } : {}),
+    ...(record.stagingFor !== undefined ? { stagingFor: record.stagingFor } : {}),
     createdAt: record.createdAt,
   };
 }
@@ -333,10 +346,13 @@ export async function destroyDesktop(store: Store, runtime: DesktopRuntime | nul
   await store.withLock(async () => {
     const state = await store.readState();
     const record = desktopRecord(state, name);
+    // rebase (issue 13): its staging desktop and new chain would be left behind.
+    if (record.rebase) throw new LayerError('desktop.rebase-pending', `desktop ${name} has an unfinished rebase; finish or undo it first: qlayer desktop rebase ${name} --resume`);
     const handle = desktopHandle(store, state, name);
     await assertNotInUse(runtime, handle, 'destroy');
     await runtime?.undefine?.(handle); // before the files: a definition on missing files helps nobody
     await rm(store.path(record.dir), { recursive: true, force: true });
+    if (record.home) await rm(dirname(store.path(record.home.file)), { recursive: true, force: true }); // home disk (issue 13): its folder may outlive a rebased chain's
     delete state.desktops[name];
     await store.writeState(state);
   });
@@ -734,6 +750,8 @@ export interface VerifyResult {
   unknownFiles: string[];
   /** sha256 of each extra path asked for (null when missing): e.g. a user file to prove intact. */
   extra: Record<string, string | null>;
+  /** home disk (issue 13): whether the guest mounted something at /home (absent: no home disk). */
+  home?: HomeMount & { disk: string };
 }
 
 export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[] = [], log: Log = quiet): Promise<VerifyResult> {
@@ -742,7 +760,8 @@ export async function verifyDesktop(store: Store, runtime: DesktopRuntime, name:
   return store.withLock(() => verifyLocked(store, runtime, name, extraPaths, log));
 }
 
-async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[], log: Log): Promise<VerifyResult> {
+/** verifyDesktop for a caller that holds the store lock (exported for rebase.ts, issue 13). */
+export async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string, extraPaths: string[], log: Log): Promise<VerifyResult> {
   const state = await store.readState();
   const record = idleDesktopRecord(state, name);
   if (record.operation) {
@@ -760,6 +779,8 @@ async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string,
     await runtime.start(handle);
   }
   try {
+    // home disk (issue 13): first, since a guest can answer before /home is mounted (systemd, nofail) and files under it must be read from it.
+    const home = handle.home ? { disk: handle.home, ...(await guestHomeMount(runtime.shell(handle))) } : undefined;
     const files = manifests.flatMap((m) => m.files.map((f) => ({ app: appKey(m), path: f.path, expected: f.sha256 })));
     const paths = [...files.map((f) => f.path), ...extraPaths];
     const hashes = new Map<string, string>();
@@ -787,6 +808,7 @@ async function verifyLocked(store: Store, runtime: DesktopRuntime, name: string,
       }),
       extra: Object.fromEntries(extraPaths.map((p) => [p, hashOf(p)])),
       unknownFiles: await unknownFilesUnder(runtime.shell(handle), manifests),
+      ...(home ? { home } : {}), // home disk (issue 13)
     };
   } finally {
     if (!wasRunning) {
@@ -898,6 +920,8 @@ export async function releaseDesktop(
     const state = await store.readState();
     const record = idleDesktopRecord(state, name);
     if (record.operation) throw new LayerError('desktop.operation-pending', `desktop ${name} has an unfinished ${record.operation.kind}; undo it first (qlayer desktop assign --abort ${name})`);
+    // home disk (issue 13): release would delete it with the desktop's folder while the domain still names it.
+    if (record.home) throw new LayerError('release.has-home', `desktop ${name} has a home disk (${store.path(record.home.file)}); release does not carry it out of the store yet, and would delete it: copy /home out first`);
     const handle = desktopHandle(store, state, name);
     await assertNotInUse(runtime, handle, 'release');
     // convert truncates its output: never over a file that exists.

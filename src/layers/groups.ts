@@ -17,6 +17,7 @@ import type { DesktopRuntime } from './runtime.js';
 import type { GroupRecord, StoreState } from './state.js';
 import type { Store } from './store.js';
 import { pool } from './pool.js';
+import { describeLoss, rebaseLocked, rebaseLossIn } from './rebase.js';
 
 export interface RolloutOutcome {
   desktop: string;
@@ -173,4 +174,70 @@ export function rollOutGroup(store: Store, runtime: DesktopRuntime, name: string
 
 export function listGroups(state: StoreState): Array<{ name: string } & GroupRecord> {
   return Object.entries(state.groups ?? {}).map(([name, group]) => ({ name, ...group }));
+}
+
+// ---------------------------------------------------------------- group rebase (issue 13)
+
+export interface GroupRebaseOutcome {
+  desktop: string;
+  status: 'rebased' | 'unchanged' | 'pending' | 'failed';
+  from?: string;
+  reason?: string;
+  code?: string;
+  elapsedMs: number;
+}
+
+/**
+ * Rebase every member of the group onto `base`, `parallel` at a time, under one hold of the
+ * lock. A running member is left pending (group.rebase.pending) and done by the next
+ * `group rebase` once stopped; members on `base` already are unchanged, so a rerun only does
+ * what is left. Without `yes` nothing changes: the error lists what each member would lose.
+ */
+export async function groupRebase(store: Store, runtime: DesktopRuntime, name: string, base: string, options: RolloutOptions & { yes?: boolean } = {}): Promise<GroupRebaseOutcome[]> {
+  return store.withLock(async () => {
+    const state = await store.readState();
+    const group = groupRecord(state, name);
+    if (!state.bases[base]) throw new LayerError('base.not-found', `no base named ${base} (import one with: qlayer base import ${base} IMAGE)`);
+    const members = [...group.desktops];
+    if (!options.yes) {
+      const losses = [];
+      for (const desktop of members) {
+        if (state.desktops[desktop]!.base === base && !state.desktops[desktop]!.rebase) continue;
+        try {
+          losses.push(describeLoss(await rebaseLossIn(store, state, runtime, desktop, base)));
+        } catch (error) {
+          if ((error as { code?: string }).code !== 'desktop.running') throw error;
+          losses.push(`${desktop} is running: it would be left pending until it is stopped`);
+        }
+      }
+      throw new LayerError('rebase.needs-yes', `${losses.length ? losses.join('\n') : `every member of ${name} is on ${base} already`}\nnothing was changed; run again with --yes to rebase`);
+    }
+    group.rebase = { base, pending: group.rebase?.base === base ? group.rebase.pending.filter((d) => group.desktops.includes(d)) : [] };
+    await store.writeState(state);
+    const tracked = group.rebase;
+    return pool(members, options.parallel ?? 1, async (desktop): Promise<GroupRebaseOutcome> => {
+      const started = Date.now();
+      const log = (message: string): void => options.log?.(desktop, message);
+      const from = state.desktops[desktop]!.base;
+      if (from !== base || state.desktops[desktop]!.rebase) {
+        if (await runtime.isRunning(desktopHandle(store, state, desktop))) {
+          if (!tracked.pending.includes(desktop)) tracked.pending.push(desktop);
+          await store.writeState(state);
+          log(`running: left pending; the next qlayer group rebase ${name} --base ${base} does it once it is stopped`);
+          return { desktop, status: 'pending', from, reason: `running; left pending: qlayer group rebase ${name} --base ${base} --yes`, elapsedMs: 0 };
+        }
+      }
+      try {
+        const result = await rebaseLocked(store, state, runtime, desktop, base, { yes: true, unchangedIfOn: true, log });
+        tracked.pending = tracked.pending.filter((d) => d !== desktop);
+        await store.writeState(state);
+        log(result.unchanged ? `on ${base} already` : `rebased from ${result.from} to ${base}`);
+        return { desktop, status: result.unchanged ? 'unchanged' : 'rebased', from: result.from, elapsedMs: Date.now() - started };
+      } catch (error) {
+        const code = (error as { code?: unknown }).code;
+        log(`failed: ${(error as Error).message}`);
+        return { desktop, status: 'failed', from, reason: (error as Error).message, ...(typeof code === 'string' ? { code } : {}), elapsedMs: Date.now() - started };
+      }
+    });
+  });
 }

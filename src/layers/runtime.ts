@@ -13,6 +13,8 @@ export interface DesktopHandle {
   chain: Array<{ path: string; format: 'qcow2' | 'raw' }>;
   /** The domain this desktop runs as when it is not the runtime's own name for it (an adopted VM keeps its name). */
   domain?: string;
+  /** The desktop's home disk (absolute; qcow2, no backing file): a second disk beside the chain. */
+  home?: string;
 }
 
 /** The hardware of a new desktop's domain: another domain's (`--like`), or a domain XML document (`--xml`). */
@@ -57,6 +59,12 @@ export interface DesktopRuntime {
   updateDefinition?(desktop: DesktopHandle): Promise<void>;
   /** Forget the desktop's domain (with its NVRAM); refused while it runs. */
   undefine?(desktop: DesktopHandle): Promise<void>;
+  /**
+   * Point the desktop's (shut-off) definition, which opens the chain whose top is `fromUserPath`,
+   * at the handle's new chain and home disk, every other setting kept: the switch of a rebase.
+   * Nothing to do when it opens the new chain already (a rerun after a crash).
+   */
+  moveDefinition?(desktop: DesktopHandle, fromUserPath: string): Promise<void>;
   /** What `desktop adopt` needs to know of a domain. */
   describeDomain?(domain: string): Promise<ForeignDomain>;
   /** Redefine the shut-off domain `desktop.domain` (not yet this desktop's) on the desktop's chain, keeping all its other settings: `desktop adopt`. */
@@ -92,6 +100,9 @@ export class DelegatingRuntime implements DesktopRuntime {
   }
   async undefine(desktop: DesktopHandle): Promise<void> {
     await this.inner.undefine?.(desktop);
+  }
+  async moveDefinition(desktop: DesktopHandle, fromUserPath: string): Promise<void> {
+    await this.inner.moveDefinition?.(desktop, fromUserPath);
   }
   async describeDomain(domain: string): Promise<ForeignDomain> {
     if (!this.inner.describeDomain) throw new Error('this runtime cannot look at other domains');

@@ -23,6 +23,8 @@ export interface GroupRecord {
   apps: string[];
   /** Members a rollout skipped because they ran: the next rollout does them. */
   pending: string[];
+  /** The last `group rebase`: its base, and the members it left because they ran (the next `group rebase` does them). */
+  rebase?: { base: string; pending: string[] };
   createdAt: string;
 }
 
@@ -150,7 +152,49 @@ export interface DesktopRecord {
    * start (`--at-next-boot`): libvirt's QEMU hook runs it before QEMU opens the disk (absent: none).
    */
   pendingBoot?: PendingBootChange | null;
+  /**
+   * The desktop's persistent home disk (absent: none): its own qcow2 with no backing file,
+   * never recomposed and never part of the system chain; a rebase keeps it.
+   */
+  home?: HomeDisk;
+  /** A rebase onto another base that has not finished (absent or null: none). See rebase.ts. */
+  rebase?: RebaseOperation | null;
+  /** Set on the staging desktop a rebase builds its new system chain in: the desktop it is for. */
+  stagingFor?: string;
   createdAt: string;
+}
+
+export interface HomeDisk {
+  /** Relative to the store root, e.g. desktops/NAME/home.qcow2. */
+  file: string;
+  /** Virtual size in bytes. */
+  size: number;
+  /** The ext4 label the guest's fstab names it by. */
+  label: string;
+  createdAt: string;
+}
+
+/**
+ * The steps of a rebase, each recorded once durable:
+ * planned -> staged (new chain and the staging desktop made) -> assigned (apps placed and
+ * recomposed in the new chain) -> verified (booted, app files hashed) -> switched (the desktop's
+ * record points at the new chain: from here the old chain is garbage) -> done.
+ */
+export type RebasePhase = 'planned' | 'staged' | 'assigned' | 'verified' | 'switched';
+
+export interface RebaseOperation {
+  phase: RebasePhase;
+  from: string;
+  to: string;
+  /** The staging desktop (a record of its own in `desktops`) that holds the new chain until the switch. */
+  staging: string;
+  /** The old chain's folder (relative), removed last. */
+  oldDir: string;
+  /** The new chain's folder (relative): the staging desktop's, the desktop's after the switch. */
+  newDir: string;
+  /** Apps the desktop had, placed again in the new chain. */
+  apps: string[];
+  startedAt: string;
 }
 
 export function emptyState(): StoreState {

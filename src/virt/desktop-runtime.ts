@@ -9,7 +9,7 @@ import { GuestAgent } from './agent.js';
 import { stopDomain } from './boot.js';
 import { loadFixture } from './fixture.js';
 import { domainFromTemplate, firstDisk, replaceFirstDiskChain, setDesktopMetadata } from './domain-edit.js';
-import { buildDomainXml, diskSources, nvramPath, withNvram, xmlEscape, type DesktopMetadata, type DomainSpec } from './domain-xml.js';
+import { buildDomainXml, diskSources, nvramPath, withHomeDisk, withNvram, xmlEscape, type DesktopMetadata, type DomainSpec } from './domain-xml.js';
 import { VirtError } from './errors.js';
 import { fixtureKvmProbe } from './kvm-probe.js';
 import { DEFAULT_URI, withConnection, type DomainRunState, type LibvirtConnection } from './libvirt.js';
@@ -254,6 +254,7 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
         xml = withNvram(domainFromTemplate(source, name, this.layers(desktop)), desktopNvramPath(desktop));
         const meta = desktopMetadata(desktop);
         if (meta !== undefined) xml = setDesktopMetadata(xml, meta);
+        if (desktop.home !== undefined) xml = withHomeDisk(xml, desktop.home); // home disk (issue 13)
       }
       try {
         await connection.define(xml, name);
@@ -271,6 +272,39 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
       if (found === null) await connection.define(await this.defaultXml(desktop), desktopDomain(desktop));
       // A running transient guest of an older qlayer has no definition to update: its next start defines one.
       else if (await connection.isPersistent(found.name)) await this.pointAtChain(connection, found.name, desktop);
+    });
+  }
+
+  /**
+   * The switch of a rebase (issue 13): the definition that opens the old chain (top
+   * `fromUserPath`) is pointed at the handle's chain and home disk. It may open the new chain
+   * already (a rerun); it must not open anything else (another store's domain is left alone).
+   */
+  async moveDefinition(desktop: DesktopHandle, fromUserPath: string): Promise<void> {
+    await withConnection(this.uri, async (connection) => {
+      const name = desktopDomain(desktop);
+      const state = await connection.state(name);
+      if (state === 'absent') {
+        await connection.define(await this.defaultXml(desktop), name);
+        return;
+      }
+      if (state !== 'shutoff') throw new VirtError('virt.domain-exists', `desktop ${desktop.name} is running (domain ${name}); stop it first`);
+      const xml = await connection.inactiveXml(name);
+      const disk = xml === undefined ? undefined : diskSources(xml)[0];
+      if (disk === undefined || !((await sameFile(disk, desktop.userPath)) || (await sameFile(disk, fromUserPath)) || !existsSync(disk))) {
+        throw new VirtError('virt.domain-conflict', `domain ${name} is defined on ${disk ?? 'no disk'}, neither desktop ${desktop.name}'s old chain ${fromUserPath} nor its new one: it belongs to another store; qlayer leaves it alone`);
+      }
+      // A UEFI desktop's NVRAM file sits beside its chain, and the old chain's folder is deleted
+      // next: the file (its boot entries and settings) is copied into the new folder first.
+      const nvram = xml === undefined ? undefined : nvramPath(xml);
+      const oldNvram = join(dirname(fromUserPath), NVRAM_FILE);
+      const newNvram = desktopNvramPath(desktop);
+      if (nvram !== undefined && nvram === oldNvram) {
+        if (existsSync(oldNvram) && !existsSync(newNvram)) await copyFile(oldNvram, newNvram, constants.COPYFILE_EXCL);
+        const moved = withNvram(xml!, newNvram);
+        if (moved !== xml) await connection.define(moved, name);
+      }
+      await this.pointAtChain(connection, name, desktop);
     });
   }
 
@@ -350,6 +384,7 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
     // The hook finds the store and the desktop here; a definition from before it gets it now.
     const meta = desktopMetadata(desktop);
     if (meta !== undefined) updated = setDesktopMetadata(updated, meta);
+    if (desktop.home !== undefined) updated = withHomeDisk(updated, desktop.home); // home disk (issue 13): kept as a second disk
     if (updated !== xml) await connection.define(updated, name);
   }
 
@@ -372,7 +407,8 @@ export class LibvirtDesktopRuntime implements DesktopRuntime {
           : { kind: 'firmware', firmware: 'bios' },
       // Discards reach the user delta: a desktop's fstrim gives its freed space back to the host
       // (as virt-install does for qcow2 disks). App extents are never free while assigned.
-      disks: [{ ...top!, backingChain: below, discard: 'unmap' }],
+      // home disk (issue 13): a second virtio disk, in no chain.
+      disks: [{ ...top!, backingChain: below, discard: 'unmap' }, ...(desktop.home !== undefined ? [{ path: desktop.home, format: 'qcow2' as const, backingChain: [] }] : [])],
       serialLog,
       guestAgent: true,
       ...(desktopMetadata(desktop) ? { desktop: desktopMetadata(desktop)! } : {}),

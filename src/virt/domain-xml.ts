@@ -343,3 +343,32 @@ export function diskSources(xml: string): string[] {
   }
   return sources;
 }
+
+/**
+ * The domain XML with the desktop's home disk (issue 13) among its disks: unchanged when a disk
+ * opens `path` already; otherwise a virtio disk (qcow2, no backing file, not relabelled) is
+ * inserted after the first disk, on the first free vdX name. The first disk stays the system
+ * chain (ownDomain and diskSources look at it).
+ */
+export function withHomeDisk(xml: string, path: string): string {
+  checkPath('home disk', path);
+  const disks = [...xml.matchAll(/<disk\b([^>]*)>([\s\S]*?)<\/disk>/g)].filter((m) => /\bdevice=['"]disk['"]/.test(m[1]!));
+  if (diskSources(xml).includes(path)) return xml;
+  const first = disks[0];
+  if (first === undefined) throw new VirtError('virt.invalid-spec', 'the domain has no system disk to put the home disk beside');
+  const used = new Set([...xml.matchAll(/<target\b[^>]*\bdev=['"]([^'"]+)['"]/g)].map((m) => m[1]!));
+  let target = 'vdb';
+  for (let i = 1; used.has(target); i++) target = `vd${String.fromCharCode(97 + i)}`;
+  const element = [
+    `<disk type='file' device='disk'>`,
+    `      <driver name='qemu' type='qcow2'/>`,
+    `      <source file='${xmlEscape(path)}'>`,
+    `        <seclabel model='dac' relabel='no'/>`,
+    `      </source>`,
+    `      <backingStore/>`,
+    `      <target dev='${target}' bus='virtio'/>`,
+    '    </disk>',
+  ].join('\n');
+  const end = first.index + first[0].length;
+  return `${xml.slice(0, end)}\n    ${element}${xml.slice(end)}`;
+}

@@ -37,6 +37,8 @@ import { describeShutdown, observeShutdowns, type ShutdownResult } from '../../v
 import { allowOption, allowedDirectories } from '../allow.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
+import { parseHomeSize } from '../../layers/home-disk.js';
+import { registerRebaseCommands } from './rebase.js';
 
 const mib = (bytes: number): string => `${(bytes / 1048576).toFixed(1)} MiB`;
 
@@ -55,6 +57,9 @@ function describeDesktop(view: DesktopView): string {
     `  chain: ${view.paths.user}`,
     `      <- ${view.paths.apps}`,
     `      <- ${view.paths.base}`,
+    ...(view.paths.home ? [`  home disk: ${view.paths.home} (mounted at /home)`] : []),
+    ...(view.stagingFor !== undefined ? [`  the staging desktop of ${view.stagingFor}'s rebase: qlayer desktop rebase ${view.stagingFor} --resume finishes or removes it`] : []),
+    ...(view.rebase ? [`  unfinished rebase from ${view.rebase.from} to ${view.rebase.to} (${view.rebase.phase}): run qlayer desktop rebase ${view.name} --resume`] : []),
     ...(view.pendingAtNextBoot
       ? [
           `  pending at the next start: ${view.pendingAtNextBoot.kind} of ${view.pendingAtNextBoot.apps.join(', ')} (asked ${view.pendingAtNextBoot.requestedAt})`,
@@ -131,11 +136,13 @@ export function registerLayerCommands(program: Command): void {
       .argument('<name>', 'base name')
       .argument('<image>', 'qcow2 or raw image')
       .option('-f, --format <fmt>', 'format of IMAGE (qcow2 or raw; default: qcow2 if it has the qcow2 magic and names no other file, raw without the magic; a qcow2 header that names a backing or data file needs -f)')
+      .option('--prepare-home', `add "LABEL=qlayer-home /home ext4 defaults,nofail 0 2" to the base's /etc/fstab (offline, with debugfs), so that desktops created with --home mount their home disk at /home`)
       .addOption(allowOption()),
-  ).action(async (name: string, image: string, options: StoreCommandOptions & { format?: 'qcow2' | 'raw'; allow?: string[] }) => {
+  ).action(async (name: string, image: string, options: StoreCommandOptions & { format?: 'qcow2' | 'raw'; allow?: string[]; prepareHome?: boolean }) => {
     const { store } = await openContext(options);
     const record = await importBase(store, name, image, {
       ...(options.format ? { format: options.format } : {}),
+      ...(options.prepareHome ? { prepareHome: true, log: stepLogger(options) } : {}),
       allowedDirectories: allowedDirectories(options),
       progress: progressReporter(options, `importing ${name}`),
     });
@@ -207,14 +214,16 @@ export function registerLayerCommands(program: Command): void {
       .argument('<name>')
       .requiredOption('--base <base>', 'base to build on')
       .option('--like <domain>', "copy another domain's hardware (memory, CPUs, NICs, graphics, ...); its disks are replaced by the desktop's")
-      .option('--xml <file>', 'take the hardware from a libvirt domain XML file; its disks are replaced by the desktop\'s'),
-  ).action(async (name: string, options: StoreCommandOptions & { base: string; like?: string; xml?: string }) => {
+      .option('--xml <file>', 'take the hardware from a libvirt domain XML file; its disks are replaced by the desktop\'s')
+      .option('--home <size>', 'give the desktop a persistent home disk of this size (e.g. 20G): home.qcow2, ext4 labelled qlayer-home, a second disk kept across rebases (the base needs import --prepare-home to mount it)'),
+  ).action(async (name: string, options: StoreCommandOptions & { base: string; like?: string; xml?: string; home?: string }) => {
     const { store, runtime } = await openContext(options);
+    const homeBytes = options.home === undefined ? undefined : parseHomeSize(options.home);
     if (options.like !== undefined && options.xml !== undefined) throw new QlayerError('cli.usage', 'give --like or --xml, not both');
     const template: DesktopTemplate | undefined =
       options.like !== undefined ? { kind: 'domain', name: options.like } : options.xml !== undefined ? { kind: 'xml', xml: await readFile(options.xml, 'utf8'), source: options.xml } : undefined;
     // The runtime carries the config's desktop.network/graphics for every definition it makes (context.ts).
-    await createDesktop(store, name, options.base, { runtime, ...(template ? { template } : {}) });
+    await createDesktop(store, name, options.base, { runtime, ...(template ? { template } : {}), ...(homeBytes !== undefined ? { homeBytes } : {}) });
     const view = await showDesktop(store, runtime, name);
     printResult(options, view, () => describeDesktop(view));
   });
@@ -418,9 +427,12 @@ export function registerLayerCommands(program: Command): void {
               ? `${bad.length} of ${result.files.length} files differ from their manifests: ${damaged.length} damaged, ${bad.length - damaged.length} changed by the user`
               : `all ${result.files.length} app files match their manifests`,
           ...(result.unknownFiles.length ? [`note: ${result.unknownFiles.length} file(s) under the apps' folders belong to no assigned app (the user's, or left by an undo): ${result.unknownFiles.join(', ')}`] : []),
+          ...(result.home
+            ? [result.home.mounted ? `home disk mounted at /home (${result.home.device}, ${result.home.fstype})` : `HOME NOT MOUNTED: ${name} has a home disk (${result.home.disk}) but the guest mounted nothing at /home; import its base with --prepare-home, or add "LABEL=qlayer-home /home ext4 defaults,nofail 0 2" to the guest's /etc/fstab`]
+            : []),
         ].join('\n'),
       );
-      if (damaged.length) process.exitCode = 2;
+      if (damaged.length || (result.home && !result.home.mounted)) process.exitCode = 2;
       else if (bad.length) process.exitCode = 1;
     },
   );
@@ -456,6 +468,7 @@ export function registerLayerCommands(program: Command): void {
   rolloutOptions(group.command('rollout').description('roll the group out again: members left pending because they ran, and any that drifted; harmless when nothing changed').argument('<group>')).action(
     (name: string, options: StoreCommandOptions & { parallel?: string }) => runRollout(options, ({ store, runtime }, rollout) => rollOutGroup(store, runtime, name, rollout)),
   );
+  registerRebaseCommands(desktop, group);
   storeOptions(group.command('list').description('list groups with their desktops, apps and pending members')).action(async (options: StoreCommandOptions) => {
     const { store } = await openContext(options);
     const groups = listGroups(await store.readState());
