@@ -23,7 +23,8 @@ import { buildApp, type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
-import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { debianRuntime } from './guest-helpers.js';
 import { tempDir } from '../helpers/qemu.js';
 
 const repo = join(import.meta.dirname, '..', '..');
@@ -66,16 +67,7 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-e2e-debian-lvm-'));
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'debian-lvm', baseImage, { format: 'qcow2' });
-  runtime = testGuestRuntime({
-    logDir: join(dir, 'logs'),
-    mode: 'firmware',
-    firmware: 'bios',
-    accel: 'tcg',
-    memoryMiB: 1024,
-    bootTimeoutMs: 400_000,
-    agentTimeoutMs: 300_000,
-    shutdownTimeoutMs: 120_000,
-  });
+  runtime = debianRuntime(join(dir, 'logs'));
   const source = join(dir, 'src', 'tools');
   const files: Record<string, Buffer> = {
     'bin/tool': Buffer.concat([Buffer.from('#!/bin/sh\necho "tool on an LV"\nexit 0\n'), randomBytes(700_001)]),

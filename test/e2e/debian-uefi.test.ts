@@ -23,10 +23,10 @@ import { buildApp, type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
-import { desktopDomain, desktopNvramPath, NVRAM_FILE, testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { desktopDomain, desktopNvramPath, NVRAM_FILE, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
-import { debugfsCat, fileSha256 } from './guest-helpers.js';
+import { debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -54,16 +54,7 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-e2e-debian-uefi-'));
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'debian-uefi', fixture.image.path, { format: 'qcow2' });
-  runtime = testGuestRuntime({
-    logDir: join(dir, 'logs'),
-    mode: 'firmware',
-    firmware: 'uefi',
-    accel: 'tcg',
-    memoryMiB: 1024,
-    bootTimeoutMs: 400_000,
-    agentTimeoutMs: 300_000,
-    shutdownTimeoutMs: 120_000,
-  });
+  runtime = debianRuntime(join(dir, 'logs'), 'uefi');
   const source = join(dir, 'src', 'tools');
   appSource['bin/tool'] = Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(700_001)]);
   appSource['share/tool/data.bin'] = randomBytes(2 * 1048576 + 4321);

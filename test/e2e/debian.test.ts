@@ -19,10 +19,10 @@ import { guestHelperPath } from '../../src/layers/guest-alloc.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
-import { desktopDomain, testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
-import { debugfsCat, fileSha256 } from './guest-helpers.js';
+import { DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -33,7 +33,7 @@ let app: AppManifest;
 const appSource: Record<string, Buffer> = {};
 const shutdowns: Array<{ domain: string; result: ShutdownResult }> = [];
 let unobserve: () => void = () => undefined;
-const SHUTDOWN_TIMEOUT_MS = 120_000;
+const SHUTDOWN_TIMEOUT_MS = DEBIAN_SHUTDOWN_TIMEOUT_MS;
 
 const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 
@@ -51,16 +51,7 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-e2e-debian-'));
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'debian', fixture.image.path, { format: 'qcow2' });
-  runtime = testGuestRuntime({
-    logDir: join(dir, 'logs'),
-    mode: 'firmware',
-    firmware: 'bios',
-    accel: 'tcg',
-    memoryMiB: 1024,
-    bootTimeoutMs: 400_000,
-    agentTimeoutMs: 300_000,
-    shutdownTimeoutMs: SHUTDOWN_TIMEOUT_MS,
-  });
+  runtime = debianRuntime(join(dir, 'logs'));
   const source = join(dir, 'src', 'tools');
   appSource['bin/tool'] = Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(1_500_001)]);
   appSource['share/tool/data.bin'] = randomBytes(3 * 1048576 + 12_345);

@@ -12,6 +12,28 @@ import { LibvirtConnection } from '../../src/virt/libvirt.js';
 import { createImage } from '../../src/qcow2/create.js';
 import { bootGuest, type RunningGuest } from '../../src/virt/boot.js';
 import type { Fixture } from '../../src/virt/fixture.js';
+import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+
+/** How long a Debian guest gets to shut down cleanly before it is forced off. */
+export const DEBIAN_SHUTDOWN_TIMEOUT_MS = 120_000;
+
+/**
+ * The runtime the Debian e2e tests boot their guests with: the guest's own bootloader (BIOS or
+ * UEFI) under TCG, 1 GiB, and timeouts for a guest that takes 30-80 s to boot on a loaded 2-core
+ * machine.
+ */
+export function debianRuntime(logDir: string, firmware: 'bios' | 'uefi' = 'bios'): LibvirtDesktopRuntime {
+  return testGuestRuntime({
+    logDir,
+    mode: 'firmware',
+    firmware,
+    accel: 'tcg',
+    memoryMiB: 1024,
+    bootTimeoutMs: 400_000,
+    agentTimeoutMs: 300_000,
+    shutdownTimeoutMs: DEBIAN_SHUTDOWN_TIMEOUT_MS,
+  });
+}
 
 export async function fileSha256(path: string): Promise<string> {
   const hash = createHash('sha256');

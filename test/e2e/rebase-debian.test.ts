@@ -17,7 +17,8 @@ import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { guestHomeMount } from '../../src/layers/home-disk.js';
 import { rebaseDesktop } from '../../src/layers/rebase.js';
 import { Store } from '../../src/layers/store.js';
-import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
+import { debianRuntime } from './guest-helpers.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
 
@@ -51,16 +52,7 @@ beforeAll(async () => {
   await importBase(store, 'deb1', fixture.image.path, { format: 'qcow2', prepareHome: true });
   await pointRelease(join(dir, 'deb2.qcow2'));
   await importBase(store, 'deb2', join(dir, 'deb2.qcow2'), { format: 'qcow2', prepareHome: true });
-  runtime = testGuestRuntime({
-    logDir: process.env.QLAYER_KEEP_LOGS ?? join(dir, 'logs'),
-    mode: 'firmware',
-    firmware: 'bios',
-    accel: 'tcg',
-    memoryMiB: 1024,
-    bootTimeoutMs: 400_000,
-    agentTimeoutMs: 300_000,
-    shutdownTimeoutMs: 120_000,
-  });
+  runtime = debianRuntime(process.env.QLAYER_KEEP_LOGS ?? join(dir, 'logs'));
   const source = join(dir, 'src', 'tools');
   await mkdir(join(source, 'bin'), { recursive: true });
   await writeFile(join(source, 'bin', 'tool'), Buffer.concat([Buffer.from('#!/bin/sh\necho tool\n'), randomBytes(700_001)]), { mode: 0o755 });
