@@ -128,7 +128,7 @@ export async function removeBase(store: Store, name: string): Promise<BaseRecord
 
 // ---------------------------------------------------------------- desktops
 
-function desktopRecord(state: StoreState, name: string): DesktopRecord {
+export function desktopRecord(state: StoreState, name: string): DesktopRecord {
   const record = state.desktops[name];
   if (!record) throw new LayerError('desktop.not-found', `no desktop named ${name} (create it with: qlayer desktop create ${name} --base BASE)`);
   return record;
@@ -435,7 +435,7 @@ async function allocateLogged(runtime: DesktopRuntime, handle: DesktopHandle, ma
   return allocation;
 }
 
-function undoContext(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, log: Log): UndoContext {
+export function undoContext(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, log: Log): UndoContext {
   return {
     name,
     record: desktopRecord(state, name),

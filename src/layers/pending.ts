@@ -15,9 +15,9 @@ import { join } from 'node:path';
 import { allocatePlaceholders, checkGuestSpace, createdBeforeFailure, removeAppFiles, type AllocationResult, type RollbackResult } from './allocate.js';
 import { appKey, resolveApp, type AppManifest } from './app.js';
 import { groupsWanting, recordDirect } from './app-sources.js';
-import { assertGoneOffline, desktopHandle, locateOffline, recomposeRecorded, type Log } from './desktops.js';
+import { assertGoneOffline, desktopHandle, desktopRecord, locateOffline, recomposeRecorded, undoContext, type Log } from './desktops.js';
 import { LayerError } from './errors.js';
-import { failAndUndo, newOperation, undoOperation, type UndoContext } from './guest-operation.js';
+import { failAndUndo, newOperation, undoOperation } from './guest-operation.js';
 import { checkPathConflicts, planAssign, planUnassign } from './plan.js';
 import { APPS_LINK, type RecomposeReport } from './recompose.js';
 import type { DesktopHandle, DesktopRuntime } from './runtime.js';
@@ -46,12 +46,6 @@ export interface PendingBootView {
   requestedAt: string;
   /** Why the last start did not apply it; null when no start has tried yet. */
   lastAttempt: Omit<PendingAttempt, 'requestedAt'> | null;
-}
-
-function recordOf(state: StoreState, name: string): DesktopRecord {
-  const record = state.desktops[name];
-  if (!record) throw new LayerError('desktop.not-found', `no desktop named ${name} (create it with: qlayer desktop create ${name} --base BASE)`);
-  return record;
 }
 
 /** Refuse to start other work on a desktop whose change waits for its next start. */
@@ -123,7 +117,7 @@ export interface AtNextBootResult {
 export async function assignAtNextBoot(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AtNextBootResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    const record = recordOf(state, name);
+    const record = desktopRecord(state, name);
     checkIdle(name, record);
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
     checkPathConflicts(record, manifests);
@@ -160,7 +154,7 @@ export async function assignAtNextBoot(store: Store, runtime: DesktopRuntime, na
 export async function unassignAtNextBoot(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AtNextBootResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    const record = recordOf(state, name);
+    const record = desktopRecord(state, name);
     checkIdle(name, record);
     for (const ref of refs) {
       const groups = groupsWanting(state, name, ref);
@@ -182,18 +176,6 @@ export async function unassignAtNextBoot(store: Store, runtime: DesktopRuntime, 
   });
 }
 
-function undoContext(store: Store, state: StoreState, runtime: DesktopRuntime, name: string, log: Log): UndoContext {
-  return {
-    name,
-    record: recordOf(state, name),
-    handle: desktopHandle(store, state, name),
-    runtime,
-    resolve: (ref) => resolveApp(store, ref),
-    persist: () => store.writeState(state),
-    log,
-  };
-}
-
 /**
  * Drop a pending assign: its placeholders are removed from the guest (started if needed, as any
  * undo) and the record forgotten. A pending unassign cannot be dropped: the files are gone.
@@ -201,7 +183,7 @@ function undoContext(store: Store, state: StoreState, runtime: DesktopRuntime, n
 export async function abortPendingAssign(store: Store, runtime: DesktopRuntime, name: string, log: Log = quiet): Promise<RollbackResult | null | 'nothing'> {
   return store.withLock(async () => {
     const state = await store.readState();
-    const record = recordOf(state, name);
+    const record = desktopRecord(state, name);
     const pending = record.pendingBoot;
     if (!pending) return 'nothing';
     if (pending.kind !== 'assign') {
@@ -231,7 +213,7 @@ export interface ApplyResult {
  * with its reason; after, the recompose is resumable like any other.
  */
 export async function applyPendingLocked(store: Store, state: StoreState, name: string, by: PendingAttempt['by'], log: Log = quiet): Promise<ApplyResult> {
-  const record = recordOf(state, name);
+  const record = desktopRecord(state, name);
   const pending = record.pendingBoot ?? null;
   const dir = store.path(record.dir);
   try {
@@ -289,7 +271,7 @@ export function hasWorkAtStart(record: DesktopRecord | undefined): boolean {
  */
 export async function applyPendingBeforeStart(store: Store, runtime: DesktopRuntime, name: string, log: Log = quiet): Promise<ApplyResult | null> {
   const before = await store.readState();
-  const record = recordOf(before, name);
+  const record = desktopRecord(before, name);
   if (!record.pendingBoot) return null;
   if (await runtime.isRunning(desktopHandle(store, before, name))) return null;
   return store.withLock(async () => applyPendingLocked(store, await store.readState(), name, 'qlayer', log));
