@@ -46,7 +46,10 @@ describe('QEMU image locks, native fcntl and /proc/locks', () => {
 
       const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${top},format=qcow2`, '-S'], { reject: false });
       try {
-        for (let i = 0; i < 200 && (await lockEntries(top)).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+        // QEMU locks the top image first and its backing file a moment later: wait for both, or the
+        // base can look free for a few milliseconds (seen once in CI).
+        const locked = async () => (await lockEntries(top)).length > 0 && (await lockEntries(base)).length > 0;
+        for (let i = 0; i < 200 && !(await locked()); i++) await new Promise((r) => setTimeout(r, 50));
         const running = { topWritten: true, baseWritten: false, topRefused: true, baseRefused: true };
         expect(await answers(top, base)).toEqual(running);
         // The same through /proc/locks.
