@@ -45,59 +45,45 @@ function sha256(data: Uint8Array): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
+/**
+ * One LV section of a vgcfgbackup text with a single segment starting at extent 0, in lvm's own
+ * syntax: strings quoted, numbers bare. `fields` are the segment's type-specific settings.
+ */
+function singleSegmentLv(lv: { name: string; seed: number; status: string[]; extents: number; type: string; fields: Record<string, string | number> }): string {
+  const segment = { start_extent: 0, extent_count: lv.extents, type: lv.type, ...lv.fields };
+  const lines = Object.entries(segment).map(([key, value]) => `    ${key} = ${typeof value === 'number' ? value : `"${value}"`}`);
+  return [
+    `${lv.name} {`,
+    `  id = "${lvmUuid(lv.seed)}"`,
+    `  status = [${lv.status.map((s) => `"${s}"`).join(', ')}]`,
+    '  flags = []',
+    '  segment_count = 1',
+    '  segment1 {',
+    ...lines,
+    '  }',
+    '}',
+    '',
+  ].join('\n');
+}
+
+/** The LV types lvm creates only through device-mapper, written into the backup as lvm stores them. */
 const SNAPSHOT_AND_THIN = (vgText: string): string => {
   let text = hideAndRename(vgText, 'tpd', 'pool_tdata');
   text = hideAndRename(text, 'tpm', 'pool_tmeta');
-  return addLvSections(
-    text,
-    `
-pool {
-  id = "${lvmUuid(1)}"
-  status = ["READ", "WRITE", "VISIBLE"]
-  flags = []
-  segment_count = 1
-  segment1 {
-    start_extent = 0
-    extent_count = 4
-    type = "thin-pool"
-    metadata = "pool_tmeta"
-    pool = "pool_tdata"
-    transaction_id = 1
-    chunk_size = 128
-    discards = "passdown"
-    zero_new_blocks = 1
-  }
-}
-thin {
-  id = "${lvmUuid(2)}"
-  status = ["READ", "WRITE", "VISIBLE"]
-  flags = []
-  segment_count = 1
-  segment1 {
-    start_extent = 0
-    extent_count = 8
-    type = "thin"
-    thin_pool = "pool"
-    transaction_id = 0
-    device_id = 1
-  }
-}
-snapshot0 {
-  id = "${lvmUuid(3)}"
-  status = ["READ"]
-  flags = []
-  segment_count = 1
-  segment1 {
-    start_extent = 0
-    extent_count = 4
-    type = "snapshot"
-    chunk_size = 8
-    origin = "other"
-    cow_store = "cow"
-  }
-}
-`,
-  );
+  const visible = ['READ', 'WRITE', 'VISIBLE'];
+  const sections = [
+    singleSegmentLv({
+      name: 'pool',
+      seed: 1,
+      status: visible,
+      extents: 4,
+      type: 'thin-pool',
+      fields: { metadata: 'pool_tmeta', pool: 'pool_tdata', transaction_id: 1, chunk_size: 128, discards: 'passdown', zero_new_blocks: 1 },
+    }),
+    singleSegmentLv({ name: 'thin', seed: 2, status: visible, extents: 8, type: 'thin', fields: { thin_pool: 'pool', transaction_id: 0, device_id: 1 } }),
+    singleSegmentLv({ name: 'snapshot0', seed: 3, status: ['READ'], extents: 4, type: 'snapshot', fields: { chunk_size: 8, origin: 'other', cow_store: 'cow' } }),
+  ];
+  return addLvSections(text, `\n${sections.join('')}`);
 };
 
 describe.skipIf(!isRoot || !hasLvm)('LVM2 logical volumes against lvm2 (runs as root; needs lvm2)', () => {
