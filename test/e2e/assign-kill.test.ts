@@ -5,17 +5,17 @@
  * offline from the desktop's chain, the way locate reads them.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openChain } from '../../src/chain/chain.js';
 import { openGuestFilesystem } from '../../src/fs/index.js';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { type AppManifest } from '../../src/layers/app.js';
 import { createDesktop, desktopHandle, importBase } from '../../src/layers/desktops.js';
 import { Store } from '../../src/layers/store.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
+import { buildTestApp } from './guest-helpers.js';
 
 const CLI = join(process.cwd(), 'bin', 'qlayer.js');
 let dir: string;
@@ -65,11 +65,7 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-e2e-kill-'));
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'guest', fixture.images.base.path, { format: 'qcow2' });
-  const source = join(dir, 'app');
-  await mkdir(join(source, 'bin'), { recursive: true });
-  await writeFile(join(source, 'bin', 'tool'), Buffer.alloc(3 << 20, 0x41));
-  await writeFile(join(source, 'README'), 'killed and resumed\n');
-  manifest = await buildApp(store, { name: 'kapp', sourceDir: source, version: '1' });
+  manifest = await buildTestApp(store, join(dir, 'app'), { name: 'kapp', files: { 'bin/tool': Buffer.alloc(3 << 20, 0x41), README: 'killed and resumed\n' } });
 }, 120_000);
 
 afterAll(async () => {

@@ -11,7 +11,7 @@
  * inside the guest, and unassigned; e2fsck -fn on the LV as read offline is clean.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, open, writeFile } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -19,12 +19,12 @@ import { openChain } from '../../src/chain/index.js';
 import { openGuestFilesystem, readVolumes, type Partition } from '../../src/fs/index.js';
 import { volumeSource } from '../../src/fs/lvm/mapping.js';
 import { readBytes, type ByteSource } from '../../src/io/byte-source.js';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
-import { debianRuntime } from './guest-helpers.js';
+import { buildTestApp, debianRuntime } from './guest-helpers.js';
 import { tempDir } from '../helpers/qemu.js';
 
 const repo = join(import.meta.dirname, '..', '..');
@@ -68,17 +68,14 @@ beforeAll(async () => {
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'debian-lvm', baseImage, { format: 'qcow2' });
   runtime = debianRuntime(join(dir, 'logs'));
-  const source = join(dir, 'src', 'tools');
-  const files: Record<string, Buffer> = {
-    'bin/tool': Buffer.concat([Buffer.from('#!/bin/sh\necho "tool on an LV"\nexit 0\n'), randomBytes(700_001)]),
-    'share/tool/data.bin': randomBytes(6 * 1048576 + 4321),
-    'share/tool/README': Buffer.from('an app whose files land on an LVM root\n'),
-  };
-  for (const [path, content] of Object.entries(files)) {
-    await mkdir(join(source, path, '..'), { recursive: true });
-    await writeFile(join(source, path), content, { mode: path.startsWith('bin/') ? 0o755 : 0o644 });
-  }
-  app = await store.withLock(() => buildApp(store, { name: 'tools', sourceDir: source, version: '1' }));
+  app = await buildTestApp(store, join(dir, 'src', 'tools'), {
+    name: 'tools',
+    files: {
+      'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho "tool on an LV"\nexit 0\n'), randomBytes(700_001)]), mode: 0o755 },
+      'share/tool/data.bin': { content: randomBytes(6 * 1048576 + 4321), mode: 0o644 },
+      'share/tool/README': { content: 'an app whose files land on an LVM root\n', mode: 0o644 },
+    },
+  });
 }, 1_500_000);
 
 afterAll(async () => {

@@ -15,18 +15,18 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { desktopDomain, desktopNvramPath, NVRAM_FILE, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
-import { debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
+import { buildTestApp, debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -34,7 +34,6 @@ let cleanup: () => Promise<void>;
 let store: Store;
 let runtime: LibvirtDesktopRuntime;
 let app: AppManifest;
-const appSource: Record<string, Buffer> = {};
 
 const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 const virsh = async (...args: string[]): Promise<string> => (await execa('virsh', ['-c', 'qemu:///system', ...args])).stdout;
@@ -55,14 +54,13 @@ beforeAll(async () => {
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'debian-uefi', fixture.image.path, { format: 'qcow2' });
   runtime = debianRuntime(join(dir, 'logs'), 'uefi');
-  const source = join(dir, 'src', 'tools');
-  appSource['bin/tool'] = Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(700_001)]);
-  appSource['share/tool/data.bin'] = randomBytes(2 * 1048576 + 4321);
-  for (const [path, content] of Object.entries(appSource)) {
-    await mkdir(join(source, path, '..'), { recursive: true });
-    await writeFile(join(source, path), content, { mode: path.startsWith('bin/') ? 0o755 : 0o644 });
-  }
-  app = await store.withLock(() => buildApp(store, { name: 'tools', sourceDir: source, version: '1' }));
+  app = await buildTestApp(store, join(dir, 'src', 'tools'), {
+    name: 'tools',
+    files: {
+      'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(700_001)]), mode: 0o755 },
+      'share/tool/data.bin': { content: randomBytes(2 * 1048576 + 4321), mode: 0o644 },
+    },
+  });
 }, 900_000);
 
 afterAll(async () => {

@@ -9,11 +9,10 @@
  * Timings go to the test output (console.log) for the README.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import { guestHelperPath } from '../../src/layers/guest-alloc.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
@@ -22,7 +21,7 @@ import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
 import { desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
-import { DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
+import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -30,7 +29,6 @@ let cleanup: () => Promise<void>;
 let store: Store;
 let runtime: LibvirtDesktopRuntime;
 let app: AppManifest;
-const appSource: Record<string, Buffer> = {};
 const shutdowns: Array<{ domain: string; result: ShutdownResult }> = [];
 let unobserve: () => void = () => undefined;
 const SHUTDOWN_TIMEOUT_MS = DEBIAN_SHUTDOWN_TIMEOUT_MS;
@@ -52,15 +50,14 @@ beforeAll(async () => {
   store = await Store.open(join(dir, 'store'));
   await importBase(store, 'debian', fixture.image.path, { format: 'qcow2' });
   runtime = debianRuntime(join(dir, 'logs'));
-  const source = join(dir, 'src', 'tools');
-  appSource['bin/tool'] = Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(1_500_001)]);
-  appSource['share/tool/data.bin'] = randomBytes(3 * 1048576 + 12_345);
-  appSource['share/tool/README'] = Buffer.from('a small app for the Debian guest\n');
-  for (const [path, content] of Object.entries(appSource)) {
-    await mkdir(join(source, path, '..'), { recursive: true });
-    await writeFile(join(source, path), content, { mode: path.startsWith('bin/') ? 0o755 : 0o644 });
-  }
-  app = await store.withLock(() => buildApp(store, { name: 'tools', sourceDir: source, version: '1' }));
+  app = await buildTestApp(store, join(dir, 'src', 'tools'), {
+    name: 'tools',
+    files: {
+      'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(1_500_001)]), mode: 0o755 },
+      'share/tool/data.bin': { content: randomBytes(3 * 1048576 + 12_345), mode: 0o644 },
+      'share/tool/README': { content: 'a small app for the Debian guest\n', mode: 0o644 },
+    },
+  });
   unobserve = observeShutdowns((domain, result) => shutdowns.push({ domain, result }));
 }, 900_000);
 
@@ -149,17 +146,15 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
   }, 1_800_000);
 
   it('a 300-file, 100 MiB app: allocation and assign times against the clean shutdown (logged for the README)', async () => {
-    const source = join(dir, 'src', 'wide');
-    await mkdir(join(source, 'share'), { recursive: true });
-    await mkdir(join(source, 'lib'), { recursive: true });
+    const files: Record<string, Buffer> = {};
     let small = 0;
     for (let i = 0; i < 290; i++) {
       const size = 1024 + ((i * 7919) % 31) * 1024;
-      await writeFile(join(source, 'share', `f${i}.dat`), randomBytes(size));
+      files[`share/f${i}.dat`] = randomBytes(size);
       small += size;
     }
-    for (let i = 0; i < 10; i++) await writeFile(join(source, 'lib', `big${i}.bin`), randomBytes(Math.floor((100 * 1048576 - small) / 10)));
-    const wide = await store.withLock(() => buildApp(store, { name: 'wide', sourceDir: source, version: '1' }));
+    for (let i = 0; i < 10; i++) files[`lib/big${i}.bin`] = randomBytes(Math.floor((100 * 1048576 - small) / 10));
+    const wide = await buildTestApp(store, join(dir, 'src', 'wide'), { name: 'wide', files });
     await startDesktop(store, runtime, 'deb');
     const phases: Array<{ line: string; at: number }> = [];
     const t = Date.now();
@@ -228,10 +223,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     //    so, boots the guest (which replays its journal), and everything ends clean.
     const destroyed = await execa('virsh', ['-c', 'qemu:///system', 'destroy', desktopDomain(await handleOf())], { reject: false });
     expect(destroyed.exitCode, destroyed.stderr).toBe(0);
-    const source = join(dir, 'src', 'late');
-    await mkdir(source, { recursive: true });
-    await writeFile(join(source, 'late.txt'), randomBytes(200_000));
-    await store.withLock(() => buildApp(store, { name: 'late', sourceDir: source, version: '1' }));
+    await buildTestApp(store, join(dir, 'src', 'late'), { name: 'late', files: { 'late.txt': randomBytes(200_000) } });
     const lines: string[] = [];
     await assignApps(store, runtime, 'deb', ['late@1'], (line) => lines.push(line));
     console.log(`[debian] assign after virsh destroy:\n  ${lines.join('\n  ')}`);
@@ -274,10 +266,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
   }, 900_000);
   it('(on the desktop above, booted again) a running guest whose agent was stopped: assign refuses at once, naming the agent, and changes nothing; stop goes by ACPI', async () => {
-    const source = join(dir, 'src', 'extra');
-    await mkdir(source, { recursive: true });
-    await writeFile(join(source, 'extra.txt'), randomBytes(50_000));
-    await store.withLock(() => buildApp(store, { name: 'extra', sourceDir: source, version: '1' }));
+    await buildTestApp(store, join(dir, 'src', 'extra'), { name: 'extra', files: { 'extra.txt': randomBytes(50_000) } });
     await startDesktop(store, runtime, 'nobus');
     const handle = desktopHandle(store, await store.readState(), 'nobus');
     // The agent carries out its own stop after it answers; its reply may be lost on the way.

@@ -6,10 +6,10 @@
  * two apps claiming one path, a recompose while the desktop runs.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { type AppManifest } from '../../src/layers/app.js';
 import {
   assignApps,
   createDesktop,
@@ -30,7 +30,7 @@ import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/des
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
 import { debugfsFlip } from '../helpers/offline-guest.js';
 import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
-import { debugfsCat, fileSha256, fsckClean, rawExport } from './guest-helpers.js';
+import { buildTestApp, debugfsCat, fileSha256, fsckClean, rawExport } from './guest-helpers.js';
 
 let fixture: Fixture;
 let dir: string;
@@ -55,12 +55,7 @@ class ScriptedRuntime extends DelegatingRuntime {
 
 async function makeApp(name: string, files: Record<string, Buffer>, prefix?: string): Promise<void> {
   const source = join(dir, 'src', name);
-  for (const [path, content] of Object.entries(files)) {
-    await mkdir(join(source, path, '..'), { recursive: true });
-    await writeFile(join(source, path), content);
-  }
-  const manifest = await buildApp(store, { name, sourceDir: source, version: '1', ...(prefix ? { prefix } : {}) });
-  apps[name] = { manifest, source };
+  apps[name] = { manifest: await buildTestApp(store, source, { name, files, ...(prefix ? { prefix } : {}) }), source };
 }
 
 beforeAll(async () => {

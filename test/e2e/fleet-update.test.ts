@@ -5,10 +5,9 @@
  * in the booted guests, files of the old version gone, qemu-img check and e2fsck clean.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import { type AppManifest } from '../../src/layers/app.js';
 import { createDesktop, desktopHandle, importBase, updateApp, verifyDesktop } from '../../src/layers/desktops.js';
 import { assignToDesktops } from '../../src/layers/fleet.js';
 import { planAssign } from '../../src/layers/plan.js';
@@ -17,7 +16,7 @@ import { Store } from '../../src/layers/store.js';
 import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
-import { fsckClean, rawExport } from './guest-helpers.js';
+import { buildTestApp, fsckClean, rawExport } from './guest-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -39,12 +38,7 @@ class CountingRuntime extends DelegatingRuntime {
 }
 
 async function build(version: string, files: Record<string, Buffer>): Promise<AppManifest> {
-  const source = join(dir, `tool-${version}`);
-  for (const [path, content] of Object.entries(files)) {
-    await mkdir(join(source, path, '..'), { recursive: true });
-    await writeFile(join(source, path), content);
-  }
-  return buildApp(store, { name: 'tool', sourceDir: source, version });
+  return buildTestApp(store, join(dir, `tool-${version}`), { name: 'tool', version, files });
 }
 
 beforeAll(async () => {

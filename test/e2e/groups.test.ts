@@ -6,16 +6,15 @@
  * the booted guest. Also the refusals: a group named like a desktop (and the reverse), a direct
  * unassign of an app that comes from a group, removing a base desktops use.
  */
-import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../../src/layers/app.js';
 import { createDesktop, desktopHandle, importBase, removeBase, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, rollOutGroup, type RolloutOutcome } from '../../src/layers/groups.js';
 import { Store } from '../../src/layers/store.js';
 import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
+import { buildTestApp } from './guest-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -25,11 +24,7 @@ let libvirt: LibvirtDesktopRuntime;
 const statuses = (outcomes: RolloutOutcome[]): Record<string, string> => Object.fromEntries(outcomes.map((o) => [o.desktop, o.status]));
 
 async function tool(version: string): Promise<void> {
-  const source = join(dir, `tool-${version}`);
-  await mkdir(join(source, 'bin'), { recursive: true });
-  await writeFile(join(source, 'bin', 'tool'), `#!/bin/sh\necho tool ${version}\n`.repeat(2000));
-  await writeFile(join(source, 'VERSION'), `${version}\n`);
-  await buildApp(store, { name: 'tool', sourceDir: source, version });
+  await buildTestApp(store, join(dir, `tool-${version}`), { name: 'tool', version, files: { 'bin/tool': `#!/bin/sh\necho tool ${version}\n`.repeat(2000), VERSION: `${version}\n` } });
 }
 
 beforeAll(async () => {

@@ -5,10 +5,13 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { join } from 'node:path';
+import { mkdir, truncate, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { qemuImg } from '../helpers/qemu.js';
 import { LibvirtConnection } from '../../src/virt/libvirt.js';
+import { buildApp, type AppManifest } from '../../src/layers/app.js';
+import type { Store } from '../../src/layers/store.js';
 import { createImage } from '../../src/qcow2/create.js';
 import { bootGuest, type RunningGuest } from '../../src/virt/boot.js';
 import type { Fixture } from '../../src/virt/fixture.js';
@@ -33,6 +36,34 @@ export function debianRuntime(logDir: string, firmware: 'bios' | 'uefi' = 'bios'
     agentTimeoutMs: 300_000,
     shutdownTimeoutMs: DEBIAN_SHUTDOWN_TIMEOUT_MS,
   });
+}
+
+/**
+ * One file of a test app's source folder: its bytes, or `content` with a `mode` (writeFile's, so
+ * the umask applies as it does to the rest) and/or a `size` it is extended to with a sparse tail
+ * of zeros (a large file that is quick to write and hash).
+ */
+export type AppSourceFile = string | Buffer | { content: string | Buffer; mode?: number; size?: number };
+
+/**
+ * Write an app's source folder at `source` (paths relative to it; folders made as needed, with
+ * the default mode) and build it into the store as name@version (version 1 unless given), under
+ * the store lock. Returns the app's manifest.
+ */
+export async function buildTestApp(
+  store: Store,
+  source: string,
+  app: { name: string; version?: string; prefix?: string; files: Record<string, AppSourceFile> },
+): Promise<AppManifest> {
+  for (const [path, file] of Object.entries(app.files)) {
+    const target = join(source, path);
+    const { content, mode, size } = typeof file === 'string' || Buffer.isBuffer(file) ? { content: file } : file;
+    await mkdir(dirname(target), { recursive: true });
+    await writeFile(target, content, mode === undefined ? {} : { mode });
+    if (size !== undefined) await truncate(target, size);
+  }
+  const { name, version = '1', prefix } = app;
+  return store.withLock(() => buildApp(store, { name, sourceDir: source, version, ...(prefix ? { prefix } : {}) }));
 }
 
 export async function fileSha256(path: string): Promise<string> {

@@ -8,7 +8,6 @@ import { copyFile, readlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../../src/layers/app.js';
 import { adoptDesktop, assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, releaseDesktop, verifyDesktop } from '../../src/layers/desktops.js';
 import { Store } from '../../src/layers/store.js';
 import { GuestAgent } from '../../src/virt/agent.js';
@@ -18,7 +17,7 @@ import { diskSources } from '../../src/virt/domain-xml.js';
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
 import { withConnection } from '../../src/virt/libvirt.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
-import { fileSha256 } from './guest-helpers.js';
+import { buildTestApp, fileSha256 } from './guest-helpers.js';
 
 const URI = 'qemu:///system';
 const vm = `qltest-native-${process.pid}`;
@@ -50,13 +49,8 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-e2e-native-'));
   store = await Store.open(join(dir, 'store'));
   runtime = testGuestRuntime({ logDir: join(dir, 'logs') });
-  await writeFile(join(dir, 'hello.sh'), '#!/bin/sh\necho hello from the apps layer\n');
   // The app's folder: one small script and one file that spans clusters.
-  const src = join(dir, 'app-src');
-  await execa('mkdir', ['-p', join(src, 'bin')]);
-  await copyFile(join(dir, 'hello.sh'), join(src, 'bin', 'hello'));
-  await writeFile(join(src, 'data.bin'), Buffer.alloc(300_001, 7));
-  await buildApp(store, { name: 'greeter', sourceDir: src, version: '1' });
+  await buildTestApp(store, join(dir, 'app-src'), { name: 'greeter', files: { 'bin/hello': '#!/bin/sh\necho hello from the apps layer\n', 'data.bin': Buffer.alloc(300_001, 7) } });
 
   // The administrator's VM: virt-install --import on a copy of the test guest's disk.
   vmDisk = join(dir, 'vm-disk.qcow2');

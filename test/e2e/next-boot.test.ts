@@ -9,11 +9,10 @@
  */
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, readlink, readdir, writeFile } from 'node:fs/promises';
+import { readFile, readlink, readdir, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../../src/layers/app.js';
 import { createDesktop, importBase } from '../../src/layers/desktops.js';
 import { Store } from '../../src/layers/store.js';
 import { GuestAgent } from '../../src/virt/agent.js';
@@ -21,6 +20,7 @@ import { testGuestRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { installHook } from '../../src/virt/hook.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
+import { buildTestApp } from './guest-helpers.js';
 
 const URI = 'qemu:///system';
 const REPO = resolve(import.meta.dirname, '../..');
@@ -112,14 +112,10 @@ beforeAll(async () => {
   store = await Store.open(join(dir, 'store'));
   configFile = join(dir, 'qlayer.yaml');
   await writeFile(configFile, [`store: ${store.root}`, 'guest:', '  accel: tcg', '  memoryMiB: 256', 'timeouts:', '  boot: 180', '  agent: 120', '  shutdown: 60', ''].join('\n'));
-  const src = join(dir, 'app-src');
-  await mkdir(join(src, 'bin'), { recursive: true });
-  const files: Array<[string, Buffer]> = [
-    ['bin/hello', Buffer.from('#!/bin/sh\necho hello from the next boot\n')],
-    ['data.bin', Buffer.alloc(300_001, 9)],
-  ];
-  for (const [path, data] of files) await writeFile(join(src, path), data);
-  const manifest = await buildApp(store, { name: 'notes', sourceDir: src, version: '1' });
+  const manifest = await buildTestApp(store, join(dir, 'app-src'), {
+    name: 'notes',
+    files: { 'bin/hello': '#!/bin/sh\necho hello from the next boot\n', 'data.bin': Buffer.alloc(300_001, 9) },
+  });
   for (const f of manifest.files) appFiles.set(f.path, { sha: f.sha256, size: f.size });
   await importBase(store, 'guest', fixture.images.base.path, { format: 'qcow2' });
   await createDesktop(store, 'nb', 'guest', { runtime: testGuestRuntime({ logDir: join(dir, 'logs') }) });

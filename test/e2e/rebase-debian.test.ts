@@ -7,18 +7,17 @@
  * check on every layer and the home disk.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, startDesktop, stopDesktop, verifyDesktop } from '../../src/layers/desktops.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { guestHomeMount } from '../../src/layers/home-disk.js';
 import { rebaseDesktop } from '../../src/layers/rebase.js';
 import { Store } from '../../src/layers/store.js';
 import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
-import { debianRuntime } from './guest-helpers.js';
+import { buildTestApp, debianRuntime } from './guest-helpers.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
 
@@ -53,11 +52,10 @@ beforeAll(async () => {
   await pointRelease(join(dir, 'deb2.qcow2'));
   await importBase(store, 'deb2', join(dir, 'deb2.qcow2'), { format: 'qcow2', prepareHome: true });
   runtime = debianRuntime(process.env.QLAYER_KEEP_LOGS ?? join(dir, 'logs'));
-  const source = join(dir, 'src', 'tools');
-  await mkdir(join(source, 'bin'), { recursive: true });
-  await writeFile(join(source, 'bin', 'tool'), Buffer.concat([Buffer.from('#!/bin/sh\necho tool\n'), randomBytes(700_001)]), { mode: 0o755 });
-  await writeFile(join(source, 'README'), 'rebased with the desktop\n');
-  await store.withLock(() => buildApp(store, { name: 'tools', sourceDir: source, version: '1' }));
+  await buildTestApp(store, join(dir, 'src', 'tools'), {
+    name: 'tools',
+    files: { 'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho tool\n'), randomBytes(700_001)]), mode: 0o755 }, README: 'rebased with the desktop\n' },
+  });
 }, 900_000);
 
 afterAll(async () => {

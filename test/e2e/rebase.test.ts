@@ -10,11 +10,10 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, realpathSync } from 'node:fs';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, verifyDesktop } from '../../src/layers/desktops.js';
 import { addToGroup, createGroup, groupRebase, type GroupRebaseOutcome } from '../../src/layers/groups.js';
 import { runGuestScript } from '../../src/layers/guest-script.js';
@@ -24,6 +23,7 @@ import { Store } from '../../src/layers/store.js';
 import { testGuestRuntime, desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
+import { buildTestApp } from './guest-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -88,11 +88,7 @@ beforeAll(async () => {
   await importBase(store, 'plain', fixture.images.base.path, { format: 'qcow2' });
   await smallImage(join(dir, 'small.raw'), 128);
   await importBase(store, 'small', join(dir, 'small.raw'), { format: 'raw' });
-  const source = join(dir, 'tool');
-  await mkdir(join(source, 'bin'), { recursive: true });
-  await writeFile(join(source, 'bin', 'tool'), '#!/bin/sh\necho tool\n'.repeat(5000));
-  await writeFile(join(source, 'README'), 'tool 1\n');
-  await buildApp(store, { name: 'tool', sourceDir: source, version: '1' });
+  await buildTestApp(store, join(dir, 'tool'), { name: 'tool', files: { 'bin/tool': '#!/bin/sh\necho tool\n'.repeat(5000), README: 'tool 1\n' } });
 }, 300_000);
 
 afterAll(async () => {

@@ -11,11 +11,9 @@
  * before, the store lists the apps from before, and at the end verify passes for them.
  */
 import { execa } from 'execa';
-import { mkdir, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HELPER_WRAPPER } from '../../src/layers/allocate.js';
-import { buildApp } from '../../src/layers/app.js';
 import { abortOperation, assignApps, createDesktop, desktopHandle, importBase, showDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
 import type { GuestShell } from '../../src/layers/guest-script.js';
 import { DelegatingRuntime, type DesktopHandle } from '../../src/layers/runtime.js';
@@ -23,6 +21,7 @@ import { Store } from '../../src/layers/store.js';
 import { desktopDomain, testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { tempDir } from '../helpers/qemu.js';
+import { buildTestApp } from './guest-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -64,13 +63,9 @@ async function optTree(runtime: DelegatingRuntime | LibvirtDesktopRuntime): Prom
 }
 
 async function app(name: string, files: Record<string, number>): Promise<void> {
-  const source = join(dir, 'src', name);
-  for (const [path, size] of Object.entries(files)) {
-    await mkdir(join(source, path, '..'), { recursive: true });
-    await writeFile(join(source, path), Buffer.from(`${name}:${path}\n`));
-    await truncate(join(source, path), size); // sparse: zeros, quick to build and hash
-  }
-  await buildApp(store, { name, sourceDir: source, version: '1' });
+  // Each file its name, then sparse zeros up to its size: quick to build and hash.
+  const sparse = Object.fromEntries(Object.entries(files).map(([path, size]) => [path, { content: `${name}:${path}\n`, size }]));
+  await buildTestApp(store, join(dir, 'src', name), { name, files: sparse });
 }
 
 beforeAll(async () => {
