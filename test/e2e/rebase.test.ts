@@ -78,10 +78,7 @@ beforeAll(async () => {
   ({ dir, cleanup } = await tempDir('qlayer-e2e-rebase-'));
   store = await Store.open(join(dir, 'store'));
   // QLAYER_KEEP_LOGS=DIR keeps the guests' serial logs after the run (to read why a boot failed).
-  // no_timer_check: under TCG on an overloaded host (load 18 on 2 cores was seen) the kernel's
-  // IO-APIC timer check can fail and panic the guest at boot ("IO-APIC + timer doesn't work!"),
-  // which has nothing to do with what is tested here; the check is skipped as on most VMs.
-  libvirt = testGuestRuntime({ logDir: process.env.QLAYER_KEEP_LOGS ?? join(dir, 'logs'), cmdline: `${fixture.images.base.cmdline} no_timer_check` });
+  libvirt = testGuestRuntime({ logDir: process.env.QLAYER_KEEP_LOGS ?? join(dir, 'logs') });
   await importBase(store, 'v1', fixture.images.base.path, { format: 'qcow2', prepareHome: true });
   await newerGuestImage(fixture.images.base.path, join(dir, 'v2.qcow2'));
   await importBase(store, 'v2', join(dir, 'v2.qcow2'), { format: 'qcow2', prepareHome: true });
