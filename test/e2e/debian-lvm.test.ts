@@ -10,7 +10,7 @@
  * app is assigned: its files are located offline on the LV and recomposed, verified by hashes
  * inside the guest, and unassigned; e2fsck -fn on the LV as read offline is clean.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -24,7 +24,7 @@ import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, sto
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
-import { buildTestApp, debianRuntime } from './guest-helpers.js';
+import { buildTestApp, debianRuntime, debianToolFiles } from './guest-helpers.js';
 import { tempDir } from '../helpers/qemu.js';
 
 const repo = join(import.meta.dirname, '..', '..');
@@ -70,11 +70,7 @@ beforeAll(async () => {
   runtime = debianRuntime(join(dir, 'logs'));
   app = await buildTestApp(store, join(dir, 'src', 'tools'), {
     name: 'tools',
-    files: {
-      'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho "tool on an LV"\nexit 0\n'), randomBytes(700_001)]), mode: 0o755 },
-      'share/tool/data.bin': { content: randomBytes(6 * 1048576 + 4321), mode: 0o644 },
-      'share/tool/README': { content: 'an app whose files land on an LVM root\n', mode: 0o644 },
-    },
+    files: debianToolFiles({ says: 'tool on an LV', padding: 700_001, dataBytes: 6 * 1048576 + 4321, readme: 'an app whose files land on an LVM root\n' }),
   });
 }, 1_500_000);
 

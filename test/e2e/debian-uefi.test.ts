@@ -26,7 +26,7 @@ import { Store } from '../../src/layers/store.js';
 import { desktopDomain, desktopNvramPath, NVRAM_FILE, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
-import { buildTestApp, debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
+import { buildTestApp, debianRuntime, debianToolFiles, debugfsCat, fileSha256 } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -56,10 +56,7 @@ beforeAll(async () => {
   runtime = debianRuntime(join(dir, 'logs'), 'uefi');
   app = await buildTestApp(store, join(dir, 'src', 'tools'), {
     name: 'tools',
-    files: {
-      'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(700_001)]), mode: 0o755 },
-      'share/tool/data.bin': { content: randomBytes(2 * 1048576 + 4321), mode: 0o644 },
-    },
+    files: debianToolFiles({ says: 'tool from the apps layer', padding: 700_001, dataBytes: 2 * 1048576 + 4321 }),
   });
 }, 900_000);
 

@@ -21,7 +21,7 @@ import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
 import { desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
-import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debugfsCat, fileSha256 } from './guest-helpers.js';
+import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debianToolFiles, debugfsCat, fileSha256 } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -52,11 +52,7 @@ beforeAll(async () => {
   runtime = debianRuntime(join(dir, 'logs'));
   app = await buildTestApp(store, join(dir, 'src', 'tools'), {
     name: 'tools',
-    files: {
-      'bin/tool': { content: Buffer.concat([Buffer.from('#!/bin/sh\necho "tool from the apps layer"\nexit 0\n'), randomBytes(1_500_001)]), mode: 0o755 },
-      'share/tool/data.bin': { content: randomBytes(3 * 1048576 + 12_345), mode: 0o644 },
-      'share/tool/README': { content: 'a small app for the Debian guest\n', mode: 0o644 },
-    },
+    files: debianToolFiles({ says: 'tool from the apps layer', padding: 1_500_001, dataBytes: 3 * 1048576 + 12_345, readme: 'a small app for the Debian guest\n' }),
   });
   unobserve = observeShutdowns((domain, result) => shutdowns.push({ domain, result }));
 }, 900_000);

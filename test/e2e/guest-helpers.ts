@@ -3,7 +3,7 @@
  * guest ran on it. Everything reads a raw export (`qemu-img convert -O raw`), never the qcow2
  * file directly, so the tools see exactly the virtual disk QEMU presented to the guest.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, truncate, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -64,6 +64,19 @@ export async function buildTestApp(
   }
   const { name, version = '1', prefix } = app;
   return store.withLock(() => buildApp(store, { name, sourceDir: source, version, ...(prefix ? { prefix } : {}) }));
+}
+
+/**
+ * The files of the 'tools' app the Debian tests assign: bin/tool, a script that prints `says`,
+ * padded with `padding` random bytes after its exit (so that it spans clusters); share/tool/data.bin,
+ * `dataBytes` random bytes; and share/tool/README if `readme` is given.
+ */
+export function debianToolFiles(app: { says: string; padding: number; dataBytes: number; readme?: string }): Record<string, AppSourceFile> {
+  return {
+    'bin/tool': { content: Buffer.concat([Buffer.from(`#!/bin/sh\necho "${app.says}"\nexit 0\n`), randomBytes(app.padding)]), mode: 0o755 },
+    'share/tool/data.bin': { content: randomBytes(app.dataBytes), mode: 0o644 },
+    ...(app.readme === undefined ? {} : { 'share/tool/README': { content: app.readme, mode: 0o644 } }),
+  };
 }
 
 export async function fileSha256(path: string): Promise<string> {
