@@ -4,7 +4,6 @@
  * the app (finished) or exactly as before (undone), never in between. The guest's files are read
  * offline from the desktop's chain, the way locate reads them.
  */
-import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,28 +14,12 @@ import { createDesktop, desktopHandle, importBase } from '../../src/layers/deskt
 import { Store } from '../../src/layers/store.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
-import { buildTestApp } from './guest-helpers.js';
+import { buildTestApp, killCliAt, QLAYER_CLI as CLI } from './guest-helpers.js';
 
-const CLI = join(process.cwd(), 'bin', 'qlayer.js');
 let dir: string;
 let cleanup: () => Promise<void>;
 let store: Store;
 let manifest: AppManifest;
-
-/** Run the CLI until a step line starting with `step` appears on stderr, then SIGKILL it. */
-async function killAt(args: string[], step: string): Promise<{ killed: boolean; stderr: string }> {
-  const child = spawn(process.execPath, [CLI, ...args, '--store', store.root], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  let killed = false;
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d.toString();
-    if (!killed && stderr.split('\n').some((line) => line.replace(/^• /, '').startsWith(step))) {
-      killed = child.kill('SIGKILL');
-    }
-  });
-  await new Promise((resolve) => child.on('close', resolve));
-  return { killed, stderr };
-}
 
 async function cli(args: string[]): Promise<unknown> {
   const result = await execa(process.execPath, [CLI, ...args, '--store', store.root, '--json'], { reject: false });
@@ -81,7 +64,7 @@ describe('assign killed at each step, then the next command (real guest, real SI
     ['k4', 'relinking ', 'finished'],
   ] as const)('%s: killed at "%s": the next command leaves it %s', async (name, step, outcome) => {
     await createDesktop(store, name, 'guest');
-    const { killed, stderr } = await killAt(['desktop', 'assign', name, 'kapp@1'], step);
+    const { killed, stderr } = await killCliAt(store.root, ['desktop', 'assign', name, 'kapp@1'], step);
     expect(killed, stderr).toBe(true);
     const shown = (await cli(['desktop', 'show', name])) as { operation: { phase: string; undo: string } | null; pendingRecompose: unknown; apps: string[] };
     if (outcome === 'undone') {

@@ -13,7 +13,7 @@
  *
  * Timings go to the test output (console.log) for the README.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
@@ -21,12 +21,12 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AppManifest } from '../../src/layers/app.js';
 import { assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
-import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
+import { runGuestScript } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { desktopDomain, desktopNvramPath, NVRAM_FILE, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
-import { qemuCheck, qemuImg, tempDir } from '../helpers/qemu.js';
-import { buildTestApp, debianRuntime, debianToolFiles, debugfsCat, fileSha256 } from './guest-helpers.js';
+import { qemuCheck, tempDir } from '../helpers/qemu.js';
+import { buildTestApp, debianRuntime, debianToolFiles, debugfsCat, fileSha256, rootPartitionRaw, writeAsUser } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -37,13 +37,6 @@ let app: AppManifest;
 
 const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 const virsh = async (...args: string[]): Promise<string> => (await execa('virsh', ['-c', 'qemu:///system', ...args])).stdout;
-
-/** The root partition of a desktop's chain as a raw file (for e2fsck and debugfs, which take no offset). */
-async function rootPartitionRaw(top: string, out: string): Promise<string> {
-  const { offset, size } = (fixture.manifest as { image: { filesystem: { offset: number; size: number } } }).image.filesystem;
-  await qemuImg(['convert', '-O', 'raw', '--image-opts', `driver=raw,offset=${offset},size=${size},file.driver=qcow2,file.file.filename=${top}`, out]);
-  return out;
-}
 
 beforeAll(async () => {
   const built = Date.now();
@@ -117,15 +110,9 @@ describe('a UEFI desktop: the Debian 12 guest through OVMF on q35 (TCG)', () => 
     expect(serial).toMatch(/efi: EFI v\d/); // and Linux found the EFI system table
 
     // A file written by the ordinary user, as that user.
-    const userFile = `${fixture.user.home}/notes.txt`;
     const userText = `written by ${fixture.user.name} on UEFI ${randomBytes(8).toString('hex')}\n`;
-    const userSha = createHash('sha256').update(userText).digest('hex');
-    const owner = await runGuestScript(
-      shell,
-      `runuser -u ${fixture.user.name} -- sh -c ${shellQuote(`printf %s ${shellQuote(userText)} > ${userFile}`)} && sync && stat -c %u:%U ${userFile}\n`,
-      'user write',
-    );
-    expect(owner.trim()).toBe(`${fixture.user.uid}:${fixture.user.name}`);
+    const { file: userFile, sha256: userSha, owner } = await writeAsUser(shell, fixture.user, userText);
+    expect(owner).toBe(`${fixture.user.uid}:${fixture.user.name}`);
 
     // Assign (a recompose: the guest is stopped, the chain recomposed, the definition's disk rewritten).
     t = Date.now();
@@ -171,7 +158,7 @@ describe('a UEFI desktop: the Debian 12 guest through OVMF on q35 (TCG)', () => 
       const check = await qemuCheck(layer.path);
       expect({ layer: layer.path, exitCode: check.exitCode, corruptions: check.corruptions, leaks: check.leaks }).toEqual({ layer: layer.path, exitCode: 0, corruptions: 0, leaks: 0 });
     }
-    const raw = await rootPartitionRaw(handle.userPath, join(dir, 'efi-root.raw'));
+    const raw = await rootPartitionRaw(fixture, handle.userPath, join(dir, 'efi-root.raw'));
     const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
     expect((await debugfsCat(raw, userFile)).toString()).toBe(userText);

@@ -8,7 +8,7 @@
  *
  * Timings go to the test output (console.log) for the README.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -21,7 +21,7 @@ import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
 import { desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
-import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debianToolFiles, debugfsCat, fileSha256 } from './guest-helpers.js';
+import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debianToolFiles, debugfsCat, fileSha256, rootPartitionRaw, writeAsUser } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -34,13 +34,6 @@ let unobserve: () => void = () => undefined;
 const SHUTDOWN_TIMEOUT_MS = DEBIAN_SHUTDOWN_TIMEOUT_MS;
 
 const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
-
-/** The root partition of a desktop's chain as a raw file (for e2fsck and debugfs, which take no offset). */
-async function rootPartitionRaw(top: string, out: string): Promise<string> {
-  const { offset, size } = { offset: fixture.image.filesystemOffset, size: (fixture.manifest as { image: { filesystem: { size: number } } }).image.filesystem.size };
-  await qemuImg(['convert', '-O', 'raw', '--image-opts', `driver=raw,offset=${offset},size=${size},file.driver=qcow2,file.file.filename=${top}`, out]);
-  return out;
-}
 
 beforeAll(async () => {
   const built = Date.now();
@@ -78,15 +71,9 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     const shell = runtime.shell(handle);
 
     // A file written by the ordinary user, as that user.
-    const userFile = `${fixture.user.home}/notes.txt`;
     const userText = `written by ${fixture.user.name} ${randomBytes(8).toString('hex')}\n`;
-    const userSha = createHash('sha256').update(userText).digest('hex');
-    const owner = await runGuestScript(
-      shell,
-      `runuser -u ${fixture.user.name} -- sh -c ${shellQuote(`printf %s ${shellQuote(userText)} > ${userFile}`)} && sync && stat -c %u:%U ${userFile}\n`,
-      'user write',
-    );
-    expect(owner.trim()).toBe(`${fixture.user.uid}:${fixture.user.name}`);
+    const { file: userFile, sha256: userSha, owner } = await writeAsUser(shell, fixture.user, userText);
+    expect(owner).toBe(`${fixture.user.uid}:${fixture.user.name}`);
 
     // Assign, with each phase timed from the step lines.
     const phases: Array<{ line: string; at: number }> = [];
@@ -134,7 +121,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
 
     // Offline: the root filesystem is clean, and the user's file is there, as the user wrote it.
     const top = desktopHandle(store, await store.readState(), 'deb').chain[0]!.path;
-    const raw = await rootPartitionRaw(top, join(dir, 'deb-root.raw'));
+    const raw = await rootPartitionRaw(fixture, top, join(dir, 'deb-root.raw'));
     const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
     expect((await debugfsCat(raw, userFile)).toString()).toBe(userText);
@@ -227,7 +214,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     const last = await verifyDesktop(store, runtime, 'deb');
     expect(statuses(last.files)).toMatchObject({ [edited]: 'user-changed', [deleted]: 'user-deleted' });
     expect(last.files.filter((f) => !f.ok).length).toBe(2);
-    const raw = await rootPartitionRaw((await handleOf()).userPath, join(dir, 'deb-between.raw'));
+    const raw = await rootPartitionRaw(fixture, (await handleOf()).userPath, join(dir, 'deb-between.raw'));
     const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
     expect((await debugfsCat(raw, edited)).toString()).toMatch(/the user's own line\n$/);
@@ -257,7 +244,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     expect(stop.ms).toBeLessThan(SHUTDOWN_TIMEOUT_MS / 3);
 
     // It went down cleanly: nothing to replay.
-    const raw = await rootPartitionRaw(handle.userPath, join(dir, 'nobus-root.raw'));
+    const raw = await rootPartitionRaw(fixture, handle.userPath, join(dir, 'nobus-root.raw'));
     const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
   }, 900_000);
@@ -290,7 +277,7 @@ describe('the Debian 12 guest (grub, systemd, qemu-ga) under TCG', () => {
     expect(stop.how).toBe('acpi');
     // The agent was not even connected: the stop says so, and goes to ACPI without waiting.
     expect(stop.steps.map((s) => s.detail).join(' / ')).toMatch(/no guest agent/);
-    const raw = await rootPartitionRaw(handle.userPath, join(dir, 'nobus-noagent.raw'));
+    const raw = await rootPartitionRaw(fixture, handle.userPath, join(dir, 'nobus-noagent.raw'));
     const fsck = await execa('e2fsck', ['-fn', raw], { reject: false });
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
   }, 900_000);

@@ -1,8 +1,11 @@
 /**
- * Offline oracles for the e2e tests: what e2fsprogs and qemu-img say about an image after a
- * guest ran on it. Everything reads a raw export (`qemu-img convert -O raw`), never the qcow2
- * file directly, so the tools see exactly the virtual disk QEMU presented to the guest.
+ * What the e2e tests share. Offline oracles: what e2fsprogs and qemu-img say about an image after
+ * a guest ran on it. Everything reads a raw export (`qemu-img convert -O raw`), never the qcow2
+ * file directly, so the tools see exactly the virtual disk QEMU presented to the guest. And the
+ * set-up the tests have in common: app source folders, the Debian guests' runtime, the CLI killed
+ * at a step.
  */
+import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, truncate, writeFile } from 'node:fs/promises';
@@ -12,9 +15,10 @@ import { qemuImg } from '../helpers/qemu.js';
 import { LibvirtConnection } from '../../src/virt/libvirt.js';
 import { buildApp, type AppManifest } from '../../src/layers/app.js';
 import type { Store } from '../../src/layers/store.js';
+import { runGuestScript, shellQuote, type GuestShell } from '../../src/layers/guest-script.js';
 import { createImage } from '../../src/qcow2/create.js';
 import { bootGuest, type RunningGuest } from '../../src/virt/boot.js';
-import type { Fixture } from '../../src/virt/fixture.js';
+import type { DebianFixture, Fixture } from '../../src/virt/fixture.js';
 import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 
 /** How long a Debian guest gets to shut down cleanly before it is forced off. */
@@ -77,6 +81,47 @@ export function debianToolFiles(app: { says: string; padding: number; dataBytes:
     'share/tool/data.bin': { content: randomBytes(app.dataBytes), mode: 0o644 },
     ...(app.readme === undefined ? {} : { 'share/tool/README': { content: app.readme, mode: 0o644 } }),
   };
+}
+
+/** This checkout's CLI (it runs dist/: npm run build first). */
+export const QLAYER_CLI = join(process.cwd(), 'bin', 'qlayer.js');
+
+/** Run the CLI on `store` until a step line starting with `step` appears on stderr, then SIGKILL it. */
+export async function killCliAt(store: string, args: string[], step: string): Promise<{ killed: boolean; stderr: string }> {
+  const child = spawn(process.execPath, [QLAYER_CLI, ...args, '--store', store], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  let killed = false;
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+    if (!killed && stderr.split('\n').some((line) => line.replace(/^• /, '').startsWith(step))) killed = child.kill('SIGKILL');
+  });
+  await new Promise((done) => child.on('close', done));
+  return { killed, stderr };
+}
+
+/**
+ * The root partition of a Debian desktop's chain (top layer `top`) as a raw file at `out`, for
+ * e2fsck and debugfs, which take no offset.
+ */
+export async function rootPartitionRaw(fixture: DebianFixture, top: string, out: string): Promise<string> {
+  const offset = fixture.image.filesystemOffset;
+  const { size } = (fixture.manifest as { image: { filesystem: { size: number } } }).image.filesystem;
+  await qemuImg(['convert', '-O', 'raw', '--image-opts', `driver=raw,offset=${offset},size=${size},file.driver=qcow2,file.file.filename=${top}`, out]);
+  return out;
+}
+
+/**
+ * Write `text` to notes.txt in the Debian guest's ordinary user's home, as that user, and sync.
+ * Returns the file, the text's sha256 and the file's owner as the guest's stat gives it (uid:name).
+ */
+export async function writeAsUser(shell: GuestShell, user: DebianFixture['user'], text: string): Promise<{ file: string; sha256: string; owner: string }> {
+  const file = `${user.home}/notes.txt`;
+  const owner = await runGuestScript(
+    shell,
+    `runuser -u ${user.name} -- sh -c ${shellQuote(`printf %s ${shellQuote(text)} > ${file}`)} && sync && stat -c %u:%U ${file}\n`,
+    'user write',
+  );
+  return { file, sha256: createHash('sha256').update(text).digest('hex'), owner: owner.trim() };
 }
 
 export async function fileSha256(path: string): Promise<string> {

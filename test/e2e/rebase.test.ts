@@ -7,7 +7,6 @@
  * Then the rebase stopped after each of its phases (the desktop whole every time, a rerun
  * finishes it), a group rebase with a running member, and the refusals.
  */
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, realpathSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
@@ -23,7 +22,7 @@ import { Store } from '../../src/layers/store.js';
 import { testGuestRuntime, desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
-import { buildTestApp } from './guest-helpers.js';
+import { buildTestApp, killCliAt, QLAYER_CLI as CLI } from './guest-helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -243,21 +242,6 @@ describe('desktop rebase onto a new base, keeping apps and the home disk (real g
   }, 1_200_000);
 });
 
-const CLI = join(process.cwd(), 'bin', 'qlayer.js');
-
-/** Run the CLI until a step line starting with `step` appears on stderr, then SIGKILL it. */
-async function killAt(args: string[], step: string): Promise<{ killed: boolean; stderr: string }> {
-  const child = spawn(process.execPath, [CLI, ...args, '--store', store.root], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  let killed = false;
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d.toString();
-    if (!killed && stderr.split('\n').some((line) => line.replace(/^• /, '').startsWith(step))) killed = child.kill('SIGKILL');
-  });
-  await new Promise((done) => child.on('close', done));
-  return { killed, stderr };
-}
-
 async function cli(args: string[]): Promise<{ exitCode: number; json: Record<string, unknown> }> {
   const result = await execa(process.execPath, [CLI, ...args, '--store', store.root, '--json'], { reject: false });
   return { exitCode: result.exitCode ?? -1, json: JSON.parse(result.stdout || '{}') as Record<string, unknown> };
@@ -286,7 +270,7 @@ describe('qlayer desktop rebase killed for real (SIGKILL) at each phase, then --
   ] as const)('killed at "%s" (phase %s): whole, and --resume finishes or undoes it', async (step, phase) => {
     const from = (await store.readState()).desktops.k!.base;
     const to = from === 'v1' ? 'v2' : 'v1';
-    const { killed, stderr } = await killAt(['desktop', 'rebase', 'k', '--base', to, '--yes'], step);
+    const { killed, stderr } = await killCliAt(store.root, ['desktop', 'rebase', 'k', '--base', to, '--yes'], step);
     expect(killed, stderr).toBe(true);
     const shown = await cli(['desktop', 'show', 'k']);
     expect(shown.json.rebase).toMatchObject({ phase, from, to });
