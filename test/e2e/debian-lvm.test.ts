@@ -24,7 +24,7 @@ import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, sto
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
-import { buildTestApp, debianRuntime, debianToolFiles } from './guest-helpers.js';
+import { buildTestApp, debianRuntime, debianToolFiles, seconds } from './guest-helpers.js';
 import { tempDir } from '../helpers/qemu.js';
 
 const repo = join(import.meta.dirname, '..', '..');
@@ -38,7 +38,6 @@ let cleanup: () => Promise<void>;
 let store: Store;
 let runtime: LibvirtDesktopRuntime;
 let app: AppManifest;
-const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 
 /** Open a qcow2 chain, run `job` on its volumes, close. */
 async function withVolumes<T>(top: string, job: (disk: ByteSource, volumes: Partition[]) => Promise<T>): Promise<T> {

@@ -26,7 +26,7 @@ import { Store } from '../../src/layers/store.js';
 import { desktopDomain, desktopNvramPath, NVRAM_FILE, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
-import { buildTestApp, debianRuntime, debianToolFiles, debugfsCat, fileSha256, rootPartitionRaw, writeAsUser } from './guest-helpers.js';
+import { buildTestApp, debianRuntime, debianToolFiles, debugfsCat, fileSha256, rootPartitionRaw, seconds, writeAsUser } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -35,7 +35,6 @@ let store: Store;
 let runtime: LibvirtDesktopRuntime;
 let app: AppManifest;
 
-const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 const virsh = async (...args: string[]): Promise<string> => (await execa('virsh', ['-c', 'qemu:///system', ...args])).stdout;
 
 beforeAll(async () => {

@@ -21,7 +21,7 @@ import { observeShutdowns, type ShutdownResult } from '../../src/virt/boot.js';
 import { desktopDomain, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuImg, tempDir } from '../helpers/qemu.js';
-import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debianToolFiles, debugfsCat, fileSha256, rootPartitionRaw, writeAsUser } from './guest-helpers.js';
+import { buildTestApp, DEBIAN_SHUTDOWN_TIMEOUT_MS, debianRuntime, debianToolFiles, debugfsCat, fileSha256, rootPartitionRaw, seconds, writeAsUser } from './guest-helpers.js';
 
 let fixture: DebianFixture;
 let dir: string;
@@ -32,8 +32,6 @@ let app: AppManifest;
 const shutdowns: Array<{ domain: string; result: ShutdownResult }> = [];
 let unobserve: () => void = () => undefined;
 const SHUTDOWN_TIMEOUT_MS = DEBIAN_SHUTDOWN_TIMEOUT_MS;
-
-const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 
 beforeAll(async () => {
   const built = Date.now();

@@ -24,6 +24,9 @@ import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/des
 /** How long a Debian guest gets to shut down cleanly before it is forced off. */
 export const DEBIAN_SHUTDOWN_TIMEOUT_MS = 120_000;
 
+/** A duration for the timings the Debian tests log: "12.3 s". */
+export const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
+
 /**
  * The runtime the Debian e2e tests boot their guests with: the guest's own bootloader (BIOS or
  * UEFI) under TCG, 1 GiB, and timeouts for a guest that takes 30-80 s to boot on a loaded 2-core

@@ -17,7 +17,7 @@ import { guestHomeMount } from '../../src/layers/home-disk.js';
 import { rebaseDesktop } from '../../src/layers/rebase.js';
 import { Store } from '../../src/layers/store.js';
 import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';
-import { buildTestApp, debianRuntime } from './guest-helpers.js';
+import { buildTestApp, debianRuntime, seconds } from './guest-helpers.js';
 import { ensureDebianFixture, type DebianFixture } from '../../src/virt/fixture.js';
 import { qemuCheck, tempDir } from '../helpers/qemu.js';
 
@@ -29,7 +29,6 @@ let runtime: LibvirtDesktopRuntime;
 
 const sha = (data: string | Buffer): string => createHash('sha256').update(data).digest('hex');
 const RELEASE_2 = 'PRETTY_NAME="Debian GNU/Linux 12 (qlayer point release 2)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\nID=debian\n';
-const seconds = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
 
 /** The fixture with /usr/lib/os-release (what /etc/os-release links to) replaced, by debugfs on a raw copy. */
 async function pointRelease(out: string): Promise<void> {
