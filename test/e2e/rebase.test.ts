@@ -303,6 +303,17 @@ describe('qlayer desktop rebase killed for real (SIGKILL) at each phase, then --
     expect(shown.json.rebase).toMatchObject({ phase, from, to });
     expect(shown.json.base).toBe(phase === 'switched' ? to : from);
     await assertWhole('k');
+    if (phase === 'staged' || phase === 'assigned') {
+      // The staging desktop shows as such, and assign --all leaves it (and k, which has the app) alone.
+      const listed = await cli(['desktop', 'list']);
+      expect(listed.json).toEqual(expect.arrayContaining([expect.objectContaining({ name: stagingName('k'), stagingFor: 'k' })]));
+      const all = await cli(['desktop', 'assign', '--all', 'tool@1']);
+      expect(all.exitCode).toBe(0);
+      expect(all.json.desktops).toEqual([
+        expect.objectContaining({ desktop: 'k', status: 'skipped' }),
+        expect.objectContaining({ desktop: stagingName('k'), status: 'skipped', reason: expect.stringContaining("staging desktop of k's rebase") }),
+      ]);
+    }
     const resumed = await cli(['desktop', 'rebase', '--resume', 'k']);
     expect(resumed.exitCode).toBe(0);
     expect(resumed.json.interrupted).toBe(phase === 'switched' ? 'finished' : 'discarded');

@@ -289,7 +289,7 @@ export function registerLayerCommands(program: Command): void {
   storeOptions(desktop.command('list').description('list desktops')).action(async (options: StoreCommandOptions) => {
     const { store, runtime } = await openContext(options);
     const views = await listDesktops(store, runtime);
-    printResult(options, views, () => (views.length ? views.map((v) => `${v.name}\t${v.state}\t${v.base}\t${v.apps.join(',') || '-'}`).join('\n') : 'no desktops'));
+    printResult(options, views, () => (views.length ? views.map((v) => `${v.name}\t${v.state}${v.stagingFor !== undefined ? ` (staging for ${v.stagingFor}'s rebase)` : ''}\t${v.base}\t${v.apps.join(',') || '-'}`).join('\n') : 'no desktops'));
   });
   storeOptions(desktop.command('destroy').description('delete the desktop and its apps and user layers (refused while it runs)').argument('<name>')).action(
     async (name: string, options: StoreCommandOptions) => {
