@@ -8,7 +8,7 @@
 import { availableParallelism, freemem } from 'node:os';
 import { appKey, resolveApp } from './app.js';
 import { recordDirect } from './app-sources.js';
-import { assignLocked, type AssignResult } from './desktops.js';
+import { assignLocked, type AssignResult } from './desktop-assign.js';
 import { LayerError } from './errors.js';
 import type { DesktopRuntime } from './runtime.js';
 import type { Store } from './store.js';
