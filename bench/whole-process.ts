@@ -16,7 +16,7 @@
 import { spawn } from 'node:child_process';
 import { stat, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { registerBenchSection, type BenchContext } from './harness.js';
+import { registerBenchSection, type BenchCase, type BenchContext } from './harness.js';
 
 /** The launcher a user runs (this file is compiled to dist/bench/). */
 const QLAYER_BIN = join(import.meta.dirname, '..', '..', 'bin', 'qlayer.js');
@@ -131,6 +131,63 @@ function sameJson(ours: unknown, theirs: unknown): boolean {
 
 const clusters = FRAG_CLUSTERS.toLocaleString('en-US');
 
+/**
+ * A whole-process convert of `input` with both tools (outputs named after it), checked with
+ * qemu-img compare (and check, for a qcow2 output), and with the output's allocated blocks
+ * (stat %b) within 5 % of qemu-img's: zero runs stay out as qemu-img leaves them (-S 4k).
+ */
+function convertCase(spec: { name: string; setup: (ctx: BenchContext) => Promise<void>; input: string; from: 'raw' | 'qcow2'; to: 'raw' | 'qcow2' }): BenchCase {
+  const stem = spec.input.replace(/\.[a-z0-9]+$/, '');
+  const ours = `${stem}-ours.${spec.to}`;
+  const theirs = `${stem}-theirs.${spec.to}`;
+  const args = (ctx: BenchContext, output: string): string[] => ['convert', '-f', spec.from, '-O', spec.to, f(ctx, spec.input), f(ctx, output)];
+  return {
+    name: spec.name,
+    setup: spec.setup,
+    reset: removing(ours, theirs),
+    minRuns: 10,
+    statistic: 'median',
+    async reference(ctx) {
+      await qemuImg(args(ctx, theirs));
+    },
+    async qlayer(ctx) {
+      await qlayer(['image', ...args(ctx, ours)]);
+    },
+    async verify(ctx) {
+      // The timed runs' outputs may be gone (reset runs before each): make both again, untimed.
+      await removing(ours, theirs)(ctx);
+      await qemuImg(args(ctx, theirs));
+      await qlayer(['image', ...args(ctx, ours)]);
+      await qemuImg(['compare', '-q', '-f', spec.from, '-F', spec.to, f(ctx, spec.input), f(ctx, ours)]);
+      if (spec.to === 'qcow2') await qemuImg(['check', '-q', f(ctx, ours)]);
+      const mine = await allocatedBytes(f(ctx, ours));
+      const reference = await allocatedBytes(f(ctx, theirs));
+      if (reference > 0 && Math.abs(mine - reference) / reference > 0.05) throw new Error(`${spec.to} output allocates ${mine} bytes, qemu-img's ${reference}`);
+    },
+  };
+}
+
+/** The same report from qemu-img and qlayer on the fragmented image, compared by `same`. */
+function jsonCase(spec: { name: string; theirs: (path: string) => string[]; ours: (path: string) => string[]; same: (ours: string, theirs: string) => boolean }): BenchCase {
+  return {
+    name: spec.name,
+    setup: fragmentedImage,
+    minRuns: 10,
+    statistic: 'median',
+    async reference(ctx) {
+      ctx.state.set('theirs', await qemuImg(spec.theirs(f(ctx, 'frag.qcow2'))));
+    },
+    async qlayer(ctx) {
+      ctx.state.set('ours', await qlayer(spec.ours(f(ctx, 'frag.qcow2'))));
+    },
+    async verify(ctx) {
+      const ours = ctx.state.get('ours') as string;
+      const theirs = ctx.state.get('theirs') as string;
+      if (!spec.same(ours, theirs)) throw new Error(`${spec.name}: qlayer printed ${ours.slice(0, 400)}, qemu-img ${theirs.slice(0, 400)}`);
+    },
+  };
+}
+
 registerBenchSection({
   name: 'whole process',
   cases: [
@@ -194,84 +251,37 @@ registerBenchSection({
         }
       },
     },
-    {
+    convertCase({
       name: 'convert 1 GiB raw (half data, holes) -> qcow2',
       setup: halfDataRaw,
-      reset: removing('half-ours.qcow2', 'half-theirs.qcow2'),
-      minRuns: 10,
-      statistic: 'median',
-      async reference(ctx) {
-        await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', f(ctx, 'half.raw'), f(ctx, 'half-theirs.qcow2')]);
-      },
-      async qlayer(ctx) {
-        await qlayer(['image', 'convert', '-f', 'raw', '-O', 'qcow2', f(ctx, 'half.raw'), f(ctx, 'half-ours.qcow2')]);
-      },
-      async verify(ctx) {
-        await removing('half-ours.qcow2')(ctx);
-        await qlayer(['image', 'convert', '-f', 'raw', '-O', 'qcow2', f(ctx, 'half.raw'), f(ctx, 'half-ours.qcow2')]);
-        await qemuImg(['compare', '-q', '-f', 'raw', '-F', 'qcow2', f(ctx, 'half.raw'), f(ctx, 'half-ours.qcow2')]);
-        await qemuImg(['check', '-q', f(ctx, 'half-ours.qcow2')]);
-      },
-    },
-    {
+      input: 'half.raw',
+      from: 'raw',
+      to: 'qcow2',
+    }),
+    convertCase({
       name: 'convert a fragmented 8 GiB qcow2 (20,000 scattered 4 KiB writes) -> raw',
       setup: scatteredImage,
-      reset: removing('scattered-ours.raw', 'scattered-theirs.raw'),
-      minRuns: 10,
-      statistic: 'median',
-      async reference(ctx) {
-        await qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', f(ctx, 'scattered.qcow2'), f(ctx, 'scattered-theirs.raw')]);
-      },
-      async qlayer(ctx) {
-        await qlayer(['image', 'convert', '-f', 'qcow2', '-O', 'raw', f(ctx, 'scattered.qcow2'), f(ctx, 'scattered-ours.raw')]);
-      },
-      async verify(ctx) {
-        // Zero runs stay holes as qemu-img leaves them (-S 4k): allocated blocks within 5 %.
-        // The timed runs' outputs may be gone (reset runs before each): make both again, untimed.
-        await removing('scattered-ours.raw', 'scattered-theirs.raw')(ctx);
-        await qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', f(ctx, 'scattered.qcow2'), f(ctx, 'scattered-theirs.raw')]);
-        await qlayer(['image', 'convert', '-f', 'qcow2', '-O', 'raw', f(ctx, 'scattered.qcow2'), f(ctx, 'scattered-ours.raw')]);
-        const ours = await allocatedBytes(f(ctx, 'scattered-ours.raw'));
-        const theirs = await allocatedBytes(f(ctx, 'scattered-theirs.raw'));
-        ctx.state.set('allocated', `${ours} vs ${theirs} bytes allocated`);
-        await qemuImg(['compare', '-q', '-f', 'qcow2', '-F', 'raw', f(ctx, 'scattered.qcow2'), f(ctx, 'scattered-ours.raw')]);
-        if (theirs > 0 && Math.abs(ours - theirs) / theirs > 0.05) throw new Error(`raw output allocates ${ours} bytes, qemu-img's ${theirs}`);
-      },
-    },
-    {
+      input: 'scattered.qcow2',
+      from: 'qcow2',
+      to: 'raw',
+    }),
+    jsonCase({
       name: `map --json of a fragmented 64 GiB image (${clusters} clusters)`,
-      setup: fragmentedImage,
-      minRuns: 10,
-      statistic: 'median',
-      async reference(ctx) {
-        ctx.state.set('theirs', await qemuImg(['map', '--output=json', f(ctx, 'frag.qcow2')]));
+      theirs: (path) => ['map', '--output=json', path],
+      ours: (path) => ['image', 'map', '--json', path],
+      // Byte for byte: qlayer prints qemu-img's exact text.
+      same: (ours, theirs) => ours === theirs,
+    }),
+    jsonCase({
+      name: 'check --json of the same image',
+      theirs: (path) => ['check', '--output=json', path],
+      ours: (path) => ['image', 'check', '--json', path],
+      // qemu-img's keys (as bench/qcow2-ops.ts compares them).
+      same: (ours, theirs) => {
+        const mine = JSON.parse(ours) as Record<string, unknown>;
+        const reference = JSON.parse(theirs) as Record<string, unknown>;
+        return sameJson(Object.fromEntries(Object.keys(reference).map((key) => [key, mine[key]])), reference);
       },
-      async qlayer(ctx) {
-        ctx.state.set('ours', await qlayer(['image', 'map', '--json', f(ctx, 'frag.qcow2')]));
-      },
-      async verify(ctx) {
-        // Byte for byte: qlayer prints qemu-img's exact text.
-        if (ctx.state.get('ours') !== ctx.state.get('theirs')) throw new Error('map --json differs from qemu-img map --output=json');
-      },
-    },
-    {
-      name: `check --json of the same image`,
-      setup: fragmentedImage,
-      minRuns: 10,
-      statistic: 'median',
-      async reference(ctx) {
-        ctx.state.set('theirs', await qemuImg(['check', '--output=json', f(ctx, 'frag.qcow2')]));
-      },
-      async qlayer(ctx) {
-        ctx.state.set('ours', await qlayer(['image', 'check', '--json', f(ctx, 'frag.qcow2')]));
-      },
-      async verify(ctx) {
-        const ours = JSON.parse(ctx.state.get('ours') as string) as Record<string, unknown>;
-        const theirs = JSON.parse(ctx.state.get('theirs') as string) as Record<string, unknown>;
-        // qemu-img's keys (as bench/qcow2-ops.ts compares them).
-        const picked = Object.fromEntries(Object.keys(theirs).map((key) => [key, ours[key]]));
-        if (!sameJson(picked, theirs)) throw new Error(`check differs: ours ${JSON.stringify(ours)}, qemu-img ${JSON.stringify(theirs)}`);
-      },
-    },
+    }),
   ],
 });

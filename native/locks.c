@@ -8,6 +8,10 @@
  * Why not /proc/locks: the first read of /proc/locks in a process waits for an RCU grace period
  * (locks_start takes the file-lock rwsem for writing), 5-30 ms on a busy host; `qlayer image
  * info` asks on every run. QEMU asks the same way (qemu_lock_fd_test).
+ *
+ * lockShared(fd, start, length) -> null when fcntl(F_OFD_SETLK) took a shared (read) lock on
+ * [start, start + length) for the open file description of fd, else the errno name. QEMU holds
+ * its permission bytes with such locks (qemu_lock_fd); they last until the description is closed.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,5 +62,36 @@ napi_value qlayer_lock_test(napi_env env, napi_callback_info info) {
 #else
   napi_throw_error(env, "ENOSYS", "F_OFD_GETLK is not available on this platform");
   return NULL;
+#endif
+}
+
+napi_value qlayer_lock_shared(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int32_t fd;
+  int64_t start, length;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &start) != napi_ok || napi_get_value_int64(env, argv[2], &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "lockShared(fd, start, length) needs three numbers");
+    return NULL;
+  }
+  napi_value result;
+#ifdef F_OFD_SETLK
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_type = F_RDLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)start;
+  fl.l_len = (off_t)length;
+  if (fcntl(fd, F_OFD_SETLK, &fl) == 0) {
+    napi_get_null(env, &result);
+    return result;
+  }
+  int e = errno;
+  napi_create_string_utf8(env, e == EAGAIN ? "EAGAIN" : e == EACCES ? "EACCES" : e == EBADF ? "EBADF" : e == EINVAL ? "EINVAL" : e == ENOLCK ? "ENOLCK" : "EIO", NAPI_AUTO_LENGTH, &result);
+  return result;
+#else
+  napi_create_string_utf8(env, "ENOSYS", NAPI_AUTO_LENGTH, &result);
+  return result;
 #endif
 }

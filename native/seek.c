@@ -8,6 +8,7 @@
  *   SEEK_DATA, SEEK_HOLE: the whence values of this platform.
  *   clone(...): FICLONERANGE, in clone.c.
  *   lockTest(...): fcntl(F_OFD_GETLK), in locks.c.
+ *   lockShared(...): fcntl(F_OFD_SETLK) for a read lock, in locks.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -59,6 +60,7 @@ static napi_value seek(napi_env env, napi_callback_info info) {
 
 napi_value qlayer_clone_range(napi_env env, napi_callback_info info);
 napi_value qlayer_lock_test(napi_env env, napi_callback_info info);
+napi_value qlayer_lock_shared(napi_env env, napi_callback_info info);
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn, data, hole;
@@ -70,6 +72,9 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_value lockTest;
   napi_create_function(env, "lockTest", NAPI_AUTO_LENGTH, qlayer_lock_test, NULL, &lockTest);
   napi_set_named_property(env, exports, "lockTest", lockTest);
+  napi_value lockShared;
+  napi_create_function(env, "lockShared", NAPI_AUTO_LENGTH, qlayer_lock_shared, NULL, &lockShared);
+  napi_set_named_property(env, exports, "lockShared", lockShared);
 #if defined(SEEK_DATA) && defined(SEEK_HOLE)
   napi_create_int32(env, SEEK_DATA, &data);
   napi_create_int32(env, SEEK_HOLE, &hole);

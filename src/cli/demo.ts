@@ -9,17 +9,12 @@ import { mkdir, mkdtemp, rm, writeFile, chmod } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { buildApp, type AppManifest } from '../layers/app.js';
-import {
-  assignApps,
-  createDesktop,
-  desktopHandle,
-  destroyDesktop,
-  importBase,
-  stopDesktop,
-  unassignApps,
-  verifyDesktop,
-  type VerifyResult,
-} from '../layers/desktops.js';
+import { importBase } from '../layers/bases.js';
+import { assignApps } from '../layers/desktop-assign.js';
+import { desktopHandle } from '../layers/desktop-handle.js';
+import { createDesktop, destroyDesktop, stopDesktop } from '../layers/desktop-lifecycle.js';
+import { unassignApps } from '../layers/desktop-unassign.js';
+import { verifyDesktop, type VerifyResult } from '../layers/desktop-verify.js';
 import { runGuestScript, shellQuote } from '../layers/guest-script.js';
 import { LibvirtDesktopRuntime } from '../virt/desktop-runtime.js';
 import { ensureDebianFixture, ensureFixture } from '../virt/fixture.js';

@@ -2,6 +2,7 @@ import { closeSync, constants as fsConstants, openSync } from 'node:fs';
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { QlayerError } from '../errors.js';
 import { nativeBinding } from './native.js';
+import { ownLockDescriptor } from './qemu-locks.js';
 import { processCommandLine } from './process.js';
 
 /**
@@ -61,12 +62,15 @@ export async function lockEntries(path: string): Promise<LockEntry[]> {
  * instead. That read is exact too but slow: the first one in a process waits for an RCU grace
  * period in the kernel, 5-30 ms, which `image info` would pay on every run. The descriptor is
  * opened without following FIFOs' writers (O_NONBLOCK) and closed at once; qlayer holds no POSIX
- * locks that the close could drop.
+ * locks that the close could drop (its QEMU locks are OFD locks, on another descriptor).
  */
 function heldLock(path: string, start: number, length: number): LockEntry | null | undefined {
   const lockTest = nativeBinding()?.lockTest;
   if (lockTest === undefined) return undefined;
-  const fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  // While this process writes the image it holds QEMU's locks itself (qemu-locks.ts): ask through
+  // that descriptor, which does not see its own locks, only other processes'.
+  const own = ownLockDescriptor(path);
+  const fd = own ?? openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
   try {
     const lock = lockTest(fd, start, length);
     if (lock === null) return null;
@@ -74,7 +78,7 @@ function heldLock(path: string, start: number, length: number): LockEntry | null
   } catch {
     return undefined;
   } finally {
-    closeSync(fd);
+    if (own === undefined) closeSync(fd);
   }
 }
 

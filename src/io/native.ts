@@ -17,6 +17,8 @@ export interface NativeBinding {
   clone?: (srcFd: number, srcOffset: number, length: number, dstFd: number, dstOffset: number) => string | null;
   /** fcntl(F_OFD_GETLK) for a write lock: one lock another open file holds in the range, or null (native/locks.c). */
   lockTest?: (fd: number, start: number, length: number) => { type: 'READ' | 'WRITE'; pid: number; start: number; length: number } | null;
+  /** fcntl(F_OFD_SETLK) for a shared lock on fd's open file: null when held, else the errno name (native/locks.c). */
+  lockShared?: (fd: number, start: number, length: number) => string | null;
 }
 
 let binding: NativeBinding | null | undefined;

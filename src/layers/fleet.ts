@@ -8,7 +8,7 @@
 import { availableParallelism, freemem } from 'node:os';
 import { appKey, resolveApp } from './app.js';
 import { recordDirect } from './app-sources.js';
-import { assignLocked, type AssignResult } from './desktops.js';
+import { assignLocked, type AssignResult } from './desktop-assign.js';
 import { LayerError } from './errors.js';
 import type { DesktopRuntime } from './runtime.js';
 import type { Store } from './store.js';
@@ -62,6 +62,11 @@ export async function assignToDesktops(store: Store, runtime: DesktopRuntime, na
       const started = Date.now();
       const log = (message: string): void => options.log?.(desktop, message);
       const has = manifests.map((m) => state.desktops[desktop]!.apps.find((a) => a.split('@')[0] === m.name)).filter((a): a is string => a !== undefined);
+      // An interrupted rebase's staging desktop gets its apps from that rebase, not from --all.
+      const stagingFor = state.desktops[desktop]!.stagingFor;
+      if (names === 'all' && stagingFor !== undefined) {
+        return { desktop, status: 'skipped', reason: `the staging desktop of ${stagingFor}'s rebase (qlayer desktop rebase ${stagingFor} --resume finishes it)`, elapsedMs: 0 };
+      }
       if (names === 'all' && has.length) {
         return { desktop, status: 'skipped', reason: `already has ${has.join(', ')}`, elapsedMs: 0 };
       }

@@ -10,7 +10,10 @@
  */
 import { appKey, resolveApp, type AppManifest } from './app.js';
 import { appName, wantedApps } from './app-sources.js';
-import { assignLocked, desktopHandle, unassignLocked, updateLocked } from './desktops.js';
+import { assignLocked } from './desktop-assign.js';
+import { desktopHandle } from './desktop-handle.js';
+import { unassignLocked } from './desktop-unassign.js';
+import { updateLocked } from './desktop-update.js';
 import { LayerError } from './errors.js';
 import { checkName } from './names.js';
 import type { DesktopRuntime } from './runtime.js';

@@ -117,7 +117,7 @@ export interface GuestOperation {
  * The host half of an assign or unassign `--at-next-boot`: the guest half (placeholders
  * allocated, or the app's files deleted) is done; locating and recomposing wait for the next
  * start. Why the last attempt did not run is not kept here: the hook may find the store locked,
- * so it writes that beside the desktop (src/layers/pending.ts).
+ * so it writes that beside the desktop (src/layers/pending-boot-status.ts).
  */
 export interface PendingBootChange {
   kind: 'assign' | 'unassign';

@@ -13,6 +13,7 @@
  */
 import type { ByteSource } from '../io/byte-source.js';
 import { assertNotLocked } from '../io/in-use.js';
+import { holdWriteLocks } from '../io/qemu-locks.js';
 import { nodeFileSystem, type FileSystemAccess, type HostFile } from '../io/host-file.js';
 import { NamedFilePolicy } from './named-files.js';
 import { assertPlainFileName } from './referenced-names.js';
@@ -75,6 +76,8 @@ export class Qcow2Image implements ByteSource {
   private headerDirty = false;
   private snapshotList: SnapshotInfo[] | null = null;
   private closed = false;
+  /** Drops this image's QEMU locks from the process's list (closing the files drops the locks). */
+  private releaseLocks: Array<() => void> = [];
   /** Reads share, mutations run alone (see rwlock.ts). */
   private readonly lock = new ReadWriteLock();
 
@@ -122,7 +125,10 @@ export class Qcow2Image implements ByteSource {
     const policy = options.namedFiles ?? (await NamedFilePolicy.forImage(path, { fs }));
     const file = options.opened ?? (await policy.openTop(path, writable ? 'write' : 'read')).file;
     let dataFile: HostFile | null = null;
+    const releaseLocks: Array<() => void> = [];
     try {
+      // Hold the locks a QEMU writer holds, so that no guest or qemu-img opens what we rewrite.
+      if (writable && file.fd !== undefined) releaseLocks.push(holdWriteLocks(file.fd, path));
       const fileLength = await file.length();
       const probe = new Uint8Array(Math.min(HEADER_PROBE_BYTES, fileLength));
       await file.read(probe, 0);
@@ -152,6 +158,7 @@ export class Qcow2Image implements ByteSource {
         const name = externalDataFileOf(header);
         if (name === null) throw new Qcow2Error('qcow2.bad-header-extension', `${path}: external data file bit set but no data file name extension`);
         dataFile = (await policy.open(name, path, 'external data file', writable ? 'write' : 'read')).file;
+        if (writable && dataFile.fd !== undefined) releaseLocks.push(holdWriteLocks(dataFile.fd, dataFile.path));
       }
       const g = geometry(header.clusterBits, (inc & Incompatible.extendedL2) !== 0n, header.refcountOrder);
       const l1Bytes = new Uint8Array(header.l1Size * 8);
@@ -169,9 +176,11 @@ export class Qcow2Image implements ByteSource {
         fileLength,
         options.cacheBytes ?? 32 * 1024 * 1024,
       );
+      image.releaseLocks = releaseLocks;
       if (writable) await image.prepareForWriting();
       return image;
     } catch (error) {
+      for (const release of releaseLocks) release();
       await file.close().catch(() => undefined);
       await dataFile?.close().catch(() => undefined);
       throw error;
@@ -500,6 +509,7 @@ export class Qcow2Image implements ByteSource {
       if (this.writable) await this.lock.write(() => this.flushUnlocked());
     } finally {
       this.closed = true;
+      for (const release of this.releaseLocks) release();
       await this.file.close();
       await this.dataFile?.close();
     }

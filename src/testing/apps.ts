@@ -11,7 +11,10 @@
  */
 import { join } from 'node:path';
 import { buildApp } from '../layers/app.js';
-import { assignApps, createDesktop, desktopHandle, importBase } from '../layers/desktops.js';
+import { importBase } from '../layers/bases.js';
+import { assignApps } from '../layers/desktop-assign.js';
+import { desktopHandle } from '../layers/desktop-handle.js';
+import { createDesktop } from '../layers/desktop-lifecycle.js';
 import type { DesktopHandle, DesktopRuntime } from '../layers/runtime.js';
 import type { GuestShell } from '../layers/guest-script.js';
 import { Store } from '../layers/store.js';

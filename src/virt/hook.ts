@@ -2,7 +2,7 @@
  * libvirt's QEMU hook for qlayer: /etc/libvirt/hooks/qemu, which libvirtd runs as
  * `qemu DOMAIN OPERATION SUB-OPERATION EXTRA` with the domain's XML on stdin. At `prepare begin`
  * (in qemuProcessInit, before the disk chain is set up, security labels applied or QEMU
- * started) it applies a desktop's change recorded `--at-next-boot` (src/layers/pending.ts).
+ * started) it applies a desktop's change recorded `--at-next-boot` (src/layers/pending-boot-apply.ts).
  *
  * The rules it lives by:
  * - it never calls libvirt (libvirtd waits for it while holding the domain: a call back deadlocks);
@@ -14,7 +14,7 @@
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { chmod, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { applyPendingAtStart, type ApplyResult } from '../layers/pending.js';
+import { applyPendingAtStart, type ApplyResult } from '../layers/pending-boot-apply.js';
 import { diskSources, parseDesktopMetadata } from './domain-xml.js';
 import { VirtError } from './errors.js';
 

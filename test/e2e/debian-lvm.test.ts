@@ -20,7 +20,12 @@ import { openGuestFilesystem, readVolumes, type Partition } from '../../src/fs/i
 import { volumeSource } from '../../src/fs/lvm/mapping.js';
 import { readBytes, type ByteSource } from '../../src/io/byte-source.js';
 import { type AppManifest } from '../../src/layers/app.js';
-import { assignApps, createDesktop, desktopHandle, importBase, startDesktop, stopDesktop, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
+import { assignApps } from '../../src/layers/desktop-assign.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop, startDesktop, stopDesktop } from '../../src/layers/desktop-lifecycle.js';
+import { unassignApps } from '../../src/layers/desktop-unassign.js';
+import { verifyDesktop } from '../../src/layers/desktop-verify.js';
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { Store } from '../../src/layers/store.js';
 import { type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';

@@ -10,17 +10,14 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AppManifest } from '../../src/layers/app.js';
-import {
-  assignApps,
-  createDesktop,
-  desktopHandle,
-  importBase,
-  recomposeDesktop,
-  showDesktop,
-  startDesktop,
-  unassignApps,
-  verifyDesktop,
-} from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
+import { assignApps } from '../../src/layers/desktop-assign.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop, startDesktop } from '../../src/layers/desktop-lifecycle.js';
+import { recomposeDesktop } from '../../src/layers/desktop-offline.js';
+import { unassignApps } from '../../src/layers/desktop-unassign.js';
+import { verifyDesktop } from '../../src/layers/desktop-verify.js';
+import { showDesktop } from '../../src/layers/desktop-views.js';
 import { guestHelperPath } from '../../src/layers/guest-alloc.js';
 import { runGuestScript, shellQuote } from '../../src/layers/guest-script.js';
 import { planAssign } from '../../src/layers/plan.js';

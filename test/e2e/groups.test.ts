@@ -8,7 +8,11 @@
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createDesktop, desktopHandle, importBase, removeBase, unassignApps, verifyDesktop } from '../../src/layers/desktops.js';
+import { importBase, removeBase } from '../../src/layers/bases.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop } from '../../src/layers/desktop-lifecycle.js';
+import { unassignApps } from '../../src/layers/desktop-unassign.js';
+import { verifyDesktop } from '../../src/layers/desktop-verify.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, rollOutGroup, type RolloutOutcome } from '../../src/layers/groups.js';
 import { Store } from '../../src/layers/store.js';
 import { testGuestRuntime, type LibvirtDesktopRuntime } from '../../src/virt/desktop-runtime.js';

@@ -13,7 +13,11 @@ import { writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { assignApps, createDesktop, desktopHandle, destroyDesktop, importBase, verifyDesktop } from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
+import { assignApps } from '../../src/layers/desktop-assign.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop, destroyDesktop } from '../../src/layers/desktop-lifecycle.js';
+import { verifyDesktop } from '../../src/layers/desktop-verify.js';
 import { addToGroup, createGroup, groupRebase, type GroupRebaseOutcome } from '../../src/layers/groups.js';
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { rebaseDesktop, stagingName } from '../../src/layers/rebase.js';
@@ -276,6 +280,17 @@ describe('qlayer desktop rebase killed for real (SIGKILL) at each phase, then --
     expect(shown.json.rebase).toMatchObject({ phase, from, to });
     expect(shown.json.base).toBe(phase === 'switched' ? to : from);
     await assertWhole('k');
+    if (phase === 'staged' || phase === 'assigned') {
+      // The staging desktop shows as such, and assign --all leaves it (and k, which has the app) alone.
+      const listed = await cli(['desktop', 'list']);
+      expect(listed.json).toEqual(expect.arrayContaining([expect.objectContaining({ name: stagingName('k'), stagingFor: 'k' })]));
+      const all = await cli(['desktop', 'assign', '--all', 'tool@1']);
+      expect(all.exitCode).toBe(0);
+      expect(all.json.desktops).toEqual([
+        expect.objectContaining({ desktop: 'k', status: 'skipped' }),
+        expect.objectContaining({ desktop: stagingName('k'), status: 'skipped', reason: expect.stringContaining("staging desktop of k's rebase") }),
+      ]);
+    }
     const resumed = await cli(['desktop', 'rebase', '--resume', 'k']);
     expect(resumed.exitCode).toBe(0);
     expect(resumed.json.interrupted).toBe(phase === 'switched' ? 'finished' : 'discarded');

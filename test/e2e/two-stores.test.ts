@@ -8,16 +8,11 @@
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  createDesktop,
-  desktopHandle,
-  destroyDesktop,
-  importBase,
-  showDesktop,
-  startDesktop,
-  stopDesktop,
-  verifyDesktop,
-} from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop, destroyDesktop, startDesktop, stopDesktop } from '../../src/layers/desktop-lifecycle.js';
+import { verifyDesktop } from '../../src/layers/desktop-verify.js';
+import { showDesktop } from '../../src/layers/desktop-views.js';
 import { runGuestScript } from '../../src/layers/guest-script.js';
 import { DelegatingRuntime, type DesktopHandle } from '../../src/layers/runtime.js';
 import { Store } from '../../src/layers/store.js';

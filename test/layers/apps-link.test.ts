@@ -6,7 +6,9 @@
 import { lstat, readlink, rm } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createDesktop, desktopHandle, importBase } from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop } from '../../src/layers/desktop-lifecycle.js';
 import { APPS_LINK, pointAppsLink } from '../../src/layers/recompose.js';
 import { Store } from '../../src/layers/store.js';
 import { createImage } from '../../src/qcow2/create.js';

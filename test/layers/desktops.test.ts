@@ -3,7 +3,10 @@ import { rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openChain } from '../../src/chain/chain.js';
-import { createDesktop, desktopHandle, destroyDesktop, importBase, listDesktops, showDesktop } from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
+import { desktopHandle } from '../../src/layers/desktop-handle.js';
+import { createDesktop, destroyDesktop } from '../../src/layers/desktop-lifecycle.js';
+import { listDesktops, showDesktop } from '../../src/layers/desktop-views.js';
 import { Store } from '../../src/layers/store.js';
 import { qemuCheck, qemuCreate, qemuImg, qemuInfo, qemuIo, qemuRawHash, tempDir } from '../helpers/qemu.js';
 

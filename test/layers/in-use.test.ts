@@ -47,10 +47,14 @@ describe('locksOn', () => {
   });
 });
 
-/** Start a paused qemu-system on `image` (read-write, as a guest runs it) and wait for its locks. */
-async function qemuOn(image: string) {
+/**
+ * Start a paused qemu-system on `image` (read-write, as a guest runs it) and wait for its locks:
+ * the writer's on the image, and any on each of `backing` (QEMU locks those a moment later).
+ */
+async function qemuOn(image: string, backing: string[] = []) {
   const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${image},format=qcow2`, '-S'], { reject: false });
-  for (let i = 0; i < 200 && (await writerLocks(image)).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+  const locked = async () => (await writerLocks(image)).length > 0 && (await Promise.all(backing.map(locksOn))).every((locks) => locks.length > 0);
+  for (let i = 0; i < 200 && !(await locked()); i++) await new Promise((r) => setTimeout(r, 50));
   return { qemu }; // wrapped: an execa child is thenable, and returning it would wait for its exit
 }
 
@@ -62,7 +66,7 @@ describe('images a running QEMU writes', () => {
     await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
     await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 1M', base]);
     await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
-    const { qemu } = await qemuOn(top);
+    const { qemu } = await qemuOn(top, [base]);
     try {
       expect((await writerLocks(top)).length).toBeGreaterThan(0);
       // The guest reads the base through the chain: locked, but not for writing.

@@ -6,7 +6,7 @@ import { execa } from 'execa';
 import { describe, expect, it } from 'vitest';
 import { buildApp, listApps, PAYLOAD_ALIGNMENT, resolveApp } from '../../src/layers/app.js';
 import { Store } from '../../src/layers/store.js';
-import { importBase } from '../../src/layers/desktops.js';
+import { importBase } from '../../src/layers/bases.js';
 import { processStartTime } from '../../src/io/process.js';
 
 const sha256 = (data: Buffer): string => createHash('sha256').update(data).digest('hex');

@@ -2,7 +2,8 @@
  * QEMU's image locks asked two ways: fcntl(F_OFD_GETLK) through the native helper (native/locks.c)
  * and /proc/locks (the fallback without it). A paused QEMU runs a chain: it writes the top image
  * and only reads the base. Both ways must tell the two apart the same way, and see nothing once
- * QEMU is gone.
+ * QEMU is gone. And the other way round: while qlayer writes an image it holds a QEMU writer's
+ * locks, so QEMU (a guest start, qemu-img) refuses it in QEMU's own words.
  */
 import { mkdtempSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
@@ -12,6 +13,7 @@ import { execa } from 'execa';
 import { afterEach, describe, expect, it } from 'vitest';
 import { assertNotLocked, lockEntries, writerLocks } from '../../src/io/in-use.js';
 import { nativeBinding, resetNativeBinding } from '../../src/io/native.js';
+import { Qcow2Image } from '../../src/qcow2/image.js';
 
 afterEach(() => {
   delete process.env.QLAYER_NO_NATIVE;
@@ -69,4 +71,76 @@ describe('QEMU image locks, native fcntl and /proc/locks', () => {
       await rm(dir, { recursive: true, force: true });
     }
   }, 60_000);
+});
+
+describe('qlayer holds QEMU writer locks while it writes an image', () => {
+  it('a guest start and qemu-img refuse the image until qlayer closes it; qlayer itself is not refused by its own locks', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qlayer-locks-'));
+    try {
+      const base = join(dir, 'base.qcow2');
+      const top = join(dir, 'top.qcow2');
+      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
+      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+      const startGuest = () =>
+        execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${top},format=qcow2`, '-S'], { reject: false, timeout: 20_000 });
+
+      const image = await Qcow2Image.open(top, { writable: true });
+      try {
+        await image.write(new Uint8Array(4096).fill(7), 0);
+        // QEMU's own words for an image another writer holds.
+        const guest = await startGuest();
+        expect(guest.exitCode).not.toBe(0);
+        expect(guest.stderr).toMatch(/Failed to get "write" lock/);
+        const info = await execa('qemu-img', ['info', top], { reject: false });
+        expect(info.exitCode).not.toBe(0);
+        expect(info.stderr).toMatch(/Failed to get shared "write" lock/);
+        // -U reads it anyway, as with a running guest's image.
+        expect((await execa('qemu-img', ['info', '-U', '--output=json', top])).stdout).toMatch(/"virtual-size": 16777216/);
+        // Another qlayer process is refused too; this one is not refused by its own locks.
+        const resize = await execa(process.execPath, ['bin/qlayer.js', 'image', 'resize', top, '32M', '--json'], { reject: false });
+        expect([resize.exitCode, JSON.parse(resize.stdout).error.code]).toEqual([1, 'image.in-use']);
+        await assertNotLocked(top);
+        expect(await writerLocks(top)).toEqual([]);
+        // The base is only read: QEMU may still open it (qemu-img info of it works).
+        await execa('qemu-img', ['info', base]);
+      } finally {
+        await image.close();
+      }
+      // Closed: the locks are gone and a guest starts.
+      expect(await lockEntries(top)).toEqual([]);
+      const qemu = startGuest();
+      try {
+        for (let i = 0; i < 200 && (await lockEntries(top)).length === 0; i++) await new Promise((r) => setTimeout(r, 50));
+        expect((await writerLocks(top)).length).toBeGreaterThan(0);
+        // ... and now qlayer refuses to write it.
+        await expect(Qcow2Image.open(top, { writable: true })).rejects.toMatchObject({ code: 'image.in-use' });
+      } finally {
+        qemu.kill('SIGKILL');
+        await qemu;
+      }
+      await execa('qemu-img', ['check', '-q', top]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  it('without the native helper nothing is held (as QEMU without OFD locks), and the write still works', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qlayer-locks-'));
+    try {
+      const top = join(dir, 'top.qcow2');
+      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', top, '16M']);
+      process.env.QLAYER_NO_NATIVE = '1';
+      resetNativeBinding();
+      const image = await Qcow2Image.open(top, { writable: true });
+      try {
+        await image.write(new Uint8Array(512).fill(1), 0);
+        expect(await lockEntries(top)).toEqual([]);
+      } finally {
+        await image.close();
+      }
+      await execa('qemu-img', ['check', '-q', top]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
 });

@@ -5,29 +5,19 @@ import { readFile } from 'node:fs/promises';
 import { Command } from 'commander';
 import { QlayerError } from '../../errors.js';
 import { buildApp, listApps, resolveApp } from '../../layers/app.js';
-import {
-  abortOperation,
-  adoptDesktop,
-  assignApps,
-  createDesktop,
-  desktopHandle,
-  destroyDesktop,
-  importBase,
-  listDesktops,
-  recomposeDesktop,
-  releaseDesktop,
-  removeBase,
-  showDesktop,
-  startDesktop,
-  stopDesktop,
-  unassignApps,
-  updateApp,
-  verifyDesktop,
-  type AssignResult,
-  type DesktopView,
-} from '../../layers/desktops.js';
+import { importBase, removeBase } from '../../layers/bases.js';
+import { adoptDesktop, releaseDesktop } from '../../layers/desktop-adopt.js';
+import { assignApps, type AssignResult } from '../../layers/desktop-assign.js';
+import { desktopHandle } from '../../layers/desktop-handle.js';
+import { createDesktop, destroyDesktop, startDesktop, stopDesktop } from '../../layers/desktop-lifecycle.js';
+import { recomposeDesktop } from '../../layers/desktop-offline.js';
+import { unassignApps } from '../../layers/desktop-unassign.js';
+import { abortOperation } from '../../layers/desktop-undo.js';
+import { updateApp } from '../../layers/desktop-update.js';
+import { verifyDesktop } from '../../layers/desktop-verify.js';
+import { listDesktops, showDesktop, type DesktopView } from '../../layers/desktop-views.js';
 import { desktopDomain } from '../../virt/desktop-runtime.js';
-import { abortPendingAssign, assignAtNextBoot, unassignAtNextBoot, type AtNextBootResult } from '../../layers/pending.js';
+import { abortPendingAssign, assignAtNextBoot, unassignAtNextBoot, type AtNextBootResult } from '../../layers/pending-boot.js';
 import { assignToDesktops, defaultParallelism, type FleetOutcome } from '../../layers/fleet.js';
 import { describeUndo } from '../../layers/guest-operation.js';
 import { addToGroup, createGroup, groupAssign, groupUnassign, listGroups, rollOutGroup, type RolloutOutcome } from '../../layers/groups.js';
@@ -299,7 +289,7 @@ export function registerLayerCommands(program: Command): void {
   storeOptions(desktop.command('list').description('list desktops')).action(async (options: StoreCommandOptions) => {
     const { store, runtime } = await openContext(options);
     const views = await listDesktops(store, runtime);
-    printResult(options, views, () => (views.length ? views.map((v) => `${v.name}\t${v.state}\t${v.base}\t${v.apps.join(',') || '-'}`).join('\n') : 'no desktops'));
+    printResult(options, views, () => (views.length ? views.map((v) => `${v.name}\t${v.state}${v.stagingFor !== undefined ? ` (staging for ${v.stagingFor}'s rebase)` : ''}\t${v.base}\t${v.apps.join(',') || '-'}`).join('\n') : 'no desktops'));
   });
   storeOptions(desktop.command('destroy').description('delete the desktop and its apps and user layers (refused while it runs)').argument('<name>')).action(
     async (name: string, options: StoreCommandOptions) => {
