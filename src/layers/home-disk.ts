@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { openChain } from '../chain/chain.js';
 import { convertImage } from '../chain/convert.js';
-import { openGuestFilesystem, type GuestFilesystem } from '../fs/index.js';
+import { Ext4Error, openGuestFilesystem, type GuestFilesystem } from '../fs/index.js';
 import { loadExeca } from '../io/external-program.js';
 import { removeOnInterrupt } from '../io/interrupt.js';
 import { LayerError } from './errors.js';
@@ -77,7 +77,13 @@ export async function createHomeDisk(path: string, size: number, options: { base
   try {
     await rm(raw, { force: true });
     await rm(partial, { force: true });
-    const seeding = options.base === undefined ? null : await withRootFilesystem(options.base, (filesystem) => seedFolder(filesystem, path, size, log));
+    // A base whose root qlayer cannot read (not ext, several candidates, a journal to replay)
+    // still gets a home disk, empty as before seeding existed, and the log says why.
+    const unreadable = (error: Ext4Error): null => {
+      log(`the home disk starts empty: qlayer cannot read the base's root filesystem to copy its /home (${error.message})`);
+      return null;
+    };
+    const seeding = options.base === undefined ? null : await withRootFilesystem(options.base, (filesystem) => seedFolder(filesystem, path, size, log), unreadable);
     if (seeding) {
       work = seeding.work;
       forget.push(seeding.forget);
@@ -137,10 +143,17 @@ async function seedFolder(filesystem: GuestFilesystem, disk: string, size: numbe
  * openGuestFilesystem chooses (the only Linux partition or LV holding an ext filesystem), the
  * same one whose /etc/fstab the import wrote.
  */
-async function withRootFilesystem<T>(image: string, use: (filesystem: GuestFilesystem) => Promise<T>): Promise<T> {
+async function withRootFilesystem<T>(image: string, use: (filesystem: GuestFilesystem) => Promise<T>, unreadable?: (error: Ext4Error) => T): Promise<T> {
   const chain = await openChain(image);
   try {
-    return await use(await openGuestFilesystem(chain));
+    let filesystem: GuestFilesystem;
+    try {
+      filesystem = await openGuestFilesystem(chain);
+    } catch (error) {
+      if (unreadable && error instanceof Ext4Error) return unreadable(error);
+      throw error;
+    }
+    return await use(filesystem);
   } finally {
     await chain.close();
   }

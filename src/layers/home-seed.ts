@@ -89,6 +89,11 @@ export async function readHomeTree(filesystem: GuestFilesystem): Promise<HomeTre
         skipped.push({ path: guestPath(path), reason: 'a name that is not a file name' });
         continue;
       }
+      // The reader decodes names as UTF-8: a name in another encoding would not be found again.
+      if (entry.name.includes('\uFFFD')) {
+        skipped.push({ path: guestPath(path), reason: 'a name that is not UTF-8' });
+        continue;
+      }
       entryBytes += 8 + Math.ceil(Buffer.byteLength(entry.name) / 4) * 4;
       const info = await filesystem.lookup(guestPath(path), { follow: false });
       if (info.type === 'dir') {

@@ -165,6 +165,26 @@ describe('home disk seeded from the base', () => {
     const homeRaw = await toRaw(join(store.path(created.dir), 'home.qcow2'));
     expect((await execa('debugfs', ['-R', 'ls -p /', homeRaw])).stdout.trim().split('\n').map((l) => l.split('/')[5])).toEqual(['.', '..', 'lost+found']);
     expect((await execa('e2fsck', ['-fn', homeRaw], { reject: false })).exitCode).toBe(0);
+
+    // A base qlayer cannot read (no ext filesystem at all): an empty home disk, and the log says why.
+    const blank = join(temp.dir, 'blank.raw');
+    await execa('truncate', ['-s', '16M', blank]);
+    await importBase(store, 'blank', blank, { format: 'raw' });
+    const log: string[] = [];
+    const onBlank = await createDesktop(store, 'b', 'blank', { homeBytes: 64 * 1048576, log: (m) => log.push(m) });
+    expect(onBlank.homeSeed).toBeUndefined();
+    expect(log).toEqual([expect.stringMatching(/^the home disk starts empty: qlayer cannot read the base's root filesystem/)]);
+    expect((await execa('e2fsck', ['-fn', await toRaw(join(store.path(onBlank.dir), 'home.qcow2'))], { reject: false })).exitCode).toBe(0);
+  }, 120_000);
+
+  it('a name that is not UTF-8 is skipped and named, not a failed create', async () => {
+    const root = await rootFolder('latin1', async (home) => {
+      await writeFile(join(home, 'ok.txt'), 'fine\n');
+      await writeFile(Buffer.concat([Buffer.from(`${home}/caf`), Buffer.from([0xe9])]), 'latin-1 name\n');
+    });
+    await importBase(store, 'latin1', await baseDisk(root, '64M'), { format: 'raw', prepareHome: true });
+    const created = await createDesktop(store, 'l', 'latin1', { homeBytes: 64 * 1048576 });
+    expect(created.homeSeed).toEqual({ files: 1, folders: 0, symlinks: 0, bytes: 5, skipped: [{ path: '/home/caf\uFFFD', reason: 'a name that is not UTF-8' }] });
   }, 120_000);
 
   it('a /home too big for --home 64M: refused (home.too-small), nothing left in the store', async () => {
