@@ -10,7 +10,7 @@
  */
 import type { FileSystemAccess } from '../io/host-file.js';
 import { allocateAligned } from '../io/aligned-buffer.js';
-import { isAllZero, readWindow } from './convert.js';
+import { isAllZero, readWindow } from './window-io.js';
 import { chainStatus, closeLayers, openLayers, type MapEntry, type MapLayer } from './map.js';
 import { MapCursor } from './map-cursor.js';
 
