@@ -30,7 +30,7 @@ import { ChainError, Qcow2Error } from '../qcow2/errors.js';
 import { assertNotBeingWritten, assertNotLocked } from '../io/in-use.js';
 import { removeOnInterrupt } from '../io/interrupt.js';
 import { RawSink, Qcow2Sink, type Sink } from './convert-sinks.js';
-import { closeLayers, openLayers, type MapLayer } from './map.js';
+import { closeLayers, openLayers, type MapLayer } from './map-layer.js';
 import { MapCursor } from './map-cursor.js';
 import { readWindow, settleAll } from './window-io.js';
 

@@ -11,7 +11,8 @@
 import { write } from 'node:fs';
 import type { HostFile } from '../io/host-file.js';
 import { preadFully, withPath } from '../io/host-file.js';
-import type { MapEntry, MapLayer } from './map.js';
+import type { MapEntry } from './map.js';
+import type { MapLayer } from './map-layer.js';
 
 /**
  * Fill `into` with the virtual disk at [offset, offset + into.length) from the chain entries.
