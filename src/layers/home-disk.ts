@@ -79,8 +79,10 @@ export async function createHomeDisk(path: string, size: number, options: { base
     await rm(partial, { force: true });
     // A base whose root qlayer cannot read (not ext, several candidates, a journal to replay)
     // still gets a home disk, empty as before seeding existed, and the log says why.
+    let notSeeded: string | undefined;
     const unreadable = (error: Ext4Error): null => {
-      log(`the home disk starts empty: qlayer cannot read the base's root filesystem to copy its /home (${error.message})`);
+      notSeeded = `qlayer cannot read the base's root filesystem to copy its /home (${error.message})`;
+      log(`the home disk starts empty: ${notSeeded}`);
       return null;
     };
     const seeding = options.base === undefined ? null : await withRootFilesystem(options.base, (filesystem) => seedFolder(filesystem, path, size, log), unreadable);
@@ -104,6 +106,8 @@ export async function createHomeDisk(path: string, size: number, options: { base
     if (rootMode !== 0o755) await run('debugfs', ['-w', '-R', `sif / mode 040${rootMode.toString(8).padStart(4, '0')}`, raw], "giving the home disk's root the mode of the base's /home");
     await convertImage(raw, partial, { sourceFormat: 'raw', outputFormat: 'qcow2', sync: true });
     await rename(partial, path);
+    // Said in the result too (desktop create --json), not only on stderr.
+    if (seed === null && notSeeded !== undefined) return { files: 0, folders: 0, symlinks: 0, bytes: 0, skipped: [], notSeeded };
     return seed;
   } finally {
     await rm(raw, { force: true });

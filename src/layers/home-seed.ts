@@ -40,6 +40,8 @@ export interface HomeSeed {
   /** Sum of the regular files' sizes. */
   bytes: number;
   skipped: SkippedEntry[];
+  /** Why nothing was copied although a base was given (its root filesystem could not be read). */
+  notSeeded?: string;
 }
 
 interface TreeEntry {

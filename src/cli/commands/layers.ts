@@ -42,6 +42,7 @@ function parseOwner(text: string | undefined): { uid: number; gid: number } {
 
 /** The lines `desktop create` adds about the home disk's seeding from the base's /home. */
 function describeHomeSeed(seed: HomeSeed): string[] {
+  if (seed.notSeeded !== undefined) return [`  home disk starts empty: ${seed.notSeeded}`];
   return [
     `  home disk seeded from the base's /home: ${seed.files} file${seed.files === 1 ? '' : 's'} (${seed.bytes} bytes), ${seed.folders} folder${seed.folders === 1 ? '' : 's'}, ${seed.symlinks} symlink${seed.symlinks === 1 ? '' : 's'}`,
     ...seed.skipped.map((skipped) => `    not copied: ${skipped.path} (${skipped.reason})`),
