@@ -10,8 +10,9 @@
  */
 import type { FileSystemAccess } from '../io/host-file.js';
 import { allocateAligned } from '../io/aligned-buffer.js';
-import { isAllZero, readWindow } from './convert.js';
-import { chainStatus, closeLayers, openLayers, type MapEntry, type MapLayer } from './map.js';
+import { isAllZero, readWindow } from './window-io.js';
+import { chainStatus, type MapEntry } from './map.js';
+import { closeLayers, openLayers, type MapLayer } from './map-layer.js';
 import { MapCursor } from './map-cursor.js';
 
 export interface CompareOptions {

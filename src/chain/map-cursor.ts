@@ -4,7 +4,8 @@
  * skipped whole, in spans that double while they stay empty, so an empty 1 PiB disk costs a few
  * thousand map calls (one per L1 entry at most, inside map.ts) instead of one per 2 MiB window.
  */
-import { chainStatus, type MapEntry, type MapLayer } from './map.js';
+import { chainStatus, type MapEntry } from './map.js';
+import type { MapLayer } from './map-layer.js';
 
 /** The first span scanned after data: small, so the rows kept in memory stay few. */
 const MIN_SPAN = 1 << 30;

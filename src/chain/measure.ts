@@ -13,7 +13,8 @@ import type { FileSystemAccess } from '../io/host-file.js';
 import { Qcow2Error } from '../qcow2/errors.js';
 import { MAX_L1_BYTES } from '../qcow2/header.js';
 import { infoImage } from './info.js';
-import { chainStatus, closeLayers, openLayers } from './map.js';
+import { chainStatus } from './map.js';
+import { closeLayers, openLayers } from './map-layer.js';
 
 export interface MeasureOptions {
   fs?: FileSystemAccess;

@@ -15,7 +15,8 @@ import { Qcow2Image } from '../qcow2/image.js';
 import { openChain, type Chain } from './chain.js';
 import { resolveReferencedPath } from '../qcow2/referenced-names.js';
 import { NamedFilePolicy } from '../qcow2/named-files.js';
-import { chainStatus, closeLayers, openLayers, type MapEntry, type MapLayer } from './map.js';
+import { chainStatus, type MapEntry } from './map.js';
+import { closeLayers, openLayers, type MapLayer } from './map-layer.js';
 
 export interface RebaseOptions {
   fs?: FileSystemAccess;

@@ -5,7 +5,7 @@
 import type { AllocationResult } from './allocate.js';
 import { appKey, resolveApp, type AppManifest } from './app.js';
 import { recordDirect } from './app-sources.js';
-import { idleDesktopRecord } from './desktop-guards.js';
+import { idleDesktopRecord, refuseStaging } from './desktop-guards.js';
 import { guestSide, type AssignHooks } from './desktop-guest-side.js';
 import { desktopRecord } from './desktop-handle.js';
 import { recomposeRecorded } from './desktop-offline.js';
@@ -59,6 +59,7 @@ export async function assignLocked(
 export async function assignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet, hooks: AssignHooks = {}): Promise<AssignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    refuseStaging(name, desktopRecord(state, name));
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
     const result = await assignLocked(store, state, runtime, name, manifests, log, hooks);
     recordDirect(desktopRecord(state, name), { add: result.apps });

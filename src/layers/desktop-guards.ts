@@ -18,6 +18,18 @@ export function idleDesktopRecord(state: StoreState, name: string): DesktopRecor
   return record;
 }
 
+/**
+ * Refuse a user's change to an interrupted rebase's staging desktop: its apps are the rebase's
+ * to set (the rebase itself assigns through assignLocked, which does not ask).
+ */
+export function refuseStaging(name: string, record: DesktopRecord): void {
+  if (record.stagingFor === undefined) return;
+  throw new LayerError(
+    'rebase.staging',
+    `${name} is the staging desktop of ${record.stagingFor}'s rebase: its apps come from that rebase; finish or undo it with qlayer desktop rebase --resume ${record.stagingFor}`,
+  );
+}
+
 /** Refuse to start other work on a desktop whose change waits for its next start. */
 export function refusePendingBoot(name: string, record: DesktopRecord): void {
   const pending = record.pendingBoot;

@@ -10,7 +10,8 @@ import { assertNotInUse, idleDesktopRecord } from './desktop-guards.js';
 import { desktopHandle, desktopRecord } from './desktop-handle.js';
 import { LayerError } from './errors.js';
 import { createHomeDisk, HOME_FILE, HOME_LABEL } from './home-disk.js'; // home disk (issue 13)
-import { quiet } from './log.js';
+import type { HomeSeed } from './home-seed.js';
+import { quiet, type Log } from './log.js';
 import { checkName } from './names.js';
 import { applyPendingBeforeStart } from './pending-boot-apply.js';
 import { appsLayerName, ensureAppsLinkSync, USER_LAYER } from './recompose.js';
@@ -18,17 +19,22 @@ import type { DesktopRuntime, DesktopTemplate } from './runtime.js';
 import { newDesktopRecord, type DesktopRecord } from './state.js';
 import type { Store } from './store.js';
 
+/** A new desktop's record, and what its home disk was seeded with (absent: no home disk, or nothing to seed). */
+export type CreatedDesktop = DesktopRecord & { homeSeed?: HomeSeed };
+
 /**
  * Create a desktop: an empty apps layer on the base and a user delta on that. With a runtime
  * that keeps definitions, its domain is defined too (hardware from `template`, else the
- * runtime's defaults); a definition libvirt refuses leaves no desktop behind.
+ * runtime's defaults); a definition libvirt refuses leaves no desktop behind. With `homeBytes`,
+ * a home disk seeded with the base's /home (createHomeDisk); a /home too big for it is refused
+ * (home.too-small) with nothing left behind.
  */
 export async function createDesktop(
   store: Store,
   name: string,
   base: string,
-  options: { runtime?: DesktopRuntime | null; template?: DesktopTemplate; homeBytes?: number } = {},
-): Promise<DesktopRecord> {
+  options: { runtime?: DesktopRuntime | null; template?: DesktopTemplate; homeBytes?: number; log?: Log } = {},
+): Promise<CreatedDesktop> {
   checkName('desktop', name);
   return store.withLock(async () => {
     const state = await store.readState();
@@ -39,13 +45,14 @@ export async function createDesktop(
     const dirRelative = join('desktops', name);
     const dir = store.path(dirRelative);
     await mkdir(dir, { recursive: true });
+    let homeSeed: HomeSeed | null = null;
     try {
       // Relative backing names: the store can move to another folder or host.
       await createImage({ path: join(dir, appsLayerName(0)), backing: { path: relative(dir, store.path(baseRecord.file)), format: 'qcow2' } });
       await createImage({ path: join(dir, USER_LAYER), backing: { path: appsLayerName(0), format: 'qcow2' } });
       ensureAppsLinkSync(dir, 0);
       // home disk (issue 13): beside the chain, in no chain.
-      if (options.homeBytes !== undefined) await createHomeDisk(join(dir, HOME_FILE), options.homeBytes);
+      if (options.homeBytes !== undefined) homeSeed = await createHomeDisk(join(dir, HOME_FILE), options.homeBytes, { base: store.path(baseRecord.file), log: options.log ?? quiet });
     } catch (error) {
       await rm(dir, { recursive: true, force: true });
       throw error;
@@ -60,7 +67,7 @@ export async function createDesktop(
       throw error;
     }
     await store.writeState(state);
-    return record;
+    return homeSeed ? { ...record, homeSeed } : record;
   });
 }
 

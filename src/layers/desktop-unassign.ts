@@ -6,7 +6,7 @@ import { removeAppFiles } from './allocate.js';
 import { resolveApp } from './app.js';
 import { groupsWanting, recordDirect } from './app-sources.js';
 import { ensureRunning } from './desktop-boot.js';
-import { assertNotInUse, idleDesktopRecord, refuseStartedOutside } from './desktop-guards.js';
+import { assertNotInUse, idleDesktopRecord, refuseStaging, refuseStartedOutside } from './desktop-guards.js';
 import { desktopHandle, desktopRecord } from './desktop-handle.js';
 import { assertGoneOffline, recomposeRecorded } from './desktop-offline.js';
 import { settleOperation } from './desktop-undo.js';
@@ -27,6 +27,7 @@ export interface UnassignResult extends RecomposeReport {
 export async function unassignApps(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<UnassignResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    refuseStaging(name, desktopRecord(state, name));
     desktopRecord(state, name);
     for (const ref of refs) {
       const groups = groupsWanting(state, name, ref);

@@ -6,7 +6,7 @@ import { removeAppFiles } from './allocate.js';
 import { appKey, resolveApp } from './app.js';
 import { recordDirect } from './app-sources.js';
 import type { AssignResult } from './desktop-assign.js';
-import { idleDesktopRecord } from './desktop-guards.js';
+import { idleDesktopRecord, refuseStaging } from './desktop-guards.js';
 import { guestSide, type AssignHooks } from './desktop-guest-side.js';
 import { desktopRecord } from './desktop-handle.js';
 import { assertGoneOffline, recomposeRecorded } from './desktop-offline.js';
@@ -31,6 +31,7 @@ export interface UpdateResult extends AssignResult {
 export async function updateApp(store: Store, runtime: DesktopRuntime, name: string, ref: string, log: Log = quiet, hooks: AssignHooks = {}): Promise<UpdateResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    refuseStaging(name, desktopRecord(state, name));
     const result = await updateLocked(store, state, runtime, name, ref, log, hooks);
     recordDirect(desktopRecord(state, name), { add: result.apps, remove: [result.replaced] });
     await store.writeState(state);

@@ -9,6 +9,7 @@ import { availableParallelism, freemem } from 'node:os';
 import { appKey, resolveApp } from './app.js';
 import { recordDirect } from './app-sources.js';
 import { assignLocked, type AssignResult } from './desktop-assign.js';
+import { refuseStaging } from './desktop-guards.js';
 import { LayerError } from './errors.js';
 import type { DesktopRuntime } from './runtime.js';
 import type { Store } from './store.js';
@@ -62,7 +63,8 @@ export async function assignToDesktops(store: Store, runtime: DesktopRuntime, na
       const started = Date.now();
       const log = (message: string): void => options.log?.(desktop, message);
       const has = manifests.map((m) => state.desktops[desktop]!.apps.find((a) => a.split('@')[0] === m.name)).filter((a): a is string => a !== undefined);
-      // An interrupted rebase's staging desktop gets its apps from that rebase, not from --all.
+      // An interrupted rebase's staging desktop gets its apps from that rebase: --all passes it
+      // by, a list that names it fails there (refuseStaging).
       const stagingFor = state.desktops[desktop]!.stagingFor;
       if (names === 'all' && stagingFor !== undefined) {
         return { desktop, status: 'skipped', reason: `the staging desktop of ${stagingFor}'s rebase (qlayer desktop rebase ${stagingFor} --resume finishes it)`, elapsedMs: 0 };
@@ -71,6 +73,7 @@ export async function assignToDesktops(store: Store, runtime: DesktopRuntime, na
         return { desktop, status: 'skipped', reason: `already has ${has.join(', ')}`, elapsedMs: 0 };
       }
       try {
+        refuseStaging(desktop, state.desktops[desktop]!);
         const result = await assignLocked(store, state, runtime, desktop, manifests, log);
         recordDirect(state.desktops[desktop]!, { add: result.apps });
         await store.writeState(state);

@@ -5,19 +5,22 @@
  * (`qlayer base import --prepare-home` adds the fstab line to the base).
  *
  * Both offline writes go through e2fsprogs, not through qlayer's own ext4 code, which only
- * reads (and flips extent flags): mke2fs formats the home disk at create time, and debugfs
- * writes the base's /etc/fstab at import time. See docs/design.md, "The home disk".
+ * reads (and flips extent flags): mke2fs formats the home disk at create time (seeded with the
+ * base's /home, read by qlayer's reader: home-seed.ts), and debugfs writes the base's
+ * /etc/fstab at import time. See docs/design.md, "The home disk".
  */
-import { mkdtemp, rename, rm, truncate, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rename, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { openChain } from '../chain/chain.js';
 import { convertImage } from '../chain/convert.js';
-import { openGuestFilesystem } from '../fs/index.js';
+import { Ext4Error, openGuestFilesystem, type GuestFilesystem } from '../fs/index.js';
 import { loadExeca } from '../io/external-program.js';
 import { removeOnInterrupt } from '../io/interrupt.js';
 import { LayerError } from './errors.js';
 import { runGuestScript, type GuestShell } from './guest-script.js';
+import { assertHomeFits, readHomeTree, writeHomeTree, type HomeSeed } from './home-seed.js';
+import type { Log } from './log.js';
 
 export const HOME_FILE = 'home.qcow2';
 export const HOME_LABEL = 'qlayer-home';
@@ -52,30 +55,111 @@ async function run(program: string, args: string[], what: string): Promise<strin
   return result.stdout;
 }
 
+/** mke2fs's words when the files given with -d do not fit. */
+const OUT_OF_ROOM = /could not allocate (block|inode)|no (free )?space|not enough space/i;
+
 /**
- * Make `path` (which must not exist): a qcow2 of `size` bytes holding an empty ext4 labelled
- * qlayer-home. mke2fs formats a sparse raw file beside it (its zeroing punches holes, so it
- * costs only the metadata), our converter turns it into qcow2 (zero clusters left out), and
- * the result is renamed into place: an interruption leaves no half-made home.qcow2.
+ * Make `path` (which must not exist): a qcow2 of `size` bytes holding an ext4 labelled
+ * qlayer-home. With `base` (the base image's path), the disk starts with a copy of the base's
+ * /home (see home-seed.ts), or refuses (home.too-small) when it does not fit; a base with no or
+ * an empty /home gives an empty disk, as without `base`. mke2fs formats a sparse raw file
+ * beside `path` (its zeroing punches holes, so it costs only the metadata and the copied
+ * files), our converter turns it into qcow2 (zero clusters left out), and the result is renamed
+ * into place: an interruption leaves no half-made home.qcow2, and no copy of the tree.
+ * Returns what was seeded (null: nothing).
  */
-export async function createHomeDisk(path: string, size: number): Promise<void> {
+export async function createHomeDisk(path: string, size: number, options: { base?: string; log?: Log } = {}): Promise<HomeSeed | null> {
+  const log = options.log ?? (() => {});
   const raw = `${path}.raw.tmp`;
   const partial = `${path}.partial`;
   const forget = [removeOnInterrupt(raw), removeOnInterrupt(partial)];
+  let work: string | undefined;
   try {
     await rm(raw, { force: true });
     await rm(partial, { force: true });
+    // A base whose root qlayer cannot read (not ext, several candidates, a journal to replay)
+    // still gets a home disk, empty as before seeding existed, and the log says why.
+    let notSeeded: string | undefined;
+    const unreadable = (error: Ext4Error): null => {
+      notSeeded = `qlayer cannot read the base's root filesystem to copy its /home (${error.message})`;
+      log(`the home disk starts empty: ${notSeeded}`);
+      return null;
+    };
+    const seeding = options.base === undefined ? null : await withRootFilesystem(options.base, (filesystem) => seedFolder(filesystem, path, size, log), unreadable);
+    if (seeding) {
+      work = seeding.work;
+      forget.push(seeding.forget);
+    }
+    const seed = seeding?.seed ?? null;
+    for (const { path: skipped, reason } of seed?.skipped ?? []) log(`not copied to the home disk: ${skipped} (${reason})`);
     await writeFile(raw, '');
     await truncate(raw, size);
     // -b 4096: mke2fs picks 1 KiB blocks below 512 MiB. -m 0: no blocks held back for root on /home.
-    // -E root_owner=0:0: the mount point stays root's whatever user runs qlayer.
-    await run('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-m', '0', '-L', HOME_LABEL, '-E', 'root_owner=0:0', raw], 'formatting the home disk');
+    // -E root_owner: the mount point is owned as the base's /home is (root's without a base);
+    // mke2fs -d does not copy the top folder's own owner or mode.
+    const tree = work === undefined ? [] : ['-d', join(work, 'home')];
+    await run('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '4096', '-m', '0', '-L', HOME_LABEL, '-E', `root_owner=${seeding?.rootOwner ?? '0:0'}`, ...tree, raw], 'formatting the home disk').catch((error: Error) => {
+      if (work !== undefined && OUT_OF_ROOM.test(error.message)) throw new LayerError('home.too-small', `the base's /home does not fit a home disk of ${size} bytes (${error.message}); give a larger --home`);
+      throw error;
+    });
+    const rootMode = seeding?.rootMode ?? 0o755;
+    if (rootMode !== 0o755) await run('debugfs', ['-w', '-R', `sif / mode 040${rootMode.toString(8).padStart(4, '0')}`, raw], "giving the home disk's root the mode of the base's /home");
     await convertImage(raw, partial, { sourceFormat: 'raw', outputFormat: 'qcow2', sync: true });
     await rename(partial, path);
+    // Said in the result too (desktop create --json), not only on stderr.
+    if (seed === null && notSeeded !== undefined) return { files: 0, folders: 0, symlinks: 0, bytes: 0, skipped: [], notSeeded };
+    return seed;
   } finally {
     await rm(raw, { force: true });
     await rm(partial, { force: true });
+    if (work !== undefined) await rm(work, { recursive: true, force: true });
     for (const f of forget) f();
+  }
+}
+
+/**
+ * Copy the base's /home (`filesystem`) into a new folder beside `disk`, or return null when
+ * there is nothing to copy. Refuses before copying anything when the tree does not fit `size`.
+ */
+async function seedFolder(filesystem: GuestFilesystem, disk: string, size: number, log: Log): Promise<{ work: string; forget: () => void; seed: HomeSeed; rootOwner: string; rootMode: number } | null> {
+  const tree = await readHomeTree(filesystem);
+  if (!tree) return null;
+  assertHomeFits(tree, size);
+  // Beside the disk (the store's filesystem has room for a copy of /home; /tmp may not), in a
+  // folder only root can enter (mkdtemp makes it 0700): the copy keeps private files' modes.
+  const work = await mkdtemp(join(dirname(disk), '.home-seed-'));
+  const forget = removeOnInterrupt(work);
+  try {
+    await mkdir(join(work, 'home'), { mode: 0o700 });
+    log(`copying the base's /home (${tree.entries.length} entries) to seed the home disk`);
+    const seed = await writeHomeTree(filesystem, tree, join(work, 'home'));
+    // The caller removes the folder (and then calls forget) once mke2fs has copied it.
+    return { work, forget, seed, rootOwner: `${tree.root.uid}:${tree.root.gid}`, rootMode: tree.root.mode & 0o7777 };
+  } catch (error) {
+    await rm(work, { recursive: true, force: true });
+    forget();
+    throw error;
+  }
+}
+
+/**
+ * Run `use` on the base image's root filesystem, read by qlayer's ext4 code: the partition
+ * openGuestFilesystem chooses (the only Linux partition or LV holding an ext filesystem), the
+ * same one whose /etc/fstab the import wrote.
+ */
+async function withRootFilesystem<T>(image: string, use: (filesystem: GuestFilesystem) => Promise<T>, unreadable?: (error: Ext4Error) => T): Promise<T> {
+  const chain = await openChain(image);
+  try {
+    let filesystem: GuestFilesystem;
+    try {
+      filesystem = await openGuestFilesystem(chain);
+    } catch (error) {
+      if (unreadable && error instanceof Ext4Error) return unreadable(error);
+      throw error;
+    }
+    return await use(filesystem);
+  } finally {
+    await chain.close();
   }
 }
 
@@ -143,9 +227,7 @@ export async function prepareHomeMount(image: string, log: (message: string) => 
 
 /** The root filesystem's partition and its /etc/fstab (null when it has none), read by qlayer's ext4 code. */
 async function readRoot(image: string): Promise<{ offset: number; index: number; current: string | null; hasHome: boolean }> {
-  const chain = await openChain(image);
-  try {
-    const filesystem = await openGuestFilesystem(chain);
+  return withRootFilesystem(image, async (filesystem) => {
     const exists = async (path: string): Promise<'file' | 'dir' | 'other' | null> => {
       try {
         const info = await filesystem.lookup(path, { follow: false });
@@ -167,9 +249,7 @@ async function readRoot(image: string): Promise<{ offset: number; index: number;
       current: fstab === null ? null : (await filesystem.readFile('/etc/fstab')).toString('utf8'),
       hasHome: home === 'dir',
     };
-  } finally {
-    await chain.close();
-  }
+  });
 }
 
 export interface HomeMount {

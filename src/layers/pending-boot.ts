@@ -16,7 +16,7 @@
 import { allocatePlaceholders, checkGuestSpace, createdBeforeFailure, removeAppFiles, type AllocationResult, type RollbackResult } from './allocate.js';
 import { appKey, resolveApp } from './app.js';
 import { groupsWanting } from './app-sources.js';
-import { refusePendingBoot } from './desktop-guards.js';
+import { refusePendingBoot, refuseStaging } from './desktop-guards.js';
 import { desktopHandle, desktopRecord } from './desktop-handle.js';
 import { undoContext } from './desktop-undo.js';
 import { LayerError } from './errors.js';
@@ -56,6 +56,7 @@ export interface AtNextBootResult {
 export async function assignAtNextBoot(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AtNextBootResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    refuseStaging(name, desktopRecord(state, name));
     const record = desktopRecord(state, name);
     checkIdle(name, record);
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
@@ -93,6 +94,7 @@ export async function assignAtNextBoot(store: Store, runtime: DesktopRuntime, na
 export async function unassignAtNextBoot(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AtNextBootResult> {
   return store.withLock(async () => {
     const state = await store.readState();
+    refuseStaging(name, desktopRecord(state, name));
     const record = desktopRecord(state, name);
     checkIdle(name, record);
     for (const ref of refs) {

@@ -1,7 +1,8 @@
 /**
  * The rebase of issue 13 on a real distribution: the Debian 12 fixture (grub, systemd, udev,
  * Debian's qemu-guest-agent) imported with --prepare-home, so that systemd mounts the home disk
- * by its label; the ordinary user writes in /home, root writes outside it, an app is assigned;
+ * by its label; the home disk starts with the user's home from the base (skel dotfiles, owner);
+ * the ordinary user writes in /home, root writes outside it, an app is assigned;
  * then a rebase onto "Debian 12 point release 2" (the same image with another os-release,
  * written offline by debugfs). Oracles: hashes in the booted guest, its /proc/mounts, qemu-img
  * check on every layer and the home disk.
@@ -71,22 +72,28 @@ afterAll(async () => {
 
 describe('rebase on the Debian 12 guest (systemd mounts the home disk by label)', () => {
   it('home files survive, the file outside /home goes, the app verifies, the new os-release boots', async () => {
-    await createDesktop(store, 'deb', 'deb1', { runtime, homeBytes: 256 * 1048576 });
+    const created = await createDesktop(store, 'deb', 'deb1', { runtime, homeBytes: 256 * 1048576 });
+    // The home disk starts with the base's /home: the user's folder that useradd made, dotfiles and all.
+    expect(created.homeSeed).toMatchObject({ folders: expect.any(Number), skipped: [] });
+    expect(created.homeSeed!.files).toBeGreaterThanOrEqual(3);
     let t = Date.now();
     await startDesktop(store, runtime, 'deb');
     console.log(`[rebase-debian] first boot: ${seconds(Date.now() - t)}`);
     const shell = runtime.shell(desktopHandle(store, await store.readState(), 'deb'));
     // systemd mounts it a moment after the agent answers (nofail: local-fs.target does not wait for it).
     expect(await guestHomeMount(shell)).toMatchObject({ mounted: true, device: '/dev/vdb', fstype: 'ext4' });
-    // The home disk starts empty: root makes the user's folder, then the user writes in it.
-    const { name, uid, home } = fixture.user;
+    // In the booted guest: the user's dotfiles on the home disk are /etc/skel's (on the base), owned
+    // by the user, and a login shell lands in the home folder.
+    const { name, home } = fixture.user;
+    const seeded = await runGuestScript(
+      shell,
+      `owner="$(id -u ${name}):$(id -g ${name})"\nfor f in ${home} ${home}/.bashrc ${home}/.profile; do test "$(stat -c %u:%g "$f")" = "$owner" && echo "owned $f"; done\ncmp /etc/skel/.bashrc ${home}/.bashrc && cmp /etc/skel/.profile ${home}/.profile && echo same\nrunuser -l ${name} -c pwd\n`,
+      'the seeded home',
+    );
+    expect(seeded.trim().split('\n')).toEqual([`owned ${home}`, `owned ${home}/.bashrc`, `owned ${home}/.profile`, 'same', home]);
     const notes = `${home}/notes.txt`;
     const text = `written by ${name} ${randomBytes(8).toString('hex')}\n`;
-    await runGuestScript(
-      shell,
-      `mkdir -p ${home} && chown ${uid}:${uid} ${home} && runuser -u ${name} -- sh -c ${shellQuote(`printf %s ${shellQuote(text)} > ${notes}`)} && echo outside > /root/outside.txt && sync\n`,
-      'user writes',
-    );
+    await runGuestScript(shell, `runuser -u ${name} -- sh -c ${shellQuote(`printf %s ${shellQuote(text)} > ${notes}`)} && echo outside > /root/outside.txt && sync\n`, 'user writes');
     await stopDesktop(store, runtime, 'deb');
     await assignApps(store, runtime, 'deb', ['tools@1']);
 

@@ -281,17 +281,13 @@ describe('qlayer desktop rebase killed for real (SIGKILL) at each phase, then --
     expect(shown.json.base).toBe(phase === 'switched' ? to : from);
     await assertWhole('k');
     if (phase === 'staged' || phase === 'assigned') {
-      // The staging desktop shows as such, and assign --all leaves it (and k, which has the app) alone.
+      // The staging desktop shows as such, and a user's assign to it is refused, changing nothing.
       const listed = await cli(['desktop', 'list']);
       expect(listed.json).toEqual(expect.arrayContaining([expect.objectContaining({ name: stagingName('k'), stagingFor: 'k' })]));
-      const all = await cli(['desktop', 'assign', '--all', 'tool@1']);
-      expect(all.exitCode).toBe(0);
-      // The desktops of the tests above are in this store too (assign --all gives them the app, or skips them).
-      const kAndStaging = (all.json.desktops as Array<{ desktop: string }>).filter((d) => d.desktop === 'k' || d.desktop === stagingName('k'));
-      expect(kAndStaging).toEqual([
-        expect.objectContaining({ desktop: 'k', status: 'skipped' }),
-        expect.objectContaining({ desktop: stagingName('k'), status: 'skipped', reason: expect.stringContaining("staging desktop of k's rebase") }),
-      ]);
+      const before = JSON.stringify(await store.readState());
+      const refused = await cli(['desktop', 'assign', stagingName('k'), 'tool@1']);
+      expect([refused.exitCode, (refused.json.error as { code: string }).code]).toEqual([1, 'rebase.staging']);
+      expect(JSON.stringify(await store.readState())).toBe(before);
     }
     const resumed = await cli(['desktop', 'rebase', '--resume', 'k']);
     expect(resumed.exitCode).toBe(0);

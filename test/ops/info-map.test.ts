@@ -6,7 +6,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { infoImage } from '../../src/chain/info.js';
 import { join } from 'node:path';
 import { execa } from 'execa';
-import { mapImage, mapImageJson } from '../../src/chain/map.js';
+import { mapImage } from '../../src/chain/map.js';
+import { mapImageJson } from '../../src/chain/map-json.js';
 import { qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
 import { buildFixtures, type Fixture } from './fixtures.js';
 

@@ -5,7 +5,7 @@
  * QEMU is gone. And the other way round: while qlayer writes an image it holds a QEMU writer's
  * locks, so QEMU (a guest start, qemu-img) refuses it in QEMU's own words.
  */
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -94,6 +94,19 @@ describe('qlayer holds QEMU writer locks while it writes an image', () => {
         const info = await execa('qemu-img', ['info', top], { reject: false });
         expect(info.exitCode).not.toBe(0);
         expect(info.stderr).toMatch(/Failed to get shared "write" lock/);
+        // libvirt's start of a domain on it fails the same way (what `virsh start` of a desktop
+        // meets while a recompose writes its user delta).
+        const domain = `qlayer-lockprobe-${process.pid}`;
+        const xml = join(dir, 'domain.xml');
+        writeFileSync(
+          xml,
+          `<domain type='qemu'><name>${domain}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os>` +
+            `<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${top}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`,
+        );
+        const created = await execa('virsh', ['-c', 'qemu:///system', 'create', xml, '--paused'], { reject: false });
+        if (created.exitCode === 0) await execa('virsh', ['-c', 'qemu:///system', 'destroy', domain], { reject: false });
+        expect(created.exitCode).not.toBe(0);
+        expect(created.stderr).toMatch(/Failed to get "write" lock/);
         // -U reads it anyway, as with a running guest's image.
         expect((await execa('qemu-img', ['info', '-U', '--output=json', top])).stdout).toMatch(/"virtual-size": 16777216/);
         // Another qlayer process is refused too; this one is not refused by its own locks.

@@ -192,7 +192,7 @@ const SUBCOMMANDS: Record<string, (image: Command) => void> = {
       .option('--json', 'print JSON'))
       .action(async (file: string, flags: CommonOptions & AllowOptions & ForceShareFlags & { f?: string; startOffset?: string; maxLength?: string }) => {
         await warnIfBeingWritten(file, flags);
-        const { mapImage, mapImageJson } = await import('../../chain/map.js');
+        const { mapImage } = await import('../../chain/map.js');
         const options = {
           format: format(flags.f, '-f', 'qcow2'),
           allowedDirectories: allowedDirectories(flags),
@@ -202,6 +202,7 @@ const SUBCOMMANDS: Record<string, (image: Command) => void> = {
         if (flags.json) {
           // Written as it is walked, in large chunks: qemu-img's exact bytes. Writes to a file or a
           // pipe are synchronous on Linux (nothing left buffered), and the buffer is reused then.
+          const { mapImageJson } = await import('../../chain/map-json.js');
           await mapImageJson(file, options, (chunk) => {
             process.stdout.write(chunk);
             return process.stdout.writableLength === 0;

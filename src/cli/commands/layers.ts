@@ -28,6 +28,7 @@ import { allowOption, allowedDirectories } from '../allow.js';
 import { openContext, stepLogger, storeOptions, type StoreCommandOptions } from '../context.js';
 import { printResult, progressReporter } from '../output.js';
 import { parseHomeSize } from '../../layers/home-disk.js';
+import type { HomeSeed } from '../../layers/home-seed.js';
 import { registerRebaseCommands } from './rebase.js';
 
 const mib = (bytes: number): string => `${(bytes / 1048576).toFixed(1)} MiB`;
@@ -37,6 +38,15 @@ function parseOwner(text: string | undefined): { uid: number; gid: number } {
   const match = /^(\d+):(\d+)$/.exec(text);
   if (!match) throw new QlayerError('app.bad-owner', `--owner must be UID:GID in numbers, not ${JSON.stringify(text)}`);
   return { uid: Number(match[1]), gid: Number(match[2]) };
+}
+
+/** The lines `desktop create` adds about the home disk's seeding from the base's /home. */
+function describeHomeSeed(seed: HomeSeed): string[] {
+  if (seed.notSeeded !== undefined) return [`  home disk starts empty: ${seed.notSeeded}`];
+  return [
+    `  home disk seeded from the base's /home: ${seed.files} file${seed.files === 1 ? '' : 's'} (${seed.bytes} bytes), ${seed.folders} folder${seed.folders === 1 ? '' : 's'}, ${seed.symlinks} symlink${seed.symlinks === 1 ? '' : 's'}`,
+    ...seed.skipped.map((skipped) => `    not copied: ${skipped.path} (${skipped.reason})`),
+  ];
 }
 
 function describeDesktop(view: DesktopView): string {
@@ -213,9 +223,10 @@ export function registerLayerCommands(program: Command): void {
     const template: DesktopTemplate | undefined =
       options.like !== undefined ? { kind: 'domain', name: options.like } : options.xml !== undefined ? { kind: 'xml', xml: await readFile(options.xml, 'utf8'), source: options.xml } : undefined;
     // The runtime carries the config's desktop.network/graphics for every definition it makes (context.ts).
-    await createDesktop(store, name, options.base, { runtime, ...(template ? { template } : {}), ...(homeBytes !== undefined ? { homeBytes } : {}) });
+    const created = await createDesktop(store, name, options.base, { runtime, ...(template ? { template } : {}), ...(homeBytes !== undefined ? { homeBytes, log: stepLogger(options) } : {}) });
     const view = await showDesktop(store, runtime, name);
-    printResult(options, view, () => describeDesktop(view));
+    // homeSeed: what the home disk was given from the base's /home (absent: nothing, or no home disk).
+    printResult(options, created.homeSeed ? { ...view, homeSeed: created.homeSeed } : view, () => [describeDesktop(view), ...(created.homeSeed ? describeHomeSeed(created.homeSeed) : [])].join('\n'));
   });
   storeOptions(
     desktop
