@@ -9,7 +9,9 @@
  * file, assign an app (the recompose rewrites only the disk chain: the definition keeps its NVRAM
  * file, the file itself is kept, not reset to the template), verify by hashes in the guest,
  * unassign, stop; qemu-img check clean on every layer, e2fsck clean; the desktop's undefine
- * removes the NVRAM file (virsh undefine --nvram), and destroy the folder.
+ * removes the NVRAM file (virsh undefine --nvram), and destroy the folder. Before that, a rebase
+ * onto a second UEFI base moves the desktop's own NVRAM file (with a variable the guest set) into
+ * the new chain's folder, not the one the staging desktop's boot made.
  *
  * Timings go to the test output (console.log) for the README.
  */
@@ -21,6 +23,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type AppManifest } from '../../src/layers/app.js';
 import { importBase } from '../../src/layers/bases.js';
+import { rebaseDesktop } from '../../src/layers/rebase.js';
 import { assignApps } from '../../src/layers/desktop-assign.js';
 import { desktopHandle } from '../../src/layers/desktop-handle.js';
 import { createDesktop, destroyDesktop, startDesktop, stopDesktop } from '../../src/layers/desktop-lifecycle.js';
@@ -39,6 +42,10 @@ let cleanup: () => Promise<void>;
 let store: Store;
 let runtime: LibvirtDesktopRuntime;
 let app: AppManifest;
+
+/** An EFI variable the test sets in the guest, and its vendor GUID (made up for this test). */
+const NVRAM_MARK = 'QlayerNvramMark';
+const NVRAM_MARK_GUID = '5f0c9a2e-7d41-4c1b-9e3a-6b2d8f1a0c77';
 
 const virsh = async (...args: string[]): Promise<string> => (await execa('virsh', ['-c', 'qemu:///system', ...args])).stdout;
 
@@ -153,7 +160,11 @@ describe('a UEFI desktop: the Debian 12 guest through OVMF on q35 (TCG)', () => 
     expect(afterUnassign.files).toEqual([]);
     expect(afterUnassign.extra[userFile]).toBe(userSha);
     expect(afterUnassign.extra[`${app.prefix}/bin/tool`]).toBeNull();
+    // A variable of the user's own in the NVRAM file (efivarfs: 4 bytes of attributes, non-volatile
+    // | boot service | runtime, then the data), so the file can be told from any other one below.
+    await runGuestScript(runtime.shell(handle), `printf '\\007\\000\\000\\000qlayer' > /sys/firmware/efi/efivars/${NVRAM_MARK}-${NVRAM_MARK_GUID}\n`, 'set an EFI variable');
     await stopDesktop(store, runtime, 'efi');
+    expect((await readFile(nvram)).includes(Buffer.from(NVRAM_MARK, 'utf16le'))).toBe(true);
     expect(statSync(nvram).ino).toBe(nvramAfterFirstBoot.ino);
 
     // Offline: every layer of the chain is a clean qcow2, the root filesystem is clean, the user's file is there.
@@ -167,12 +178,28 @@ describe('a UEFI desktop: the Debian 12 guest through OVMF on q35 (TCG)', () => 
     expect(fsck.exitCode, `${fsck.stdout}\n${fsck.stderr}`).toBe(0);
     expect((await debugfsCat(raw, userFile)).toString()).toBe(userText);
 
+    // A rebase onto another UEFI base (the same image imported again under another name: what is
+    // checked here is the NVRAM file). The staging desktop's boot makes an NVRAM file of its own in
+    // the new folder from the template; the desktop must keep its own, with the user's variable.
+    await importBase(store, 'debian-uefi-b', fixture.image.path, { format: 'qcow2' });
+    const beforeRebase = await fileSha256(nvram);
+    t = Date.now();
+    await rebaseDesktop(store, runtime, 'efi', 'debian-uefi-b', { yes: true });
+    console.log(`[debian-uefi] rebase onto a second UEFI base (one boot of the new system) in ${seconds(Date.now() - t)}`);
+    handle = desktopHandle(store, await store.readState(), 'efi');
+    const movedNvram = desktopNvramPath(handle);
+    expect(movedNvram).not.toBe(nvram);
+    expect(existsSync(dirname(nvram))).toBe(false); // the old chain's folder is gone
+    expect(await fileSha256(movedNvram)).toBe(beforeRebase);
+    expect((await readFile(movedNvram)).includes(Buffer.from(NVRAM_MARK, 'utf16le'))).toBe(true);
+    expect(await virsh('dumpxml', '--inactive', domain)).toContain(`<nvram>${movedNvram}</nvram>`);
+
     // The definition goes with its NVRAM file (virsh undefine --nvram), and destroy takes the folder.
     await runtime.undefine(handle);
-    expect(existsSync(nvram)).toBe(false);
+    expect(existsSync(movedNvram)).toBe(false);
     expect(existsSync(handle.userPath)).toBe(true);
     expect((await execa('virsh', ['-c', 'qemu:///system', 'domstate', domain], { reject: false })).exitCode).not.toBe(0);
     await destroyDesktop(store, runtime, 'efi');
-    expect(existsSync(dirname(nvram))).toBe(false);
+    expect(existsSync(dirname(movedNvram))).toBe(false);
   }, 2_400_000);
 });
