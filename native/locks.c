@@ -20,24 +20,40 @@
 #include <string.h>
 #include <unistd.h>
 #include <node_api.h>
+#include <stdbool.h>
 
-napi_value qlayer_lock_test(napi_env env, napi_callback_info info) {
+/* Read (fd, start, length) from a call; false (a TypeError thrown) when they are not three numbers. */
+static bool lock_arguments(napi_env env, napi_callback_info info, const char *usage, int32_t *fd, int64_t *start, int64_t *length) {
   size_t argc = 3;
   napi_value argv[3];
-  int32_t fd;
-  int64_t start, length;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int64(env, argv[1], &start) != napi_ok || napi_get_value_int64(env, argv[2], &length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "lockTest(fd, start, length) needs three numbers");
-    return NULL;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 || napi_get_value_int32(env, argv[0], fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], start) != napi_ok || napi_get_value_int64(env, argv[2], length) != napi_ok) {
+    napi_throw_type_error(env, NULL, usage);
+    return false;
   }
+  return true;
+}
+
+
 #ifdef F_OFD_GETLK
+/* A lock request of `type` on [start, start + length) (length 0: to the end of the file). */
+static struct flock byte_range(short type, int64_t start, int64_t length) {
   struct flock fl;
   memset(&fl, 0, sizeof fl);
-  fl.l_type = F_WRLCK;
+  fl.l_type = type;
   fl.l_whence = SEEK_SET;
   fl.l_start = (off_t)start;
   fl.l_len = (off_t)length;
+  return fl;
+}
+#endif
+
+napi_value qlayer_lock_test(napi_env env, napi_callback_info info) {
+  int32_t fd;
+  int64_t start, length;
+  if (!lock_arguments(env, info, "lockTest(fd, start, length) needs three numbers", &fd, &start, &length)) return NULL;
+#ifdef F_OFD_GETLK
+  struct flock fl = byte_range(F_WRLCK, start, length);
   if (fcntl(fd, F_OFD_GETLK, &fl) == -1) {
     int e = errno;
     napi_throw_error(env, e == EINVAL ? "EINVAL" : e == EBADF ? "EBADF" : "EIO", strerror(e));
@@ -66,23 +82,12 @@ napi_value qlayer_lock_test(napi_env env, napi_callback_info info) {
 }
 
 napi_value qlayer_lock_shared(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
   int32_t fd;
   int64_t start, length;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int64(env, argv[1], &start) != napi_ok || napi_get_value_int64(env, argv[2], &length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "lockShared(fd, start, length) needs three numbers");
-    return NULL;
-  }
+  if (!lock_arguments(env, info, "lockShared(fd, start, length) needs three numbers", &fd, &start, &length)) return NULL;
   napi_value result;
 #ifdef F_OFD_SETLK
-  struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_type = F_RDLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = (off_t)start;
-  fl.l_len = (off_t)length;
+  struct flock fl = byte_range(F_RDLCK, start, length);
   if (fcntl(fd, F_OFD_SETLK, &fl) == 0) {
     napi_get_null(env, &result);
     return result;

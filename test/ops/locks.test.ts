@@ -31,14 +31,20 @@ async function answers(top: string, base: string) {
   };
 }
 
+/** base.qcow2 (16 MiB) and top.qcow2 on it, in `dir`. */
+async function chainIn(dir: string): Promise<{ base: string; top: string }> {
+  const base = join(dir, 'base.qcow2');
+  const top = join(dir, 'top.qcow2');
+  await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
+  await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+  return { base, top };
+}
+
 describe('QEMU image locks, native fcntl and /proc/locks', () => {
   it('agree on a chain a paused QEMU runs (top written, base only read), and on no QEMU', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'qlayer-locks-'));
     try {
-      const base = join(dir, 'base.qcow2');
-      const top = join(dir, 'top.qcow2');
-      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
-      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+      const { base, top } = await chainIn(dir);
       const native = nativeBinding();
       // Where the helper is built (npm ci builds it), it must answer: this test is about it.
       if (native !== null) expect(typeof native.lockTest).toBe('function');
@@ -77,10 +83,7 @@ describe('qlayer holds QEMU writer locks while it writes an image', () => {
   it('a guest start and qemu-img refuse the image until qlayer closes it; qlayer itself is not refused by its own locks', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'qlayer-locks-'));
     try {
-      const base = join(dir, 'base.qcow2');
-      const top = join(dir, 'top.qcow2');
-      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
-      await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]);
+      const { base, top } = await chainIn(dir);
       const startGuest = () =>
         execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${top},format=qcow2`, '-S'], { reject: false, timeout: 20_000 });
 
