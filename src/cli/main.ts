@@ -1,6 +1,6 @@
 import { Command, CommanderError } from 'commander';
 import { QlayerError } from '../errors.js';
-import { reportError } from './output.js';
+import { reportError, writeStdout } from './output.js';
 import { registerCommands } from './commands/index.js';
 
 /**
@@ -19,7 +19,7 @@ export async function buildProgram(args?: readonly string[]): Promise<Command> {
     .enablePositionalOptions()
     // Usage errors are printed by main() like every other error (one line, or JSON with
     // --json), not by commander with its help text; subcommands inherit this.
-    .configureOutput({ outputError: () => {} })
+    .configureOutput({ outputError: () => {}, writeOut: writeStdout })
     .exitOverride();
   await registerCommands(program, args);
   return program;

@@ -1,3 +1,4 @@
+import { writeSync } from 'node:fs';
 import { isQlayerError } from '../errors.js';
 
 /** Options every command accepts. */
@@ -11,10 +12,46 @@ export interface CommonOptions {
  */
 export function printResult(options: CommonOptions, value: unknown, human: () => string): void {
   if (options.json) {
-    process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+    writeStdout(`${JSON.stringify(value, null, 2)}\n`);
   } else {
     const text = human();
-    if (text.length > 0) process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+    if (text.length > 0) writeStdout(text.endsWith('\n') ? text : `${text}\n`);
+  }
+}
+
+/**
+ * Write a command's output to descriptor 1 directly, without making `process.stdout`: Node builds
+ * that stream on first use, and on a pipe it costs start-up time (measured on Node 24: a one-line
+ * `node -e` to a pipe took 27.1 ms through process.stdout against 24.3 ms with writeSync, the
+ * bare start-up 24.4). Order with earlier stream writes holds: on Linux Node writes stdout files,
+ * pipes and terminals synchronously. A descriptor that would block (a non-blocking pipe someone
+ * else made) hands the rest to the stream; a reader that went away ends the command as it ends a
+ * C tool (SIGPIPE: 128 + 13), as bin/qlayer.js does for the stream.
+ */
+export function writeStdout(text: string): void {
+  stdoutWriter(text);
+}
+
+let stdoutWriter: (text: string) => void = writeDescriptor;
+
+/**
+ * Where writeStdout sends a command's output: for a caller that runs the CLI in-process and keeps
+ * what it prints (tests); no argument restores descriptor 1.
+ */
+export function setStdoutWriter(writer?: (text: string) => void): void {
+  stdoutWriter = writer ?? writeDescriptor;
+}
+
+function writeDescriptor(text: string): void {
+  const bytes = Buffer.from(text, 'utf8');
+  let done = 0;
+  try {
+    while (done < bytes.length) done += writeSync(1, bytes, done, bytes.length - done);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'EAGAIN') process.stdout.write(bytes.subarray(done));
+    else if (code === 'EPIPE') process.exit(141);
+    else throw error;
   }
 }
 
@@ -23,14 +60,14 @@ export function reportError(error: unknown, json: boolean): number {
   if (isQlayerError(error)) {
     const message = oneLine(error.message);
     if (json) {
-      process.stdout.write(`${JSON.stringify({ error: { code: error.code, message } }, null, 2)}\n`);
+      writeStdout(`${JSON.stringify({ error: { code: error.code, message } }, null, 2)}\n`);
     }
     process.stderr.write(`qlayer: ${message}\n`);
     return error.exitCode;
   }
   const system = systemErrorText(error);
   if (system !== undefined) {
-    if (json) process.stdout.write(`${JSON.stringify({ error: { code: system.code, message: system.message } }, null, 2)}\n`);
+    if (json) writeStdout(`${JSON.stringify({ error: { code: system.code, message: system.message } }, null, 2)}\n`);
     process.stderr.write(`qlayer: ${system.message}\n`);
     return 1;
   }

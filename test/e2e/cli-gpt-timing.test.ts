@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { main } from '../../src/cli/main.js';
+import { setStdoutWriter } from '../../src/cli/output.js';
 import { createImage } from '../../src/qcow2/create.js';
 import { bootGuest } from '../../src/virt/boot.js';
 import { ensureFixture, type Fixture } from '../../src/virt/fixture.js';
@@ -30,6 +31,11 @@ afterAll(async () => {
 async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   let stdout = '';
   let stderr = '';
+  // Results go through writeStdout (straight to descriptor 1 unless told otherwise), streams
+  // through process.stdout: keep both.
+  setStdoutWriter((text) => {
+    stdout += text;
+  });
   const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => {
     stdout += String(chunk);
     return true;
@@ -45,6 +51,7 @@ async function cli(args: string[]): Promise<{ code: number; stdout: string; stde
     return { code, stdout, stderr };
   } finally {
     process.exitCode = before;
+    setStdoutWriter();
     out.mockRestore();
     err.mockRestore();
   }

@@ -3,14 +3,13 @@
  * layers, and the `qlayer fs` CLI on raw and qcow2 images. Oracle: debugfs on the equivalent
  * raw image, and qemu-img map for which layer holds what.
  */
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execa } from 'execa';
 import { copyFile, open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { qemuCompare, qemuCreate, qemuImg, qemuIo, tempDir } from '../helpers/qemu.js';
 import { openChain } from '../../src/chain/index.js';
 import { openGuestFilesystem } from '../../src/fs/index.js';
-import { main } from '../../src/cli/main.js';
 import { debugfs, debugfsOne, makeTree, mkfs, oracleDump, oracleExtents, oracleLs, patternBytes } from './e2fs.js';
 
 let dir: string;
@@ -113,25 +112,10 @@ describe('qcow2 chains', () => {
   });
 });
 
+/** The CLI as a user runs it (bin/qlayer.js on the build in dist/), stdout as bytes. */
 async function runCli(args: string[]): Promise<{ code: number; stdout: Buffer; stderr: string }> {
-  const out: Buffer[] = [];
-  const err: string[] = [];
-  const stdout = vi.spyOn(process.stdout, 'write').mockImplementation((chunk: string | Uint8Array) => {
-    out.push(Buffer.from(chunk));
-    return true;
-  });
-  const stderr = vi.spyOn(process.stderr, 'write').mockImplementation((chunk: string | Uint8Array) => {
-    err.push(String(chunk));
-    return true;
-  });
-  try {
-    const code = await main(['node', 'qlayer', ...args]);
-    return { code, stdout: Buffer.concat(out), stderr: err.join('') };
-  } finally {
-    stdout.mockRestore();
-    stderr.mockRestore();
-    process.exitCode = undefined;
-  }
+  const result = await execa(process.execPath, ['bin/qlayer.js', ...args], { reject: false, encoding: 'buffer', stripFinalNewline: false, env: { QLAYER_CONFIG: '/dev/null' } });
+  return { code: result.exitCode ?? -1, stdout: Buffer.from(result.stdout), stderr: Buffer.from(result.stderr).toString() };
 }
 
 describe('qlayer fs CLI', () => {
