@@ -1,12 +1,8 @@
 /**
  * The window I/O convert and compare share: fill a window of the flattened disk from the chain's
  * block status (readWindow), tell zero bytes apart in native code (isAllZero), and write pieces of
- * a window to an output (writeAt, settleAll).
- *
- * Files with a descriptor are read with synchronous pread on the main thread (no thread-pool round
- * trip per piece) and written with callback pwrite on libuv's thread pool, so reading the next
- * window overlaps writing this one; files without one (test wrappers, fault injection) go through
- * the HostFile.
+ * a window to an output (writeAt, settleAll). How files are read and written is said at
+ * directFd below.
  */
 import { write } from 'node:fs';
 import type { HostFile } from '../io/host-file.js';

@@ -35,6 +35,7 @@ async function requireRunning(runtime: DesktopRuntime, handle: DesktopHandle, na
 }
 
 function checkIdle(name: string, record: DesktopRecord): void {
+  refuseStaging(name, record);
   if (record.recompose) throw new LayerError('desktop.recompose-pending', `desktop ${name} has an unfinished recompose; finish it first: qlayer desktop recompose ${name}`);
   if (record.operation) throw new LayerError('desktop.operation-pending', `desktop ${name} has an unfinished ${record.operation.kind}; undo it first (qlayer desktop assign --abort ${name})`);
   refusePendingBoot(name, record);
@@ -56,7 +57,6 @@ export interface AtNextBootResult {
 export async function assignAtNextBoot(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AtNextBootResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    refuseStaging(name, desktopRecord(state, name));
     const record = desktopRecord(state, name);
     checkIdle(name, record);
     const manifests = await Promise.all(refs.map((ref) => resolveApp(store, ref)));
@@ -94,7 +94,6 @@ export async function assignAtNextBoot(store: Store, runtime: DesktopRuntime, na
 export async function unassignAtNextBoot(store: Store, runtime: DesktopRuntime, name: string, refs: string[], log: Log = quiet): Promise<AtNextBootResult> {
   return store.withLock(async () => {
     const state = await store.readState();
-    refuseStaging(name, desktopRecord(state, name));
     const record = desktopRecord(state, name);
     checkIdle(name, record);
     for (const ref of refs) {

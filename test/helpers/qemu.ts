@@ -159,3 +159,15 @@ export function randomInt(random: () => number, min: number, max: number): numbe
 export function noise(length: number): Buffer {
   return randomBytes(length);
 }
+
+/**
+ * A paused qemu-system (TCG, no display) running `image` read-write as a guest does, so that it
+ * holds QEMU's image locks. Not waited for: the caller kills it (or awaits a refusal). `timeout`
+ * bounds a run that is expected to fail at once.
+ */
+export function pausedQemu(image: string, options: { timeout?: number } = {}) {
+  return execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${image},format=qcow2`, '-S'], {
+    reject: false,
+    ...(options.timeout !== undefined ? { timeout: options.timeout } : {}),
+  });
+}

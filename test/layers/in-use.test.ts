@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { convertImage } from '../../src/chain/convert.js';
 import { locksOn, openedBy, writerLocks } from '../../src/io/in-use.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
+import { pausedQemu } from '../helpers/qemu.js';
 import { checkImage } from '../../src/qcow2/repair.js';
 import { readFileSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
@@ -52,7 +53,7 @@ describe('locksOn', () => {
  * the writer's on the image, and any on each of `backing` (QEMU locks those a moment later).
  */
 async function qemuOn(image: string, backing: string[] = []) {
-  const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${image},format=qcow2`, '-S'], { reject: false });
+  const qemu = pausedQemu(image);
   const locked = async () => (await writerLocks(image)).length > 0 && (await Promise.all(backing.map(locksOn))).every((locks) => locks.length > 0);
   for (let i = 0; i < 200 && !(await locked()); i++) await new Promise((r) => setTimeout(r, 50));
   return { qemu }; // wrapped: an execa child is thenable, and returning it would wait for its exit

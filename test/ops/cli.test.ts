@@ -6,7 +6,7 @@ import { copyFile, link, open, readFile, stat, writeFile } from 'node:fs/promise
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, sha256, tempDir } from '../helpers/qemu.js';
+import { pausedQemu, qemuCheck, qemuCompare, qemuCreate, qemuImg, qemuIo, sha256, tempDir } from '../helpers/qemu.js';
 import { writeRandomRaw } from './fixtures.js';
 import { layoutOf, pokeLeak, setStoredRefcount } from './poke.js';
 import { qlayerImage } from './image-cli.js';
@@ -246,7 +246,7 @@ describe('images a running QEMU has open (qemu-system on a real image)', () => {
     await qemuCreate(p('running.qcow2'), '16M');
     await qemuIo(p('running.qcow2'), ['write -P 9 0 1M']);
     const before = sha256(await readFile(p('running.qcow2')));
-    const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${p('running.qcow2')},format=qcow2`, '-S'], { reject: false });
+    const qemu = pausedQemu(p('running.qcow2'));
     try {
       const { writerLocks } = await import('../../src/io/in-use.js');
       for (let i = 0; i < 200 && (await writerLocks(p('running.qcow2'))).length === 0; i++) await new Promise((r) => setTimeout(r, 50));

@@ -14,6 +14,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { assertNotLocked, lockEntries, writerLocks } from '../../src/io/in-use.js';
 import { nativeBinding, resetNativeBinding } from '../../src/io/native.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
+import { pausedQemu } from '../helpers/qemu.js';
 
 afterEach(() => {
   delete process.env.QLAYER_NO_NATIVE;
@@ -52,7 +53,7 @@ describe('QEMU image locks, native fcntl and /proc/locks', () => {
       const free = { topWritten: false, baseWritten: false, topRefused: false, baseRefused: false };
       expect(await answers(top, base)).toEqual(free);
 
-      const qemu = execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${top},format=qcow2`, '-S'], { reject: false });
+      const qemu = pausedQemu(top);
       try {
         // QEMU locks the top image first and its backing file a moment later: wait for both, or the
         // base can look free for a few milliseconds (seen once in CI).
@@ -84,8 +85,7 @@ describe('qlayer holds QEMU writer locks while it writes an image', () => {
     const dir = mkdtempSync(join(tmpdir(), 'qlayer-locks-'));
     try {
       const { base, top } = await chainIn(dir);
-      const startGuest = () =>
-        execa('qemu-system-x86_64', ['-accel', 'tcg', '-m', '64', '-display', 'none', '-monitor', 'none', '-drive', `file=${top},format=qcow2`, '-S'], { reject: false, timeout: 20_000 });
+      const startGuest = () => pausedQemu(top, { timeout: 20_000 });
 
       const image = await Qcow2Image.open(top, { writable: true });
       try {
