@@ -58,9 +58,10 @@ export async function lockEntries(path: string): Promise<LockEntry[]> {
 /**
  * One lock another open file holds on bytes [start, start + length) of `path` (length 0: to the
  * end), asked the way QEMU asks (fcntl F_OFD_GETLK, native/locks.c); undefined when the native
- * helper is missing or the file system cannot answer, so that the caller reads /proc/locks
- * instead. That read is exact too but slow: the first one in a process waits for an RCU grace
- * period in the kernel, 5-30 ms, which `image info` would pay on every run. The descriptor is
+ * helper is missing, the file cannot be opened or its file system cannot answer, so that the
+ * caller reads /proc/locks instead. That read is exact too but slow: the first one in a process
+ * waits for an RCU grace period in the kernel, 5-30 ms, which `image info` would pay on every
+ * run. The descriptor is
  * opened without following FIFOs' writers (O_NONBLOCK) and closed at once; qlayer holds no POSIX
  * locks that the close could drop (its QEMU locks are OFD locks, on another descriptor).
  */
@@ -70,15 +71,16 @@ function heldLock(path: string, start: number, length: number): LockEntry | null
   // While this process writes the image it holds QEMU's locks itself (qemu-locks.ts): ask through
   // that descriptor, which does not see its own locks, only other processes'.
   const own = ownLockDescriptor(path);
-  const fd = own ?? openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  let opened: number | undefined;
   try {
+    const fd = own ?? (opened = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK));
     const lock = lockTest(fd, start, length);
     if (lock === null) return null;
     return { kind: lock.pid === -1 ? 'OFDLCK' : 'POSIX', mode: lock.type, pid: lock.pid, start: lock.start, end: lock.length === 0 ? Infinity : lock.start + lock.length - 1 };
   } catch {
-    return undefined;
+    return undefined; // unreadable or gone, or a file system that cannot answer: /proc/locks decides
   } finally {
-    if (own === undefined) closeSync(fd);
+    if (opened !== undefined) closeSync(opened);
   }
 }
 
@@ -92,13 +94,7 @@ const QEMU_WRITE_PERMISSION_BYTE = 101;
 
 /** Locks that say a QEMU process has this image open for writing (empty when none). */
 export async function writerLocks(path: string): Promise<LockEntry[]> {
-  const held = (() => {
-    try {
-      return heldLock(path, QEMU_WRITE_PERMISSION_BYTE, 1);
-    } catch {
-      return undefined; // unreadable or gone: as lockEntries below, no locks known
-    }
-  })();
+  const held = heldLock(path, QEMU_WRITE_PERMISSION_BYTE, 1);
   if (held !== undefined) return held === null ? [] : [held];
   const locks = await lockEntries(path).catch(() => [] as LockEntry[]);
   return locks.filter((lock) => lock.start <= QEMU_WRITE_PERMISSION_BYTE && QEMU_WRITE_PERMISSION_BYTE <= lock.end);
@@ -136,12 +132,7 @@ export class ImageInUseError extends QlayerError {
 
 /** Refuse to write an image that some process holds QEMU's locks on. */
 export async function assertNotLocked(path: string): Promise<void> {
-  let held: LockEntry | null | undefined;
-  try {
-    held = heldLock(path, 0, 0);
-  } catch {
-    held = undefined;
-  }
+  const held = heldLock(path, 0, 0);
   const locks = held === undefined ? await locksOn(path).catch(() => [] as string[]) : held === null ? [] : [`${held.kind} ${held.mode}`];
   if (locks.length > 0) throw new ImageInUseError(path, locks);
 }
